@@ -1,0 +1,56 @@
+# weft developer entry points. Every target installs what it needs, idempotently.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.weft-setup
+BENCH_STAMP := $(VENV)/.weft-bench
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-unit test-integration lint demo bench clean help
+
+help:
+	@echo "make demo     run the local demo (installs what it needs)"
+	@echo "make test     lint, then the whole test suite (installs what it needs)"
+	@echo "make lint     ruff + mypy --strict + import-linter"
+	@echo "make bench    weft against NIXL, DRAM to DRAM, two processes"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "weft needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/python -m pytest -m 'not integration' $(PYTEST_ARGS)
+
+test-integration: setup
+	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check weft tests bench e2e
+	$(BIN)/ruff format --check weft tests
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+demo: setup
+	$(BIN)/weft demo
+
+# nixl depends on torch: install the CPU build first so pip does not pull CUDA wheels.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet 'torch==2.13.0'
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/fabric.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from tests.peerproc import PeerProcess
+from weft import Agent, AgentConfig
+
+SECRET = b"weft-test-secret-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_open_warning(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="weft")
+
+
+@pytest.fixture
+def make_agent() -> Iterator[object]:
+    """Factory for in-process agents, closed after the test."""
+    made: list[Agent] = []
+
+    def factory(name: str, *backends: str, **config: object) -> Agent:
+        agent = Agent(name, AgentConfig(list(backends) or ["local", "tcp"], **config))  # type: ignore[arg-type]
+        made.append(agent)
+        return agent
+
+    yield factory
+    for agent in made:
+        agent.close()
+
+
+@pytest.fixture
+def make_peer() -> Iterator[object]:
+    """Factory for agents in separate OS processes, stopped after the test."""
+    made: list[PeerProcess] = []
+
+    def factory(name: str = "b", **config: object) -> PeerProcess:
+        peer = PeerProcess(name, **config)
+        made.append(peer)
+        return peer
+
+    yield factory
+    for peer in made:
+        peer.close()

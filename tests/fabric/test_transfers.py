@@ -1,0 +1,159 @@
+"""Agents in separate OS processes move real, checksummed bytes (READ and WRITE, each backend)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from tests.peerproc import digest, pattern
+from weft import (
+    Op,
+    PeerLostError,
+    TransferState,
+    TransferTimeoutError,
+)
+
+pytestmark = pytest.mark.integration
+
+BACKENDS = [["tcp"], ["local", "tcp"]]
+SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 256 << 20]
+
+
+def _ids(b: list[str]) -> str:
+    return "+".join(b)
+
+
+@pytest.fixture(params=BACKENDS, ids=_ids)
+def backends(request: pytest.FixtureRequest) -> list[str]:
+    return list(request.param)
+
+
+def _pair(make_agent, make_peer, backends, size, seed=None):  # type: ignore[no-untyped-def]
+    peer = make_peer("b", backends=backends)
+    md = peer.call("register", "kv", size, seed)
+    a = make_agent("a", *backends)
+    a.add_peer(md)
+    return a, peer
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s >> 10}KiB")
+def test_write_then_read_back_single_descriptor(make_agent, make_peer, backends, size):  # type: ignore[no-untyped-def]
+    a, peer = _pair(make_agent, make_peer, backends, size)
+    src = pattern(size, 7)
+    ra = a.register(src, name="src")
+    remote = a.remote("b", "kv")
+    t = a.write(ra.descs([(0, size)]), "b", remote.descs([(0, size)]), notify=b"w")
+    assert t.wait(timeout=60).state is TransferState.DONE
+    assert t.backend.value == backends[0]
+    assert peer.call("wait_notification", "a", b"w", 30) == b"w"
+    assert peer.call("digest", "kv", 0, size) == digest(src)
+
+    peer.call("fill", "kv", 99)
+    back = np.zeros(size, np.uint8)
+    rb = a.register(back)
+    a.read(rb.descs(), "b", remote.descs(), notify=b"r").wait(timeout=60)
+    assert digest(back) == digest(pattern(size, 99))
+    assert peer.call("wait_notification", "a", b"r", 30) == b"r"
+
+
+@pytest.mark.parametrize("count", [1, 7, 64, 1024])
+def test_batches_of_descriptors_both_ways(make_agent, make_peer, backends, count):  # type: ignore[no-untyped-def]
+    block = 4096
+    size = block * count * 2
+    a, peer = _pair(make_agent, make_peer, backends, size, seed=3)
+    rng = np.random.default_rng(count)
+    remote_blocks = rng.permutation(count * 2)[:count]  # scattered on the far side
+    src = pattern(block * count, 11)
+    ra = a.register(src)
+    local = ra.blocks(block, np.arange(count))
+    remote = a.remote("b", "kv").blocks(block, remote_blocks)
+    h = a.prepare(Op.WRITE, local, "b", remote, notify=b"batch")
+    for _ in range(3):  # prepare once, post many times
+        h.post().wait(timeout=60)
+        peer.call("wait_notification", "a", b"batch", 30)
+    pairs = [(int(i) * block, block) for i in remote_blocks]
+    assert peer.call("digest_pairs", "kv", pairs) == digest(src)
+
+    back = np.zeros_like(src)
+    rb = a.register(back)
+    a.read(rb.blocks(block, np.arange(count)), "b", remote).wait(timeout=60)
+    assert digest(back) == digest(src)
+
+
+def test_sigkill_mid_transfer_gives_peer_lost_fast(make_agent, make_peer, backends):  # type: ignore[no-untyped-def]
+    size = 256 << 20
+    a, peer = _pair(make_agent, make_peer, backends, size)
+    src = np.ones(size, np.uint8)
+    ra = a.register(src)
+    remote = a.remote("b", "kv")
+    a.connect("b")
+    h = a.prepare(Op.WRITE, ra.descs(), "b", remote.descs())
+    transfers = [h.post() for _ in range(8)]  # 2 GiB queued: still in flight when the kill lands
+    time.sleep(0.02)
+    peer.kill(signal.SIGKILL)
+    killed = time.monotonic()
+    errors = []
+    for t in transfers:
+        try:
+            t.wait(timeout=10)
+        except PeerLostError as exc:
+            errors.append((time.monotonic() - killed, exc))
+    assert errors, "no transfer was in flight when the peer died"
+    assert errors[0][0] < 1.0
+    assert not a.peer_alive("b")
+    with pytest.raises(PeerLostError):
+        a.write(ra.descs(), "b", remote.descs()).wait(timeout=5)
+
+
+def test_deadline_expires_on_a_stopped_peer(make_agent, make_peer):  # type: ignore[no-untyped-def]
+    a, peer = _pair(make_agent, make_peer, ["tcp"], 1 << 20)
+    rb = a.register(np.zeros(1 << 20, np.uint8))
+    remote = a.remote("b", "kv")
+    a.read(rb.descs(), "b", remote.descs()).wait(timeout=10)  # connected and working
+    peer.kill(signal.SIGSTOP)
+    try:
+        t = a.read(rb.descs(), "b", remote.descs(), timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(TransferTimeoutError):
+            t.wait()
+        assert time.monotonic() - started < 2.0
+        assert t.state is TransferState.ERROR
+    finally:
+        peer.kill(signal.SIGCONT)
+    # the agent and the peer keep working after the timeout
+    a.read(rb.descs(), "b", remote.descs()).wait(timeout=10)
+
+
+def test_await_transfers_and_iterate_notifications(make_agent, make_peer, backends):  # type: ignore[no-untyped-def]
+    size = 1 << 20
+    a, peer = _pair(make_agent, make_peer, backends, size, seed=5)
+    b_md = peer.call("metadata")
+    a.add_peer(b_md)
+    peer.call("add_peer", a.metadata())
+    rb = a.register(np.zeros(size, np.uint8))
+    remote = a.remote("b", "kv")
+
+    async def main() -> list[bytes]:
+        transfers = [
+            a.read(rb.descs([(0, size // 2)]), "b", remote.descs([(size // 2, size // 2)])) for _ in range(4)
+        ]
+        for t in transfers:
+            await t
+        peer.send("notify", "a", b"one")
+        got = []
+        async for n in a.notifications(idle_timeout=10):
+            got.append(n.message)
+            break
+        peer.result()
+        peer.send("notify", "a", b"two")
+        n2 = await a.next_notification("b", timeout=10)
+        peer.result()
+        got.append(n2.message)
+        return got
+
+    assert asyncio.run(main()) == [b"one", b"two"]
+    assert digest(rb.buffer[: size // 2]) == digest(pattern(size, 5)[size // 2 :])

@@ -1,0 +1,69 @@
+"""weft.fabric: the data plane. Move bytes between the memories of processes.
+
+from weft import Agent, AgentConfig, Op
+agent = Agent("a", AgentConfig(backends=["local", "tcp"], secret=b"..."))
+"""
+
+from weft.fabric.agent import Agent
+from weft.fabric.config import AgentConfig
+from weft.fabric.errors import (
+    AgentClosedError,
+    AuthenticationError,
+    BackendUnavailableError,
+    ConfigError,
+    DeviceUnavailableError,
+    InvalidBufferError,
+    InvalidDescriptorError,
+    MetadataError,
+    NotificationTimeoutError,
+    PeerLostError,
+    ProtocolError,
+    RegistrationError,
+    RemoteError,
+    StalePeerError,
+    TransferCancelledError,
+    TransferError,
+    TransferTimeoutError,
+    UnknownPeerError,
+    UnknownRegionError,
+    WeftError,
+)
+from weft.fabric.memory import DescList, Registration, RemoteRegion
+from weft.fabric.notify import Notification
+from weft.fabric.transfer import PreparedTransfer, Transfer
+from weft.fabric.types import Backend, MemoryKind, Op, TransferState
+
+__all__ = [
+    "Agent",
+    "AgentClosedError",
+    "AgentConfig",
+    "AuthenticationError",
+    "Backend",
+    "BackendUnavailableError",
+    "ConfigError",
+    "DescList",
+    "DeviceUnavailableError",
+    "InvalidBufferError",
+    "InvalidDescriptorError",
+    "MemoryKind",
+    "MetadataError",
+    "Notification",
+    "NotificationTimeoutError",
+    "Op",
+    "PeerLostError",
+    "PreparedTransfer",
+    "ProtocolError",
+    "Registration",
+    "RegistrationError",
+    "RemoteError",
+    "RemoteRegion",
+    "StalePeerError",
+    "Transfer",
+    "TransferCancelledError",
+    "TransferError",
+    "TransferState",
+    "TransferTimeoutError",
+    "UnknownPeerError",
+    "UnknownRegionError",
+    "WeftError",
+]

@@ -1,0 +1,126 @@
+"""The `local` backend: same-host copies with cross-memory attach (process_vm_readv/writev).
+
+One system call moves up to 1024 descriptors straight between the two address spaces, one
+copy, no socket, at memory speed. Used when both agents run on one host in one PID
+namespace and a probe read of the peer's token succeeded (ptrace permission). The control
+stream still carries notifications and tells us when the peer dies.
+
+Safety: the initiator checks every descriptor against the target's published regions, and
+a target that deregisters a region tells its peers at once; like any RDMA library, a target
+must not free memory a peer is still writing to.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from weft.fabric import _sys, errors, wire
+from weft.fabric.types import Backend, MemoryKind, Op
+
+if TYPE_CHECKING:
+    from weft.fabric.agent import Agent, Peer
+    from weft.fabric.memory import DescList
+    from weft.fabric.transfer import Transfer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalPlan:
+    op: Op
+    peer: Peer
+    remote_region: int
+    local_iov: _sys.IovecArray
+    remote_iov: _sys.IovecArray
+    total: int
+
+
+class LocalBackend:
+    kind = Backend.LOCAL
+
+    def __init__(self, agent: Agent) -> None:
+        if not _sys.cma_supported():
+            raise ImportError("process_vm_readv/writev is not available on this system")
+        self.agent = agent
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._workers: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def usable(self, peer: Peer, local: MemoryKind, remote: MemoryKind) -> bool:
+        if local is not MemoryKind.DRAM or remote is not MemoryKind.DRAM:
+            return False
+        return peer.cross_memory_ok()
+
+    def plan(self, op: Op, local: DescList, peer: Peer, remote: DescList) -> LocalPlan:
+        region = self.agent._local_region(local)
+        rregion = peer.region_by_id(remote.region_id)
+        local_iov = _sys.make_iovecs(np.uint64(region.addr) + local.offsets, local.lengths)
+        remote_iov = _sys.make_iovecs(np.uint64(rregion.addr) + remote.offsets, remote.lengths)
+        return LocalPlan(op, peer, remote.region_id, local_iov, remote_iov, local.total)
+
+    def post(self, plan: LocalPlan, transfer: Transfer, notify: bytes | None) -> None:
+        if plan.total <= self.agent.config.inline_bytes:
+            self._run(plan, transfer, notify)
+        else:
+            self._ensure_workers()
+            self._jobs.put(lambda: self._run(plan, transfer, notify))
+
+    def _run(self, plan: LocalPlan, transfer: Transfer, notify: bytes | None) -> None:
+        peer = plan.peer
+        try:
+            # the region may have been deregistered since the plan was made
+            peer.region_by_id(plan.remote_region)
+            peer.check_alive()
+            _sys.cma_copy(plan.op is Op.WRITE, peer.pid, plan.local_iov, plan.remote_iov)
+            if notify is not None:
+                peer.stream(0).send_now([wire.header(wire.NOTIFY, length=len(notify)), notify])
+        except _sys.CrossMemoryError as exc:
+            transfer._finish(self._translate(peer, exc))
+            return
+        except errors.WeftError as exc:
+            transfer._finish(exc)
+            return
+        transfer._finish(None)
+
+    def _translate(self, peer: Peer, exc: _sys.CrossMemoryError) -> errors.WeftError:
+        if exc.errno == errno.ESRCH:
+            err: errors.WeftError = errors.PeerLostError(f"peer {peer.name!r} (pid {peer.pid}) is gone")
+            peer.lost(err)
+            return err
+        if exc.errno == errno.EPERM:
+            peer.disable_cross_memory(f"not permitted: {exc}")
+            return errors.BackendUnavailableError(f"cross-memory attach to {peer.name!r} not permitted")
+        return errors.RemoteError(
+            f"cross-memory copy with {peer.name!r} failed: {exc}", errors.ErrorCode.BACKEND
+        )
+
+    def _ensure_workers(self) -> None:
+        if self._workers:
+            return
+        with self._lock:
+            while len(self._workers) < self.agent.config.local_workers:
+                t = threading.Thread(target=self._work, name=f"weft-local {self.agent.name}", daemon=True)
+                t.start()
+                self._workers.append(t)
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job()
+            except Exception:  # a job finishes its transfer itself; this is a bug, say so
+                log.exception("agent %s: local transfer job crashed", self.agent.name)
+
+    def close(self) -> None:
+        for _ in self._workers:
+            self._jobs.put(None)

@@ -1,0 +1,187 @@
+"""Agent settings: one frozen object, every field documented, the environment parsed here only."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from weft.fabric import errors
+from weft.fabric.types import Backend
+
+DEFAULT_BACKENDS: tuple[Backend, ...] = (Backend.LOCAL, Backend.TCP)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """How an `Agent` moves data and who it lets in.
+
+    Attributes:
+        backends: data paths this agent may use, in order of preference ("local", "tcp",
+            "ucx"). "local" needs both agents on one host and cross-memory attach permitted;
+            "tcp" works everywhere. The control channel (handshake, notifications) is always
+            a TCP connection.
+        secret: the group secret. When set, every connection starts with a mutual HMAC
+            challenge-response and metadata carries a MAC; without it the data path is open
+            to anyone who can reach the port (the agent warns at start-up).
+        listen_host: address the agent listens on for peers.
+        listen_port: port to listen on (0: any free port).
+        advertise_host: address published in metadata (default: listen_host).
+        generation: this agent's generation; a newer one replaces an older one of the same
+            name at its peers. Default: the start time in nanoseconds.
+        transfer_timeout: default deadline of a transfer, in seconds.
+        connect_timeout: deadline for connecting to a peer and finishing the handshake.
+        handshake_timeout: how long an inbound connection may take to authenticate.
+        inline_bytes: same-host transfers up to this size run in the posting thread; larger
+            ones run on the agent's worker threads.
+        local_workers: worker threads for same-host transfers.
+        tcp_streams: TCP data connections per peer; large transfers are striped over them.
+        stripe_bytes: a single descriptor larger than this is split across streams/workers.
+        socket_buffer_bytes: SO_SNDBUF/SO_RCVBUF for data sockets (0: kernel default).
+        max_descriptors: most descriptors one request may carry.
+        max_notification_bytes: largest notification accepted.
+        max_pending_notifications: notifications held per agent before back-pressure.
+    """
+
+    backends: tuple[Backend, ...] = DEFAULT_BACKENDS
+    secret: bytes | None = dataclasses.field(default=None, repr=False)
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    advertise_host: str | None = None
+    generation: int | None = None
+    transfer_timeout: float = 60.0
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 5.0
+    inline_bytes: int = 1 << 20
+    local_workers: int = 2
+    tcp_streams: int = 1
+    stripe_bytes: int = 8 << 20
+    socket_buffer_bytes: int = 0
+    max_descriptors: int = 1 << 16
+    max_notification_bytes: int = 1 << 20
+    max_pending_notifications: int = 1 << 16
+
+    def __init__(
+        self,
+        backends: Iterable[str | Backend] = DEFAULT_BACKENDS,
+        *,
+        secret: bytes | str | None = None,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+        advertise_host: str | None = None,
+        generation: int | None = None,
+        transfer_timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+        handshake_timeout: float = 5.0,
+        inline_bytes: int = 1 << 20,
+        local_workers: int = 2,
+        tcp_streams: int = 1,
+        stripe_bytes: int = 8 << 20,
+        socket_buffer_bytes: int = 0,
+        max_descriptors: int = 1 << 16,
+        max_notification_bytes: int = 1 << 20,
+        max_pending_notifications: int = 1 << 16,
+    ) -> None:
+        parsed = _parse_backends(backends)
+        if isinstance(secret, str):
+            secret = secret.encode()
+        if secret is not None and len(secret) < 16:
+            raise errors.ConfigError("secret must be at least 16 bytes")
+        values: dict[str, Any] = {
+            "backends": parsed,
+            "secret": secret,
+            "listen_host": listen_host,
+            "listen_port": listen_port,
+            "advertise_host": advertise_host,
+            "generation": generation,
+            "transfer_timeout": transfer_timeout,
+            "connect_timeout": connect_timeout,
+            "handshake_timeout": handshake_timeout,
+            "inline_bytes": inline_bytes,
+            "local_workers": local_workers,
+            "tcp_streams": tcp_streams,
+            "stripe_bytes": stripe_bytes,
+            "socket_buffer_bytes": socket_buffer_bytes,
+            "max_descriptors": max_descriptors,
+            "max_notification_bytes": max_notification_bytes,
+            "max_pending_notifications": max_pending_notifications,
+        }
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+        self._check()
+
+    def _check(self) -> None:
+        positive = {
+            "transfer_timeout": self.transfer_timeout,
+            "connect_timeout": self.connect_timeout,
+            "handshake_timeout": self.handshake_timeout,
+            "local_workers": self.local_workers,
+            "tcp_streams": self.tcp_streams,
+            "stripe_bytes": self.stripe_bytes,
+            "max_descriptors": self.max_descriptors,
+            "max_notification_bytes": self.max_notification_bytes,
+            "max_pending_notifications": self.max_pending_notifications,
+        }
+        for key, value in positive.items():
+            if not value > 0:
+                raise errors.ConfigError(f"{key} must be > 0, got {value!r}")
+        if not 0 <= self.listen_port <= 65535:
+            raise errors.ConfigError(f"listen_port out of range: {self.listen_port}")
+        if self.inline_bytes < 0 or self.socket_buffer_bytes < 0:
+            raise errors.ConfigError("inline_bytes and socket_buffer_bytes must be >= 0")
+        if self.generation is not None and self.generation < 0:
+            raise errors.ConfigError("generation must be >= 0")
+
+    def replace(self, **changes: Any) -> AgentConfig:
+        """A copy with some fields changed."""
+        current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        current.update(changes)
+        backends = current.pop("backends")
+        return AgentConfig(backends, **current)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> AgentConfig:
+        """Build a config from WEFT_* variables (the only place weft reads the environment).
+
+        WEFT_BACKENDS (comma list), WEFT_SECRET, WEFT_LISTEN_HOST, WEFT_LISTEN_PORT,
+        WEFT_ADVERTISE_HOST, WEFT_TRANSFER_TIMEOUT, WEFT_TCP_STREAMS. Keyword overrides win.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        if "WEFT_BACKENDS" in env:
+            values["backends"] = [b for b in env["WEFT_BACKENDS"].split(",") if b.strip()]
+        if "WEFT_SECRET" in env:
+            values["secret"] = env["WEFT_SECRET"]
+        for var, key, conv in (
+            ("WEFT_LISTEN_HOST", "listen_host", str),
+            ("WEFT_LISTEN_PORT", "listen_port", int),
+            ("WEFT_ADVERTISE_HOST", "advertise_host", str),
+            ("WEFT_TRANSFER_TIMEOUT", "transfer_timeout", float),
+            ("WEFT_TCP_STREAMS", "tcp_streams", int),
+        ):
+            if var in env:
+                try:
+                    values[key] = conv(env[var])
+                except ValueError as exc:
+                    raise errors.ConfigError(f"{var}={env[var]!r}: {exc}") from exc
+        values.update(overrides)
+        backends = values.pop("backends", DEFAULT_BACKENDS)
+        return cls(backends, **values)
+
+
+def _parse_backends(backends: Iterable[str | Backend]) -> tuple[Backend, ...]:
+    if isinstance(backends, str | bytes):
+        raise errors.ConfigError("backends must be a list such as ['tcp'], not a string")
+    out: list[Backend] = []
+    for item in backends:
+        try:
+            backend = item if isinstance(item, Backend) else Backend(str(item).strip().lower())
+        except ValueError:
+            known = ", ".join(b.value for b in Backend)
+            raise errors.ConfigError(f"unknown backend {item!r} (known: {known})") from None
+        if backend not in out:
+            out.append(backend)
+    if not out:
+        raise errors.ConfigError("at least one backend is needed")
+    return tuple(out)

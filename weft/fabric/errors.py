@@ -1,0 +1,132 @@
+"""The one exception tree of weft's data plane.
+
+Every failure a caller can see is a `WeftError`; subclasses name the cause so callers can
+react to it (retry on `TransferTimeoutError`, re-plan on `PeerLostError`, fix their code on
+`InvalidDescriptorError`). Errors that travel over the wire carry a numeric code so the
+initiator raises the same class the target saw.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class WeftError(Exception):
+    """Root of every error raised by weft."""
+
+
+class ConfigError(WeftError, ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class DeviceUnavailableError(WeftError):
+    """GPU memory was asked for where no usable GPU exists."""
+
+
+class InvalidBufferError(WeftError, TypeError):
+    """An object cannot be registered (no buffer protocol, not contiguous, empty...)."""
+
+
+class RegistrationError(WeftError):
+    """A registration is invalid: a duplicate name, a released region, a read-only target."""
+
+
+class InvalidDescriptorError(WeftError, ValueError):
+    """A descriptor list is malformed, out of bounds, or does not match its counterpart."""
+
+
+class UnknownPeerError(WeftError, KeyError):
+    """No peer of that name was added to this agent."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else "unknown peer"
+
+
+class UnknownRegionError(WeftError, KeyError):
+    """The peer (or this agent) has no registered region of that name or id."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown region"
+
+
+class MetadataError(WeftError, ValueError):
+    """Agent metadata could not be decoded: garbage, truncated, unsupported version."""
+
+
+class AuthenticationError(WeftError):
+    """A peer failed the group-secret handshake, or metadata carried no valid MAC."""
+
+
+class ProtocolError(WeftError):
+    """A peer sent a malformed or oversized frame; its connection is dropped."""
+
+
+class BackendUnavailableError(WeftError):
+    """No configured backend can move data between these two memory kinds for this peer."""
+
+
+class AgentClosedError(WeftError):
+    """The agent was closed; nothing can be posted any more."""
+
+
+class TransferError(WeftError):
+    """A transfer failed. Subclasses say why."""
+
+
+class TransferTimeoutError(TransferError, TimeoutError):
+    """A transfer did not finish before its deadline, or a wait ran out."""
+
+
+class TransferCancelledError(TransferError):
+    """The transfer was released before it finished."""
+
+
+class PeerLostError(TransferError):
+    """The peer died or its connection dropped; the peer is invalidated."""
+
+
+class StalePeerError(PeerLostError):
+    """The peer was replaced by a newer generation (or the descriptor is from an old one)."""
+
+
+class RemoteError(TransferError):
+    """The target refused or failed the request; `code` says why."""
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NotificationTimeoutError(WeftError, TimeoutError):
+    """No matching notification arrived before the deadline."""
+
+
+class ErrorCode(enum.IntEnum):
+    """Codes carried by ERROR frames; each maps back to an exception class."""
+
+    INTERNAL = 1
+    UNKNOWN_REGION = 2
+    OUT_OF_BOUNDS = 3
+    READ_ONLY = 4
+    STALE_TARGET = 5
+    BACKEND = 6
+
+
+_CODE_TO_CLASS: dict[ErrorCode, type[WeftError]] = {
+    ErrorCode.UNKNOWN_REGION: UnknownRegionError,
+    ErrorCode.OUT_OF_BOUNDS: InvalidDescriptorError,
+    ErrorCode.READ_ONLY: RegistrationError,
+    ErrorCode.STALE_TARGET: StalePeerError,
+}
+
+
+def error_from_code(code: int, message: str) -> WeftError:
+    """Rebuild, on the initiator, the error the target reported."""
+    try:
+        known = ErrorCode(code)
+    except ValueError:
+        return RemoteError(f"remote error {code}: {message}")
+    cls = _CODE_TO_CLASS.get(known)
+    if cls is None:
+        return RemoteError(message, known)
+    return cls(message)

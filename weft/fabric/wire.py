@@ -1,0 +1,194 @@
+"""The peer protocol: fixed 28-byte frames, a descriptor table, raw payload.
+
+Frame header (little endian): ``magic "WF" | u8 version | u8 type | u32 flags | u32 count |
+u64 request id | u64 body length``. Bodies:
+
+- WRITE: [u32 n + notification if FLAG_NOTIFY] | count x (u32 region, u64 offset, u64 length)
+  | payload (the descriptors' bytes, in order).
+- READ: [notification] | descriptor table. The target answers READ_DATA + payload.
+- DONE / ERROR (count = error code, body = UTF-8 message) / NOTIFY (body = message) /
+  INVALIDATE (count = a region the target just deregistered) / MD_REQ, MD_RESP / BYE.
+- HELLO (server challenge), AUTH (client proof), WELCOME / REJECT: JSON handshake bodies.
+
+Every length is bounded before anything is allocated, and a target checks each descriptor
+against its own registered regions before a single payload byte touches memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from weft.fabric import errors
+
+MAGIC = b"WF"
+VERSION = 1
+HEADER = struct.Struct("<2sBBIIQQ")
+HEADER_SIZE = HEADER.size
+
+# frame types
+HELLO = 1
+AUTH = 2
+WELCOME = 3
+REJECT = 4
+WRITE = 10
+READ = 11
+DONE = 12
+ERROR = 13
+READ_DATA = 14
+NOTIFY = 15
+MD_REQ = 16
+MD_RESP = 17
+BYE = 18
+INVALIDATE = 19  # count = id of a region the target deregistered
+
+FLAG_NOTIFY = 1
+
+DESC_DTYPE = np.dtype([("region", "<u4"), ("offset", "<u8"), ("length", "<u8")])
+assert DESC_DTYPE.itemsize == 20
+NOTIFY_LEN = struct.Struct("<I")
+MAX_HANDSHAKE_BYTES = 64 << 10
+MAX_ERROR_BYTES = 4 << 10
+MAX_IOV = 1000  # below IOV_MAX, leaving room for header parts
+
+
+def header(ftype: int, req_id: int = 0, length: int = 0, count: int = 0, flags: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, ftype, flags, count, req_id, length)
+
+
+def parse_header(buf: bytes | bytearray | memoryview) -> tuple[int, int, int, int, int]:
+    """(type, flags, count, request id, length), or ProtocolError."""
+    magic, version, ftype, flags, count, req_id, length = HEADER.unpack(buf)
+    if magic != MAGIC:
+        raise errors.ProtocolError("bad frame magic")
+    if version != VERSION:
+        raise errors.ProtocolError(f"unsupported protocol version {version}")
+    return ftype, flags, count, req_id, length
+
+
+def desc_table(region_id: int, offsets: npt.NDArray[np.uint64], lengths: npt.NDArray[np.uint64]) -> bytes:
+    table = np.empty(len(offsets), dtype=DESC_DTYPE)
+    table["region"] = region_id
+    table["offset"] = offsets
+    table["length"] = lengths
+    return table.tobytes()
+
+
+def parse_desc_table(buf: bytes | bytearray) -> npt.NDArray[Any]:
+    return np.frombuffer(buf, dtype=DESC_DTYPE)
+
+
+# -- sockets -------------------------------------------------------------------------------
+class ConnectionClosed(ConnectionError):
+    """The other end closed the connection."""
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    recv_into_exact(sock, memoryview(buf))
+    return buf
+
+
+def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    n = len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionClosed("connection closed by peer")
+        got += k
+
+
+def recv_scatter(sock: socket.socket, views: Sequence[memoryview]) -> None:
+    """Fill `views` in order from the stream (recvmsg_into, up to MAX_IOV buffers a call)."""
+    if len(views) == 1:
+        recv_into_exact(sock, views[0])
+        return
+    idx, off, n = 0, 0, len(views)
+    while idx < n:
+        batch = [views[idx][off:] if off else views[idx], *views[idx + 1 : idx + MAX_IOV]]
+        got = sock.recvmsg_into(batch)[0]
+        if got == 0:
+            raise ConnectionClosed("connection closed by peer")
+        while got:
+            rem = len(views[idx]) - off
+            if got >= rem:
+                got -= rem
+                idx += 1
+                off = 0
+            else:
+                off += got
+                got = 0
+
+
+def send_gather(sock: socket.socket, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+    """Send `parts` in order (sendmsg, up to MAX_IOV buffers a call, partial sends resumed)."""
+    views = [p if isinstance(p, memoryview) else memoryview(p) for p in parts if len(p)]
+    idx, off, n = 0, 0, len(views)
+    while idx < n:
+        first = views[idx][off:] if off else views[idx]
+        if idx + 1 == n or len(first) >= (4 << 20):
+            sent = sock.send(first)
+        else:
+            sent = sock.sendmsg([first, *views[idx + 1 : idx + MAX_IOV]])
+        while sent:
+            rem = len(views[idx]) - off
+            if sent >= rem:
+                sent -= rem
+                idx += 1
+                off = 0
+            else:
+                off += sent
+                sent = 0
+
+
+def drain(sock: socket.socket, n: int) -> None:
+    scratch = memoryview(bytearray(min(n, 1 << 20) or 1))
+    while n > 0:
+        k = sock.recv_into(scratch, min(n, len(scratch)))
+        if k == 0:
+            raise ConnectionClosed("connection closed by peer")
+        n -= k
+
+
+def tune(sock: socket.socket, buffer_bytes: int) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if buffer_bytes:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
+
+
+# -- handshake -----------------------------------------------------------------------------
+def json_body(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def parse_json_body(buf: bytes | bytearray) -> dict[str, Any]:
+    try:
+        obj = json.loads(bytes(buf))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise errors.ProtocolError(f"malformed handshake: {exc}") from None
+    if not isinstance(obj, dict):
+        raise errors.ProtocolError("malformed handshake: not an object")
+    return obj
+
+
+def proof(secret: bytes, role: bytes, *fields: str) -> str:
+    """HMAC-SHA256 over a role tag and length-prefixed fields (no ambiguity between fields)."""
+    mac = hmac.new(secret, b"weft-handshake\0" + role, hashlib.sha256)
+    for field in fields:
+        data = field.encode()
+        mac.update(struct.pack("<I", len(data)) + data)
+    return mac.hexdigest()
+
+
+def check_proof(expected: str, got: Any) -> bool:
+    return isinstance(got, str) and hmac.compare_digest(expected, got)
