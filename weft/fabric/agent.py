@@ -48,7 +48,7 @@ class Peer:
         self.pid = md.host.pid
         self._lock = threading.Lock()
         self._connect_lock = threading.Lock()
-        self._streams: list[Outbound | None] = [None] * agent.config.tcp_streams
+        self._stream: Outbound | None = None
         self._failure: errors.WeftError | None = None
         self._cma: bool | None = None
         self._set_regions(md)
@@ -105,7 +105,7 @@ class Peer:
             if self._failure is not None:
                 return
             self._failure = exc
-            streams = [s for s in self._streams if s is not None]
+            streams = [self._stream] if self._stream is not None else []
         for s in streams:
             s.fail(exc)
         log.warning(
@@ -120,28 +120,28 @@ class Peer:
         with self._lock:
             if self._failure is None:
                 self._failure = exc
-            streams = [s for s in self._streams if s is not None]
+            streams = [self._stream] if self._stream is not None else []
         for s in streams:
             s.close(exc)
 
     # -- connections ---------------------------------------------------------------------
-    def stream(self, index: int) -> Outbound:
-        """The authenticated connection `index` to this peer, opened on first use."""
-        s = self._streams[index]
+    def stream(self) -> Outbound:
+        """The authenticated connection to this peer, opened on first use."""
+        s = self._stream
         if s is not None and s.alive:
             return s
         self.check_alive()
         with self._connect_lock:
-            s = self._streams[index]
+            s = self._stream
             if s is not None and s.alive:
                 return s
             self.check_alive()
-            s = connect(self.agent, self, index, self.agent.config.connect_timeout)
+            s = connect(self.agent, self, self.agent.config.connect_timeout)
             with self._lock:
                 if self._failure is not None:
                     s.close(self._failure)
                     raise self._failure
-                self._streams[index] = s
+                self._stream = s
             return s
 
     def cross_memory_ok(self) -> bool:
@@ -156,7 +156,7 @@ class Peer:
         why = "different host or PID namespace"
         probe = self.md.probe
         if _sys.same_host(me, them) and probe is not None and "local" in self.md.backends:
-            self.stream(0)  # authenticate first: only a peer that passed the handshake is probed
+            self.stream()  # authenticate first: only a peer that passed the handshake is probed
             token = bytearray(16)
             local = _sys.make_iovecs(
                 np.array([np.frombuffer(token, np.uint8).ctypes.data], np.uint64),
@@ -355,8 +355,7 @@ class Agent:
     def connect(self, name: str) -> None:
         """Open and authenticate the connection to a peer now instead of at first use."""
         peer = self._peer(name)
-        for i in range(self.config.tcp_streams):
-            peer.stream(i)
+        peer.stream()
         for backend in self._backends:
             if backend.kind is Backend.LOCAL:
                 peer.cross_memory_ok()
@@ -387,7 +386,7 @@ class Agent:
     def refresh_peer(self, name: str, *, timeout: float | None = None) -> None:
         """Fetch the peer's current metadata over its connection (new regions)."""
         p = self._peer(name)
-        ch = p.stream(0)
+        ch = p.stream()
         box: list[bytes] = []
         done = threading.Event()
 
@@ -637,7 +636,7 @@ class Agent:
             known = self._peers.get(peer)
             inbound = next((c for c in self._inbound if c.peer_name == peer), None)
         if known is not None:
-            known.stream(0).send_now(frame)
+            known.stream().send_now(frame)
         elif inbound is not None:
             inbound.send(frame)
         else:

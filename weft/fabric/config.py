@@ -36,8 +36,6 @@ class AgentConfig:
         inline_bytes: same-host transfers up to this size run in the posting thread; larger
             ones run on the agent's worker threads.
         local_workers: worker threads for same-host transfers.
-        tcp_streams: TCP data connections per peer; large transfers are striped over them.
-        stripe_bytes: a single descriptor larger than this is split across streams/workers.
         socket_buffer_bytes: SO_SNDBUF/SO_RCVBUF for data sockets (0: kernel default).
         max_descriptors: most descriptors one request may carry.
         max_notification_bytes: largest notification accepted.
@@ -55,8 +53,6 @@ class AgentConfig:
     handshake_timeout: float = 5.0
     inline_bytes: int = 1 << 20
     local_workers: int = 2
-    tcp_streams: int = 1
-    stripe_bytes: int = 8 << 20
     socket_buffer_bytes: int = 0
     max_descriptors: int = 1 << 16
     max_notification_bytes: int = 1 << 20
@@ -76,8 +72,6 @@ class AgentConfig:
         handshake_timeout: float = 5.0,
         inline_bytes: int = 1 << 20,
         local_workers: int = 2,
-        tcp_streams: int = 1,
-        stripe_bytes: int = 8 << 20,
         socket_buffer_bytes: int = 0,
         max_descriptors: int = 1 << 16,
         max_notification_bytes: int = 1 << 20,
@@ -100,8 +94,6 @@ class AgentConfig:
             "handshake_timeout": handshake_timeout,
             "inline_bytes": inline_bytes,
             "local_workers": local_workers,
-            "tcp_streams": tcp_streams,
-            "stripe_bytes": stripe_bytes,
             "socket_buffer_bytes": socket_buffer_bytes,
             "max_descriptors": max_descriptors,
             "max_notification_bytes": max_notification_bytes,
@@ -117,8 +109,6 @@ class AgentConfig:
             "connect_timeout": self.connect_timeout,
             "handshake_timeout": self.handshake_timeout,
             "local_workers": self.local_workers,
-            "tcp_streams": self.tcp_streams,
-            "stripe_bytes": self.stripe_bytes,
             "max_descriptors": self.max_descriptors,
             "max_notification_bytes": self.max_notification_bytes,
             "max_pending_notifications": self.max_pending_notifications,
@@ -145,7 +135,7 @@ class AgentConfig:
         """Build a config from WEFT_* variables (the only place weft reads the environment).
 
         WEFT_BACKENDS (comma list), WEFT_SECRET, WEFT_LISTEN_HOST, WEFT_LISTEN_PORT,
-        WEFT_ADVERTISE_HOST, WEFT_TRANSFER_TIMEOUT, WEFT_TCP_STREAMS. Keyword overrides win.
+        WEFT_ADVERTISE_HOST, WEFT_TRANSFER_TIMEOUT. Keyword overrides win.
         """
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
@@ -158,7 +148,6 @@ class AgentConfig:
             ("WEFT_LISTEN_PORT", "listen_port", int),
             ("WEFT_ADVERTISE_HOST", "advertise_host", str),
             ("WEFT_TRANSFER_TIMEOUT", "transfer_timeout", float),
-            ("WEFT_TCP_STREAMS", "tcp_streams", int),
         ):
             if var in env:
                 try:

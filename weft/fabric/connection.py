@@ -55,20 +55,19 @@ class Pending:
 
 
 class Outbound:
-    """This agent's authenticated connection to one peer (one stream of possibly several)."""
+    """This agent's authenticated connection to one peer."""
 
-    def __init__(self, agent: Agent, peer: Peer, sock: socket.socket, index: int) -> None:
+    def __init__(self, agent: Agent, peer: Peer, sock: socket.socket) -> None:
         self.agent = agent
         self.peer = peer
         self.sock = sock
-        self.index = index
         self._ids = itertools.count(1)
         self._pending: dict[int, Pending] = {}
         self._plock = threading.Lock()
         self._queue: queue.SimpleQueue[Sequence[bytes | bytearray | memoryview] | None] = queue.SimpleQueue()
         self._closed = False
         self._failed: errors.WeftError | None = None
-        tag = f"{agent.name}->{peer.name}#{index}"
+        tag = f"{agent.name}->{peer.name}"
         self._reader = threading.Thread(target=self._read_loop, name=f"weft-rx {tag}", daemon=True)
         self._sender = threading.Thread(target=self._send_loop, name=f"weft-tx {tag}", daemon=True)
         self._reader.start()
@@ -225,7 +224,7 @@ def _shutdown(sock: socket.socket) -> None:
         sock.close()
 
 
-def connect(agent: Agent, peer: Peer, index: int, timeout: float) -> Outbound:
+def connect(agent: Agent, peer: Peer, timeout: float) -> Outbound:
     """Open and authenticate a connection to `peer` (client side of the handshake)."""
     md = peer.md
     try:
@@ -257,7 +256,6 @@ def connect(agent: Agent, peer: Peer, index: int, timeout: float) -> Outbound:
             "generation": agent.generation,
             "target": peer.instance,
             "nonce": nonce_c,
-            "stream": index,
         }
         if secret is not None:
             body["proof"] = wire.proof(
@@ -281,7 +279,7 @@ def connect(agent: Agent, peer: Peer, index: int, timeout: float) -> Outbound:
     except errors.WeftError:
         _shutdown(sock)
         raise
-    return Outbound(agent, peer, sock, index)
+    return Outbound(agent, peer, sock)
 
 
 def _recv_any_handshake(sock: socket.socket) -> tuple[int, dict[str, Any]]:

@@ -81,7 +81,7 @@ class LocalBackend:
             peer.check_alive()
             _sys.cma_copy(plan.op is Op.WRITE, peer.pid, plan.local_iov, plan.remote_iov)
             if notify is not None:
-                peer.stream(0).send_now([wire.header(wire.NOTIFY, length=len(notify)), notify])
+                peer.stream().send_now([wire.header(wire.NOTIFY, length=len(notify)), notify])
         except _sys.CrossMemoryError as exc:
             transfer._finish(self._translate(peer, exc))
             return

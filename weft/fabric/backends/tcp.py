@@ -55,7 +55,7 @@ class TcpBackend:
         return TcpPlan(op, peer, table, len(remote), local.total, region, spans, views)
 
     def post(self, plan: TcpPlan, transfer: Transfer, notify: bytes | None) -> None:
-        ch = plan.peer.stream(0)
+        ch = plan.peer.stream()
         req = ch.next_id()
         flags = 0
         prefix: list[bytes] = []

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import pytest
+
+from weft import AgentConfig, ConfigError
+from weft.fabric.types import Backend
+
+
+def test_backends_parse_and_dedupe() -> None:
+    cfg = AgentConfig(["TCP", "local", "tcp"])
+    assert cfg.backends == (Backend.TCP, Backend.LOCAL)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"backends": ["rdma"]}, "unknown backend"),
+        ({"backends": "tcp"}, "not a string"),
+        ({"backends": []}, "at least one"),
+        ({"secret": b"short"}, "16 bytes"),
+        ({"transfer_timeout": 0}, "transfer_timeout"),
+        ({"listen_port": 70000}, "listen_port"),
+        ({"local_workers": 0}, "local_workers"),
+    ],
+)
+def test_bad_config_is_typed(kwargs: dict[str, object], match: str) -> None:
+    backends = kwargs.pop("backends", ["tcp"])
+    with pytest.raises(ConfigError, match=match):
+        AgentConfig(backends, **kwargs)  # type: ignore[arg-type]
+
+
+def test_from_env_and_replace() -> None:
+    env = {"WEFT_BACKENDS": "tcp", "WEFT_TRANSFER_TIMEOUT": "2.5", "WEFT_SECRET": "x" * 20}
+    cfg = AgentConfig.from_env(env, listen_port=0)
+    assert cfg.backends == (Backend.TCP,) and cfg.transfer_timeout == 2.5 and cfg.secret == b"x" * 20
+    assert "secret" not in repr(cfg) or "xxxx" not in repr(cfg)
+    assert cfg.replace(transfer_timeout=9).transfer_timeout == 9
+    with pytest.raises(ConfigError, match="WEFT_LISTEN_PORT"):
+        AgentConfig.from_env({"WEFT_LISTEN_PORT": "http"})
