@@ -92,6 +92,7 @@ def test_sigkill_mid_transfer_gives_peer_lost_fast(make_agent, make_peer, backen
     remote = a.remote("b", "kv")
     a.connect("b")
     h = a.prepare(Op.WRITE, ra.descs(), "b", remote.descs())
+    h.post().wait(timeout=30)  # warm: a first write page-faults the target, which delays its death
     transfers = [h.post() for _ in range(8)]  # 2 GiB queued: still in flight when the kill lands
     time.sleep(0.02)
     peer.kill(signal.SIGKILL)
@@ -103,7 +104,8 @@ def test_sigkill_mid_transfer_gives_peer_lost_fast(make_agent, make_peer, backen
         except PeerLostError as exc:
             errors.append((time.monotonic() - killed, exc))
     assert errors, "no transfer was in flight when the peer died"
-    assert errors[0][0] < 1.0
+    print(f"first PeerLostError {errors[0][0] * 1e3:.1f} ms after SIGKILL")
+    assert errors[0][0] < 1.0  # the issue asks <= 100 ms; slack for a loaded 2-core CI box
     assert not a.peer_alive("b")
     with pytest.raises(PeerLostError):
         a.write(ra.descs(), "b", remote.descs()).wait(timeout=5)
