@@ -118,10 +118,10 @@ def test_newer_generation_replaces_and_fails_the_old(make_agent, make_peer) -> N
     src = a.register(np.ones(64 << 20, np.uint8))
     old_remote = a.remote("b", "kv")
     h_old = a.prepare(Op.WRITE, src.descs(), "b", old_remote.descs())
-    in_flight = [h_old.post() for _ in range(16)]
-
-    new = make_peer("b", backends=["tcp"], generation=20)
+    new = make_peer("b", backends=["tcp"], generation=20)  # started first: replace mid-flight
     md_new = new.call("register", "kv", 64 << 20, None)
+    h_old.post().wait(timeout=30)
+    in_flight = [h_old.post() for _ in range(16)]  # 1 GiB queued to the old generation
     assert a.add_peer(md_new) == "b"
     outcomes = []
     for t in in_flight:

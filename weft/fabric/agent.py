@@ -121,8 +121,8 @@ class Peer:
             if self._failure is None:
                 self._failure = exc
             streams = [self._stream] if self._stream is not None else []
-        for s in streams:
-            s.close(exc)
+        for s in streams:  # abort: what is queued for this peer fails now, nothing drains
+            s.fail(exc)
 
     # -- connections ---------------------------------------------------------------------
     def stream(self) -> Outbound:
@@ -139,7 +139,7 @@ class Peer:
             s = connect(self.agent, self, self.agent.config.connect_timeout)
             with self._lock:
                 if self._failure is not None:
-                    s.close(self._failure)
+                    s.fail(self._failure)
                     raise self._failure
                 self._stream = s
             return s
@@ -198,7 +198,6 @@ class Agent:
         self.config = config if config is not None else AgentConfig()
         self.instance = uuid.uuid4().hex
         self.generation = self.config.generation if self.config.generation is not None else time.time_ns()
-        self._log = logging.LoggerAdapter(log, {"agent": name})
         self._lock = threading.RLock()
         self._closed = False
         self._regions: dict[int, Region] = {}

@@ -20,16 +20,16 @@ import secrets
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from weft.fabric import errors, wire
+from weft.fabric.memory import Region
 from weft.fabric.types import MemoryKind
 
 if TYPE_CHECKING:
     from weft.fabric.agent import Agent, Peer
-    from weft.fabric.memory import Region
     from weft.fabric.transfer import Transfer
 
 log = logging.getLogger(__name__)
@@ -207,14 +207,6 @@ class Outbound:
         if log.isEnabledFor(_DEBUG):
             log.debug("agent %s: connection to %s closed: %s", self.agent.name, self.peer.name, exc)
         self.agent._connection_failed(self.peer, exc)
-
-    def close(self, exc: errors.WeftError) -> None:
-        """Say goodbye after the frames already queued, then close."""
-        if not self._closed:
-            self._queue.put([wire.header(wire.BYE)])
-            self._queue.put(None)
-            self._sender.join(timeout=1.0)
-        self.fail(exc)
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -434,18 +426,19 @@ class Inbound:
             else:
                 raise errors.ProtocolError(f"unexpected frame type {ftype}")
 
-    def _resolve(self, table: Any, write: bool) -> tuple[list[tuple[Region, int, int]] | None, int, str]:
-        """Check every descriptor against our regions. Returns (spans, error code, message)."""
+    def _resolve(self, table: Any, write: bool) -> tuple[list[_Span] | None, int, str]:
+        """Check every descriptor against our regions and take views of the host ones.
+
+        Views are taken here, so a region released while the request is served stays
+        mapped until the views go (its release then defers); a region released before
+        this point is simply unknown. Returns (spans, error code, message).
+        """
         regions = self.agent._regions_snapshot()
-        spans: list[tuple[Region, int, int]] = []
+        spans: list[_Span] = []
         for i, (rid, off, n) in enumerate(table.tolist()):
             region = regions.get(rid)
             if region is None:
-                return (
-                    None,
-                    errors.ErrorCode.UNKNOWN_REGION,
-                    f"{self.agent.name!r} has no region #{rid}",
-                )
+                return None, errors.ErrorCode.UNKNOWN_REGION, f"{self.agent.name!r} has no region #{rid}"
             if n == 0 or off + n > region.size:
                 return (
                     None,
@@ -455,7 +448,13 @@ class Inbound:
                 )
             if write and region.readonly:
                 return None, errors.ErrorCode.READ_ONLY, f"region {region.label} is read-only"
-            spans.append((region, off, n))
+            view = None
+            if region.kind is MemoryKind.DRAM:
+                try:
+                    view = region.view[off : off + n]
+                except errors.RegistrationError:
+                    return None, errors.ErrorCode.UNKNOWN_REGION, f"region #{rid} was just deregistered"
+            spans.append(_Span(region, off, n, view))
         return spans, 0, ""
 
     def _error(self, req_id: int, code: int, message: str) -> None:
@@ -469,17 +468,17 @@ class Inbound:
             self._error(req_id, code, message)
             return
         views: list[memoryview] = []
-        device_copies: list[tuple[memoryview, Region, int]] = []
-        for region, off, n in spans:
-            if region.kind is MemoryKind.DRAM:
-                views.append(region.view[off : off + n])
+        device_copies: list[tuple[memoryview, _Span]] = []
+        for span in spans:
+            if span.view is not None:
+                views.append(span.view)
             else:  # VRAM: land in host staging, then copy to the device
-                staging = memoryview(bytearray(n))
+                staging = memoryview(bytearray(span.length))
                 views.append(staging)
-                device_copies.append((staging, region, off))
+                device_copies.append((staging, span))
         wire.recv_scatter(self.sock, views)
-        for staging, region, off in device_copies:
-            self.agent._host_to_device(staging, region, off)
+        for staging, span in device_copies:
+            self.agent._host_to_device(staging, span.region, span.offset)
         if notify is not None:
             self.agent._deliver(self.peer_name or "?", notify)
         self.send([wire.header(wire.DONE, req_id)])
@@ -490,13 +489,20 @@ class Inbound:
             self._error(req_id, code, message)
             return
         views: list[memoryview] = []
-        for region, off, n in spans:
-            if region.kind is MemoryKind.DRAM:
-                views.append(region.view[off : off + n])
+        for span in spans:
+            if span.view is not None:
+                views.append(span.view)
             else:
-                staging = memoryview(bytearray(n))
-                self.agent._device_to_host(region, off, staging)
+                staging = memoryview(bytearray(span.length))
+                self.agent._device_to_host(span.region, span.offset, staging)
                 views.append(staging)
         self.send([wire.header(wire.READ_DATA, req_id, total), *views])
         if notify is not None:
             self.agent._deliver(self.peer_name or "?", notify)
+
+
+class _Span(NamedTuple):
+    region: Region
+    offset: int
+    length: int
+    view: memoryview | None  # host regions: the bytes themselves
