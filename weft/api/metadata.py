@@ -68,6 +68,11 @@ class AgentMetadata(_Strict):
     auth: bool
     probe: ProbeInfo | None = None
     regions: Annotated[list[RegionInfo], pydantic.Field(max_length=1 << 20)] = []
+    # backend name -> that backend's own address (e.g. a UCX listener "host:port")
+    endpoints: Annotated[
+        dict[Literal["local", "tcp", "ucx"], Annotated[str, pydantic.Field(max_length=4096)]],
+        pydantic.Field(max_length=8),
+    ] = {}
 
     @pydantic.model_validator(mode="after")
     def _unique_regions(self) -> AgentMetadata:

@@ -284,6 +284,7 @@ class Agent:
             auth=self.config.secret is not None,
             probe=md_api.ProbeInfo(addr=self._probe_addr, token=bytes(self._probe).hex()),
             regions=regions,
+            endpoints={b.kind.value: ep for b in self._backends if (ep := b.endpoint()) is not None},
         )
 
     def metadata(self) -> bytes:

@@ -38,6 +38,10 @@ class DataPath(Protocol):
         """Start moving bytes; finish `transfer` (DONE or error) exactly once."""
         ...
 
+    def endpoint(self) -> str | None:
+        """This backend's own address for peers (published in metadata), or None."""
+        ...
+
     def close(self) -> None: ...
 
 

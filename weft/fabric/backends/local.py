@@ -121,6 +121,9 @@ class LocalBackend:
             except Exception:  # a job finishes its transfer itself; this is a bug, say so
                 log.exception("agent %s: local transfer job crashed", self.agent.name)
 
+    def endpoint(self) -> str | None:
+        return None
+
     def close(self) -> None:
         for _ in self._workers:
             self._jobs.put(None)

@@ -88,5 +88,8 @@ class TcpBackend:
         for (off, _n), buf in zip(plan.spans, staging, strict=True):
             self.agent._host_to_device(buf, plan.region, off)
 
+    def endpoint(self) -> str | None:
+        return None
+
     def close(self) -> None:
         pass
