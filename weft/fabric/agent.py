@@ -401,7 +401,10 @@ class Agent:
             ch.forget(req)
             p.check_alive()
             raise errors.TransferTimeoutError(f"peer {name!r} did not send its metadata within {limit} s")
-        md = md_api.decode_metadata(box[0], self.config.secret)
+        try:
+            md = md_api.decode_metadata(box[0], self.config.secret)
+        except md_api.MetadataDecodeError as exc:
+            raise errors.MetadataError(f"peer {name!r} sent invalid metadata: {exc}") from None
         if md.instance != p.instance:
             raise errors.StalePeerError(f"peer {name!r} is now another instance")
         with p._lock:

@@ -19,10 +19,9 @@ import queue
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
-
-import numpy as np
 
 from weft.fabric import errors, wire
 from weft.fabric.memory import Region
@@ -228,7 +227,8 @@ def connect(agent: Agent, peer: Peer, timeout: float) -> Outbound:
     try:
         sock.settimeout(timeout)
         wire.tune(sock, agent.config.socket_buffer_bytes)
-        hello = _recv_handshake(sock, wire.HELLO)
+        deadline = time.monotonic() + timeout
+        hello = _recv_handshake(sock, wire.HELLO, deadline)
         if hello.get("name") != peer.name or hello.get("instance") != peer.instance:
             raise errors.StalePeerError(
                 f"{md.listen.host}:{md.listen.port} is now {hello.get('name')!r} instance "
@@ -255,7 +255,7 @@ def connect(agent: Agent, peer: Peer, timeout: float) -> Outbound:
             )
         payload = wire.json_body(body)
         sock.sendall(wire.header(wire.AUTH, length=len(payload)) + payload)
-        reply_type, reply = _recv_any_handshake(sock)
+        reply_type, reply = _recv_any_handshake(sock, deadline)
         if reply_type == wire.REJECT:
             raise errors.AuthenticationError(f"peer {peer.name!r} refused us: {reply.get('reason')}")
         if reply_type != wire.WELCOME:
@@ -274,15 +274,18 @@ def connect(agent: Agent, peer: Peer, timeout: float) -> Outbound:
     return Outbound(agent, peer, sock)
 
 
-def _recv_any_handshake(sock: socket.socket) -> tuple[int, dict[str, Any]]:
-    ftype, _flags, _count, _req, length = wire.parse_header(wire.recv_exact(sock, wire.HEADER_SIZE))
+def _recv_any_handshake(sock: socket.socket, deadline: float) -> tuple[int, dict[str, Any]]:
+    """One handshake frame, all of it before `deadline`; TimeoutError otherwise."""
+    ftype, _flags, _count, _req, length = wire.parse_header(
+        wire.recv_exact_by(sock, wire.HEADER_SIZE, deadline)
+    )
     if length > wire.MAX_HANDSHAKE_BYTES:
         raise errors.ProtocolError("oversized handshake frame")
-    return ftype, wire.parse_json_body(wire.recv_exact(sock, length))
+    return ftype, wire.parse_json_body(wire.recv_exact_by(sock, length, deadline))
 
 
-def _recv_handshake(sock: socket.socket, expected: int) -> dict[str, Any]:
-    ftype, body = _recv_any_handshake(sock)
+def _recv_handshake(sock: socket.socket, expected: int, deadline: float) -> dict[str, Any]:
+    ftype, body = _recv_any_handshake(sock, deadline)
     if ftype != expected:
         raise errors.ProtocolError(f"expected handshake frame {expected}, got {ftype}")
     return body
@@ -332,6 +335,7 @@ class Inbound:
     def _handshake(self) -> None:
         agent = self.agent
         secret = agent.config.secret
+        deadline = time.monotonic() + agent.config.handshake_timeout
         self.sock.settimeout(agent.config.handshake_timeout)
         nonce_s = secrets.token_hex(16)
         hello = wire.json_body(
@@ -345,7 +349,7 @@ class Inbound:
         )
         self.sock.sendall(wire.header(wire.HELLO, length=len(hello)) + hello)
         try:
-            body = _recv_handshake(self.sock, wire.AUTH)
+            body = _recv_handshake(self.sock, wire.AUTH, deadline)
         except TimeoutError:
             raise errors.ProtocolError("handshake timed out") from None
         name, instance, nonce_c = body.get("name"), body.get("instance"), body.get("nonce")
@@ -392,9 +396,13 @@ class Inbound:
                 used = 0
                 notify = None
                 if flags & wire.FLAG_NOTIFY:
+                    if length < 4:
+                        raise errors.ProtocolError("frame shorter than its notification")
                     (nlen,) = wire.NOTIFY_LEN.unpack(wire.recv_exact(sock, 4))
                     if nlen > max_notify:
                         raise errors.ProtocolError(f"notification of {nlen} bytes is too large")
+                    if 4 + nlen > length:
+                        raise errors.ProtocolError("frame shorter than its notification")
                     notify = bytes(wire.recv_exact(sock, nlen))
                     used += 4 + nlen
                 table_len = count * wire.DESC_DTYPE.itemsize
@@ -403,7 +411,7 @@ class Inbound:
                 table = wire.parse_desc_table(wire.recv_exact(sock, table_len))
                 used += table_len
                 payload = length - used
-                total = int(table["length"].sum(dtype=np.uint64))
+                total = sum(table["length"].tolist())  # Python ints: no u64 wrap-around
                 if ftype == wire.WRITE:
                     if payload != total:
                         raise errors.ProtocolError("WRITE payload does not match its descriptors")

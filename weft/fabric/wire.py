@@ -21,6 +21,7 @@ import hmac
 import json
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,6 +95,24 @@ class ConnectionClosed(ConnectionError):
 def recv_exact(sock: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)
     recv_into_exact(sock, memoryview(buf))
+    return buf
+
+
+def recv_exact_by(sock: socket.socket, n: int, deadline: float) -> bytearray:
+    """`recv_exact` that gives up at `deadline` (time.monotonic()) as a whole, however the
+    bytes trickle in. Raises TimeoutError."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        sock.settimeout(left)
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionClosed("connection closed by peer")
+        got += k
     return buf
 
 
@@ -176,6 +195,8 @@ def parse_json_body(buf: bytes | bytearray) -> dict[str, Any]:
         obj = json.loads(bytes(buf))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise errors.ProtocolError(f"malformed handshake: {exc}") from None
+    except RecursionError:  # "[[[[..." nested past the interpreter's limit
+        raise errors.ProtocolError("malformed handshake: nested too deeply") from None
     if not isinstance(obj, dict):
         raise errors.ProtocolError("malformed handshake: not an object")
     return obj
