@@ -1,8 +1,9 @@
 """Peer connections: the authenticated TCP stream under every peer.
 
-`Outbound` is this agent's connection to a peer it added: a sender thread writes frames from
-a queue (posting never blocks on the socket), a reader thread completes pending requests and
-delivers notifications. `Inbound` serves a peer that connected to us: handshake first, then
+`Outbound` is this agent's connection to a peer it added: the poster writes its frame
+itself when the socket is idle and a sender thread writes the backlog otherwise (posting
+never blocks on the socket); a reader thread completes pending requests and delivers
+notifications. `Inbound` serves a peer that connected to us: handshake first, then
 READ/WRITE against registered regions only, bounds checked before any byte is touched.
 
 Either side seeing the stream end fails every pending request on it at once with
@@ -12,10 +13,10 @@ death signal (well under 100 ms on one host).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
-import queue
 import secrets
 import socket
 import threading
@@ -63,7 +64,13 @@ class Outbound:
         self._ids = itertools.count(1)
         self._pending: dict[int, Pending] = {}
         self._plock = threading.Lock()
-        self._queue: queue.SimpleQueue[Sequence[bytes | bytearray | memoryview] | None] = queue.SimpleQueue()
+        # Frames wait in `_backlog`; whoever holds the sending rights (`_busy`) writes them.
+        # A poster whose connection is idle writes its own frame without blocking
+        # (MSG_DONTWAIT) and leaves any rest to the sender thread: no thread hand-off on the
+        # common path, and never a caller stuck on a full socket.
+        self._cv = threading.Condition(threading.Lock())
+        self._backlog: collections.deque[Sequence[bytes | bytearray | memoryview]] = collections.deque()
+        self._busy = False
         self._closed = False
         self._failed: errors.WeftError | None = None
         tag = f"{agent.name}->{peer.name}"
@@ -93,7 +100,23 @@ class Outbound:
                 pending.transfer._cancel_hook = lambda: self.forget(req_id)
         elif self._closed:
             raise self._failed or errors.PeerLostError(f"connection to {self.peer.name!r} closed")
-        self._queue.put(parts)
+        with self._cv:
+            if self._busy or self._backlog:
+                self._backlog.append(parts)
+                self._cv.notify()
+                return
+            self._busy = True
+        try:
+            rest = wire.send_gather(self.sock, parts, nowait=True)
+        except OSError as exc:
+            self.fail(errors.PeerLostError(f"lost peer {self.peer.name!r}: send failed: {exc}"))
+            return
+        with self._cv:
+            if rest:
+                self._backlog.appendleft(rest)
+            self._busy = False
+            if self._backlog:
+                self._cv.notify()
 
     def forget(self, req_id: int) -> None:
         """Drop a request whose transfer ended early (timeout, release); late answers are drained."""
@@ -108,10 +131,16 @@ class Outbound:
     def _send_loop(self) -> None:
         try:
             while True:
-                parts = self._queue.get()
-                if parts is None:
-                    return
+                with self._cv:
+                    while (self._busy or not self._backlog) and not self._closed:
+                        self._cv.wait()
+                    if self._closed:
+                        return
+                    parts = self._backlog.popleft()
+                    self._busy = True
                 wire.send_gather(self.sock, parts)
+                with self._cv:
+                    self._busy = False
         except OSError as exc:
             self.fail(errors.PeerLostError(f"lost peer {self.peer.name!r}: send failed: {exc}"))
 
@@ -198,7 +227,9 @@ class Outbound:
             self._closed = True
             self._failed = exc
             pending, self._pending = self._pending, {}
-        self._queue.put(None)
+        with self._cv:
+            self._backlog.clear()
+            self._cv.notify_all()
         _shutdown(self.sock)
         for p in pending.values():
             if p.transfer is not None:

@@ -126,47 +126,69 @@ def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
         got += k
 
 
+BATCH_BYTES = 256 << 10  # a stream call rarely moves more; longer iovec lists are wasted work
+
+Views = list[memoryview]
+
+
+def _batch(views: Sequence[memoryview], idx: int, off: int) -> Views:
+    """The views from (idx, off) on, at most MAX_IOV of them and about BATCH_BYTES."""
+    first = views[idx][off:] if off else views[idx]
+    batch = [first]
+    size = len(first)
+    end = min(len(views), idx + MAX_IOV)
+    j = idx + 1
+    while j < end and size < BATCH_BYTES:
+        batch.append(views[j])
+        size += len(views[j])
+        j += 1
+    return batch
+
+
+def _advance(views: Sequence[memoryview], idx: int, off: int, moved: int) -> tuple[int, int]:
+    while moved:
+        rem = len(views[idx]) - off
+        if moved >= rem:
+            moved -= rem
+            idx += 1
+            off = 0
+        else:
+            off += moved
+            moved = 0
+    return idx, off
+
+
 def recv_scatter(sock: socket.socket, views: Sequence[memoryview]) -> None:
-    """Fill `views` in order from the stream (recvmsg_into, up to MAX_IOV buffers a call)."""
+    """Fill `views` in order from the stream (recvmsg_into, scatter)."""
     if len(views) == 1:
         recv_into_exact(sock, views[0])
         return
     idx, off, n = 0, 0, len(views)
     while idx < n:
-        batch = [views[idx][off:] if off else views[idx], *views[idx + 1 : idx + MAX_IOV]]
-        got = sock.recvmsg_into(batch)[0]
+        got = sock.recvmsg_into(_batch(views, idx, off))[0]
         if got == 0:
             raise ConnectionClosed("connection closed by peer")
-        while got:
-            rem = len(views[idx]) - off
-            if got >= rem:
-                got -= rem
-                idx += 1
-                off = 0
-            else:
-                off += got
-                got = 0
+        idx, off = _advance(views, idx, off, got)
 
 
-def send_gather(sock: socket.socket, parts: Sequence[bytes | bytearray | memoryview]) -> None:
-    """Send `parts` in order (sendmsg, up to MAX_IOV buffers a call, partial sends resumed)."""
+def send_gather(
+    sock: socket.socket, parts: Sequence[bytes | bytearray | memoryview], nowait: bool = False
+) -> Views:
+    """Send `parts` in order (sendmsg, gather; partial sends resumed).
+
+    With `nowait`, stop as soon as the socket would block and return what is left (the
+    views not yet sent, the first one trimmed); otherwise block until all is sent.
+    """
     views = [p if isinstance(p, memoryview) else memoryview(p) for p in parts if len(p)]
+    flags = socket.MSG_DONTWAIT if nowait else 0
     idx, off, n = 0, 0, len(views)
     while idx < n:
-        first = views[idx][off:] if off else views[idx]
-        if idx + 1 == n or len(first) >= (4 << 20):
-            sent = sock.send(first)
-        else:
-            sent = sock.sendmsg([first, *views[idx + 1 : idx + MAX_IOV]])
-        while sent:
-            rem = len(views[idx]) - off
-            if sent >= rem:
-                sent -= rem
-                idx += 1
-                off = 0
-            else:
-                off += sent
-                sent = 0
+        try:
+            sent = sock.sendmsg(_batch(views, idx, off), [], flags)
+        except BlockingIOError:
+            return [views[idx][off:], *views[idx + 1 :]]
+        idx, off = _advance(views, idx, off, sent)
+    return []
 
 
 def drain(sock: socket.socket, n: int) -> None:
