@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 		{ echo "weft needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,ucx]'
 	touch $@
 
 test: lint
@@ -46,7 +46,7 @@ demo: setup
 # nixl depends on torch: install the CPU build first so pip does not pull CUDA wheels.
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet 'torch==2.13.0'
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,ucx,bench]'
 	touch $@
 
 bench: $(BENCH_STAMP)

@@ -150,3 +150,27 @@ def _advance(iov: IovecArray, skip: int) -> IovecArray:
     rest[0, 0] += np.uint64(cut)
     rest[0, 1] -= np.uint64(cut)
     return rest
+
+
+def split_iovecs(local: IovecArray, remote: IovecArray, parts: int) -> list[tuple[IovecArray, IovecArray]]:
+    """Cut matched iovec lists into `parts` pieces of about equal bytes (for parallel copies)."""
+    lengths = local[:, 1].astype(np.int64)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    total = int(ends[-1])
+    out = []
+    for j in range(parts):
+        lo, hi = total * j // parts, total * (j + 1) // parts
+        if hi <= lo:
+            continue
+        i0 = int(np.searchsorted(ends, lo, side="right"))
+        i1 = int(np.searchsorted(starts, hi, side="left"))
+        seg_l, seg_r = local[i0:i1].copy(), remote[i0:i1].copy()
+        head = np.uint64(lo - int(starts[i0]))
+        tail = np.uint64(int(ends[i1 - 1]) - hi)
+        for seg in (seg_l, seg_r):
+            seg[0, 0] += head
+            seg[0, 1] -= head
+            seg[-1, 1] -= tail
+        out.append((seg_l, seg_r))
+    return out

@@ -76,5 +76,13 @@ def _local() -> Factory:
     return local.LocalBackend
 
 
+def _ucx() -> Factory:
+    from weft.fabric.backends import ucx
+
+    ucx.load_ucxx()  # ImportError here when ucxx is missing: the agent goes on without ucx
+    return ucx.UcxBackend
+
+
 register_backend(Backend.TCP, _tcp)
 register_backend(Backend.LOCAL, _local)
+register_backend(Backend.UCX, _ucx)

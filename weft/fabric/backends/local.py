@@ -13,6 +13,7 @@ must not free memory a peer is still writing to.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import queue
 import threading
@@ -32,6 +33,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Requests at least this large are split over the worker threads (one copy per core).
+PARALLEL_BYTES = 4 << 20
+
+
+class _Joint:
+    """Finishes once, after `n` pieces, with the first error any piece reported."""
+
+    def __init__(self, n: int, finish: Callable[[errors.WeftError | None], None]) -> None:
+        self._left = n
+        self._error: errors.WeftError | None = None
+        self._lock = threading.Lock()
+        self._finish = finish
+
+    def done(self, error: errors.WeftError | None) -> None:
+        with self._lock:
+            self._left -= 1
+            if error is not None and self._error is None:
+                self._error = error
+            last = self._left == 0
+        if last:
+            self._finish(self._error)
+
 
 @dataclass(frozen=True, slots=True)
 class LocalPlan:
@@ -41,6 +64,7 @@ class LocalPlan:
     local_iov: _sys.IovecArray
     remote_iov: _sys.IovecArray
     total: int
+    pieces: list[tuple[_sys.IovecArray, _sys.IovecArray]]  # copied in parallel when large
 
 
 class LocalBackend:
@@ -64,14 +88,47 @@ class LocalBackend:
         rregion = peer.region_by_id(remote.region_id)
         local_iov = _sys.make_iovecs(np.uint64(region.addr) + local.offsets, local.lengths)
         remote_iov = _sys.make_iovecs(np.uint64(rregion.addr) + remote.offsets, remote.lengths)
-        return LocalPlan(op, peer, remote.region_id, local_iov, remote_iov, local.total)
+        workers = self.agent.config.local_workers
+        parts = workers if local.total >= PARALLEL_BYTES and workers > 1 else 1
+        pieces = _sys.split_iovecs(local_iov, remote_iov, parts) if parts > 1 else []
+        return LocalPlan(op, peer, remote.region_id, local_iov, remote_iov, local.total, pieces)
 
     def post(self, plan: LocalPlan, transfer: Transfer, notify: bytes | None) -> None:
         if plan.total <= self.agent.config.inline_bytes:
             self._run(plan, transfer, notify)
-        else:
-            self._ensure_workers()
+            return
+        self._ensure_workers()
+        if not plan.pieces:
             self._jobs.put(lambda: self._run(plan, transfer, notify))
+            return
+        joint = _Joint(len(plan.pieces), lambda err: self._finish(plan, transfer, notify, err))
+        for liov, riov in plan.pieces:
+            self._jobs.put(functools.partial(self._piece, joint, plan, liov, riov))
+
+    def _piece(self, joint: _Joint, plan: LocalPlan, liov: _sys.IovecArray, riov: _sys.IovecArray) -> None:
+        joint.done(self._copy(plan, liov, riov))
+
+    def _copy(self, plan: LocalPlan, liov: _sys.IovecArray, riov: _sys.IovecArray) -> errors.WeftError | None:
+        """One piece of a parallel copy; returns its error instead of finishing the transfer."""
+        try:
+            plan.peer.region_by_id(plan.remote_region)
+            plan.peer.check_alive()
+            _sys.cma_copy(plan.op is Op.WRITE, plan.peer.pid, liov, riov)
+        except _sys.CrossMemoryError as exc:
+            return self._translate(plan.peer, exc)
+        except errors.WeftError as exc:
+            return exc
+        return None
+
+    def _finish(
+        self, plan: LocalPlan, transfer: Transfer, notify: bytes | None, err: errors.WeftError | None
+    ) -> None:
+        if err is None and notify is not None:
+            try:
+                plan.peer.stream().send_now([wire.header(wire.NOTIFY, length=len(notify)), notify])
+            except errors.WeftError as exc:
+                err = exc
+        transfer._finish(err)
 
     def _run(self, plan: LocalPlan, transfer: Transfer, notify: bytes | None) -> None:
         peer = plan.peer
