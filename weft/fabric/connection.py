@@ -465,49 +465,18 @@ class Inbound:
             else:
                 raise errors.ProtocolError(f"unexpected frame type {ftype}")
 
-    def _resolve(self, table: Any, write: bool) -> tuple[list[_Span] | None, int, str]:
-        """Check every descriptor against our regions and take views of the host ones.
-
-        Views are taken here, so a region released while the request is served stays
-        mapped until the views go (its release then defers); a region released before
-        this point is simply unknown. Returns (spans, error code, message).
-        """
-        regions = self.agent._regions_snapshot()
-        spans: list[_Span] = []
-        for i, (rid, off, n) in enumerate(table.tolist()):
-            region = regions.get(rid)
-            if region is None:
-                return None, errors.ErrorCode.UNKNOWN_REGION, f"{self.agent.name!r} has no region #{rid}"
-            if n == 0 or off + n > region.size:
-                return (
-                    None,
-                    errors.ErrorCode.OUT_OF_BOUNDS,
-                    f"descriptor {i} (offset {off}, length {n}) is outside region "
-                    f"{region.label} of {region.size} bytes",
-                )
-            if write and region.readonly:
-                return None, errors.ErrorCode.READ_ONLY, f"region {region.label} is read-only"
-            view = None
-            if region.kind is MemoryKind.DRAM:
-                try:
-                    view = region.view[off : off + n]
-                except errors.RegistrationError:
-                    return None, errors.ErrorCode.UNKNOWN_REGION, f"region #{rid} was just deregistered"
-            spans.append(_Span(region, off, n, view))
-        return spans, 0, ""
-
     def _error(self, req_id: int, code: int, message: str) -> None:
         body = message.encode()[: wire.MAX_ERROR_BYTES]
         self.send([wire.header(wire.ERROR, req_id, len(body), count=code), body])
 
     def _serve_write(self, req_id: int, table: Any, notify: bytes | None, payload: int) -> None:
-        spans, code, message = self._resolve(table, write=True)
+        spans, code, message = resolve_descriptors(self.agent, table, write=True)
         if spans is None:
             wire.drain(self.sock, payload)
             self._error(req_id, code, message)
             return
         views: list[memoryview] = []
-        device_copies: list[tuple[memoryview, _Span]] = []
+        device_copies: list[tuple[memoryview, Span]] = []
         for span in spans:
             if span.view is not None:
                 views.append(span.view)
@@ -523,7 +492,7 @@ class Inbound:
         self.send([wire.header(wire.DONE, req_id)])
 
     def _serve_read(self, req_id: int, table: Any, notify: bytes | None, total: int) -> None:
-        spans, code, message = self._resolve(table, write=False)
+        spans, code, message = resolve_descriptors(self.agent, table, write=False)
         if spans is None:
             self._error(req_id, code, message)
             return
@@ -540,8 +509,42 @@ class Inbound:
             self.agent._deliver(self.peer_name or "?", notify)
 
 
-class _Span(NamedTuple):
+class Span(NamedTuple):
     region: Region
     offset: int
     length: int
     view: memoryview | None  # host regions: the bytes themselves
+
+
+def resolve_descriptors(agent: Agent, table: Any, write: bool) -> tuple[list[Span] | None, int, str]:
+    """Check every descriptor of a request against `agent`'s regions; take views of host ones.
+
+    Every backend that serves requests (tcp here, ucx) calls this before any byte moves.
+
+    Views are taken here, so a region released while the request is served stays
+    mapped until the views go (its release then defers); a region released before
+    this point is simply unknown. Returns (spans, error code, message).
+    """
+    regions = agent._regions_snapshot()
+    spans: list[Span] = []
+    for i, (rid, off, n) in enumerate(table.tolist()):
+        region = regions.get(rid)
+        if region is None:
+            return None, errors.ErrorCode.UNKNOWN_REGION, f"{agent.name!r} has no region #{rid}"
+        if n == 0 or off + n > region.size:
+            return (
+                None,
+                errors.ErrorCode.OUT_OF_BOUNDS,
+                f"descriptor {i} (offset {off}, length {n}) is outside region "
+                f"{region.label} of {region.size} bytes",
+            )
+        if write and region.readonly:
+            return None, errors.ErrorCode.READ_ONLY, f"region {region.label} is read-only"
+        view = None
+        if region.kind is MemoryKind.DRAM:
+            try:
+                view = region.view[off : off + n]
+            except errors.RegistrationError:
+                return None, errors.ErrorCode.UNKNOWN_REGION, f"region #{rid} was just deregistered"
+        spans.append(Span(region, off, n, view))
+    return spans, 0, ""

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from weft.fabric import errors, wire
+from weft.fabric.connection import resolve_descriptors
 from weft.fabric.types import Backend, MemoryKind, Op
 
 if TYPE_CHECKING:
@@ -775,28 +776,15 @@ class UcxBackend:
         self._serving.append(_Serve(conn, req_id, False, reqs, [arrays, views], notify))
 
     def _resolve(self, table: Any, write: bool) -> tuple[list[memoryview] | None, int, str]:
-        """Check every descriptor against our regions before any byte moves (as the tcp target)."""
-        regions = self.agent._regions_snapshot()
-        views: list[memoryview] = []
-        for i, (rid, off, n) in enumerate(table.tolist()):
-            region = regions.get(rid)
-            if region is None:
-                return None, errors.ErrorCode.UNKNOWN_REGION, f"{self.agent.name!r} has no region #{rid}"
-            if n == 0 or off + n > region.size:
-                return (
-                    None,
-                    errors.ErrorCode.OUT_OF_BOUNDS,
-                    f"descriptor {i} (offset {off}, length {n}) is outside region "
-                    f"{region.label} of {region.size} bytes",
-                )
-            if write and region.readonly:
-                return None, errors.ErrorCode.READ_ONLY, f"region {region.label} is read-only"
-            if region.kind is not MemoryKind.DRAM:
-                return None, errors.ErrorCode.BACKEND, f"region {region.label} is not host memory (ucx)"
-            try:
-                views.append(region.view[off : off + n])
-            except errors.RegistrationError:
-                return None, errors.ErrorCode.UNKNOWN_REGION, f"region #{rid} was just deregistered"
+        """The tcp target's checks (`resolve_descriptors`), plus: host memory only."""
+        spans, code, message = resolve_descriptors(self.agent, table, write)
+        if spans is None:
+            return None, code, message
+        views = []
+        for span in spans:
+            if span.view is None:
+                return None, errors.ErrorCode.BACKEND, f"region {span.region.label} is not host memory (ucx)"
+            views.append(span.view)
         return views, 0, ""
 
     def _error(self, conn: _Conn, req_id: int, code: int, message: str) -> None:
