@@ -694,20 +694,19 @@ def numpy_main(plan: dict[str, Any], results: mpc.Connection) -> None:
 # --------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def patched_env(changes: dict[str, str | None]) -> Iterator[None]:
+    def apply(values: dict[str, str | None]) -> None:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
     saved = {k: os.environ.get(k) for k in changes}
     try:
-        for k, v in changes.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(changes)
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(saved)
 
 
 def run_contender(name: str, plan: dict[str, Any], timeout: float) -> dict[str, Any]:

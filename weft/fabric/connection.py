@@ -307,12 +307,10 @@ def connect(agent: Agent, peer: Peer, timeout: float) -> Outbound:
 
 def _recv_any_handshake(sock: socket.socket, deadline: float) -> tuple[int, dict[str, Any]]:
     """One handshake frame, all of it before `deadline`; TimeoutError otherwise."""
-    ftype, _flags, _count, _req, length = wire.parse_header(
-        wire.recv_exact_by(sock, wire.HEADER_SIZE, deadline)
-    )
+    ftype, _flags, _count, _req, length = wire.parse_header(wire.recv_exact(sock, wire.HEADER_SIZE, deadline))
     if length > wire.MAX_HANDSHAKE_BYTES:
         raise errors.ProtocolError("oversized handshake frame")
-    return ftype, wire.parse_json_body(wire.recv_exact_by(sock, length, deadline))
+    return ftype, wire.parse_json_body(wire.recv_exact(sock, length, deadline))
 
 
 def _recv_handshake(sock: socket.socket, expected: int, deadline: float) -> dict[str, Any]:

@@ -92,34 +92,23 @@ class ConnectionClosed(ConnectionError):
     """The other end closed the connection."""
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytearray:
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytearray:
     buf = bytearray(n)
-    recv_into_exact(sock, memoryview(buf))
+    recv_into_exact(sock, memoryview(buf), deadline)
     return buf
 
 
-def recv_exact_by(sock: socket.socket, n: int, deadline: float) -> bytearray:
-    """`recv_exact` that gives up at `deadline` (time.monotonic()) as a whole, however the
-    bytes trickle in. Raises TimeoutError."""
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("deadline passed")
-        sock.settimeout(left)
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise ConnectionClosed("connection closed by peer")
-        got += k
-    return buf
-
-
-def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
+def recv_into_exact(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fill `view` from the stream. With a `deadline` (time.monotonic()) the whole read must
+    finish by then, however the bytes trickle in (TimeoutError otherwise)."""
     got = 0
     n = len(view)
     while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("deadline passed")
+            sock.settimeout(left)
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             raise ConnectionClosed("connection closed by peer")

@@ -109,9 +109,9 @@ class LocalBackend:
         joint.done(self._copy(plan, liov, riov))
 
     def _copy(self, plan: LocalPlan, liov: _sys.IovecArray, riov: _sys.IovecArray) -> errors.WeftError | None:
-        """One piece of a parallel copy; returns its error instead of finishing the transfer."""
+        """Copy (all or one piece of) a request; returns its error instead of finishing it."""
         try:
-            plan.peer.region_by_id(plan.remote_region)
+            plan.peer.region_by_id(plan.remote_region)  # deregistered since the plan was made?
             plan.peer.check_alive()
             _sys.cma_copy(plan.op is Op.WRITE, plan.peer.pid, liov, riov)
         except _sys.CrossMemoryError as exc:
@@ -131,21 +131,7 @@ class LocalBackend:
         transfer._finish(err)
 
     def _run(self, plan: LocalPlan, transfer: Transfer, notify: bytes | None) -> None:
-        peer = plan.peer
-        try:
-            # the region may have been deregistered since the plan was made
-            peer.region_by_id(plan.remote_region)
-            peer.check_alive()
-            _sys.cma_copy(plan.op is Op.WRITE, peer.pid, plan.local_iov, plan.remote_iov)
-            if notify is not None:
-                peer.stream().send_now([wire.header(wire.NOTIFY, length=len(notify)), notify])
-        except _sys.CrossMemoryError as exc:
-            transfer._finish(self._translate(peer, exc))
-            return
-        except errors.WeftError as exc:
-            transfer._finish(exc)
-            return
-        transfer._finish(None)
+        self._finish(plan, transfer, notify, self._copy(plan, plan.local_iov, plan.remote_iov))
 
     def _translate(self, peer: Peer, exc: _sys.CrossMemoryError) -> errors.WeftError:
         if exc.errno == errno.ESRCH:
