@@ -7,7 +7,7 @@ STAMP := $(VENV)/.weft-setup
 BENCH_STAMP := $(VENV)/.weft-bench
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-unit test-integration lint demo bench clean help
+.PHONY: setup etcd test test-unit test-integration lint demo bench clean help
 
 help:
 	@echo "make demo     run the local demo (installs what it needs)"
@@ -15,9 +15,17 @@ help:
 	@echo "make lint     ruff + mypy --strict + import-linter"
 	@echo "make bench    weft against NIXL, DRAM to DRAM, two processes"
 
-setup: $(STAMP)
+setup: etcd $(STAMP)
 
-$(STAMP): pyproject.toml
+# etcd for the membership tests and the demo (Debian's etcd-server 3.4). Phony, so every
+# `make setup` checks it again; cheap when it is installed.
+etcd:
+	@command -v etcd >/dev/null && command -v etcdctl >/dev/null || { \
+		SUDO=$$( [ $$(id -u) = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client; }
+
+$(STAMP): pyproject.toml | etcd
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "weft needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

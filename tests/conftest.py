@@ -8,6 +8,8 @@ import pytest
 from tests.peerproc import PeerProcess
 from weft import Agent, AgentConfig
 
+pytest_plugins = ["tests.etcd_fixtures"]
+
 SECRET = b"weft-test-secret-0123456789abcdef"
 
 

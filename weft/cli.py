@@ -1,30 +1,360 @@
-"""The `weft` command."""
+"""The `weft` command: ``weft agent``, ``weft status``, ``weft demo``, ``weft version``.
+
+Settings of `agent` and `status` come from flags, then ``WEFT_*`` variables, then (`agent`)
+a config file; see `weft.api.agent_settings` for the variables and the file format.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
+import os
 import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from weft.api.agent_settings import GroupClientSettings
+    from weft.api.records import LeaderRecord, MemberRecord
+    from weft.membership._etcd import Etcd
+
+R = TypeVar("R", "MemberRecord", "LeaderRecord")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_ETCD_UNREACHABLE = 2
+
+STATUS_JSON_HELP = """\
+--json prints one object (keys in this order; members sorted by name):
+
+  {"group": str, "namespace": str,
+   "revision": int,                  etcd revision the read is consistent at
+   "leader": str | null,             from the `leader` key (verified when a token is given)
+   "plan_epoch": int | null,         `epoch` of the `plan` key when it is JSON with one
+   "members": [{"name": str, "generation": int, "state": "joining|active|draining",
+                "node": str, "lease_ttl_left": int | null,   seconds, null: no lease
+                "role": str | null, "verified": bool,        signed with the join token
+                "incarnation": int, "capabilities": {...}, "http": str | null}],
+   "invalid": [{"key": str, "error": str}]}                   records that do not decode
+
+Without the join token (--secret-file or WEFT_SECRET) records are read unchecked and shown
+with verified false. Exit status: 0, 1 on other errors, 2 when etcd is unreachable.
+"""
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `weft` command line; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "agent":
+        level = args.log_level or ("DEBUG" if args.verbose else "INFO")
+        _logging(level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return _agent(args, os.environ)
+    _logging("DEBUG" if args.verbose else "WARNING", "%(levelname)s %(name)s: %(message)s")
+    if args.command == "status":
+        return _status(args, os.environ)
+    if args.command == "version":
+        from weft import __version__
+
+        print(__version__)
+        return EXIT_OK
+    from weft import demo
+
+    return demo.run()
+
+
+def _logging(level: str, fmt: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weft", description="weft: a resilient transfer fabric")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run the local demo")
     sub.add_parser("version", help="print the version")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+
+    agent = sub.add_parser(
+        "agent",
+        help="run the node agent: fabric, group membership, /healthz /readyz /metrics /status",
+        description="Run the node agent until SIGTERM or SIGINT, then drain and leave the group. "
+        "Flags override WEFT_* variables, which override the --config file.",
     )
-    if args.command == "version":
-        from weft import __version__
+    _group_flags(agent)
+    agent.add_argument("--name", help="this agent's name in the group (WEFT_NAME)")
+    agent.add_argument("--config", type=Path, metavar="FILE", help="YAML (or .json) settings file")
+    agent.add_argument("--lease-ttl", metavar="SECONDS", help="member lease TTL (WEFT_LEASE_TTL; default 3)")
+    agent.add_argument("--listen-host", metavar="H", help="fabric listen address (WEFT_LISTEN_HOST)")
+    agent.add_argument("--listen-port", metavar="P", help="fabric port, 0: any (WEFT_LISTEN_PORT)")
+    agent.add_argument(
+        "--advertise-host", metavar="H", help="fabric address peers connect to (WEFT_ADVERTISE_HOST)"
+    )
+    agent.add_argument("--backends", metavar="B[,B]", help="data paths: local,tcp,ucx (WEFT_BACKENDS)")
+    agent.add_argument("--http-host", metavar="H", help="HTTP endpoint address (WEFT_HTTP_HOST)")
+    agent.add_argument("--http-port", metavar="P", help="HTTP endpoint port, 0: any (WEFT_HTTP_PORT)")
+    agent.add_argument(
+        "--drain-timeout",
+        metavar="SECONDS",
+        help="longest wait for transfers on SIGTERM (WEFT_DRAIN_TIMEOUT)",
+    )
+    agent.add_argument(
+        "--join-timeout", metavar="SECONDS", help="longest wait for etcd when joining (WEFT_JOIN_TIMEOUT)"
+    )
+    agent.add_argument("--node", help="node name shown to others (WEFT_NODE; default: the host name)")
+    agent.add_argument(
+        "--ready-file", type=Path, metavar="F", help="write JSON (pid, ports, generation) here once active"
+    )
+    agent.add_argument("--log-level", metavar="L", help="DEBUG, INFO (default), WARNING, ERROR")
 
-        print(__version__)
-        return 0
-    from weft import demo
+    status = sub.add_parser(
+        "status",
+        help="show a group's members as etcd has them",
+        description="Read the group's keys from etcd once and show its members.",
+        epilog=STATUS_JSON_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _group_flags(status)
+    status.add_argument("--json", action="store_true", help="print JSON (schema below)")
+    status.add_argument("--timeout", metavar="SECONDS", help="deadline of each etcd request (default 2)")
+    return parser
 
-    return demo.run()
+
+def _group_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--etcd", metavar="URL[,URL]", help="etcd endpoints (WEFT_ETCD)")
+    p.add_argument("--group", help="group name (WEFT_GROUP)")
+    p.add_argument("--namespace", metavar="NS", help="namespace (WEFT_NAMESPACE; default 'default')")
+    p.add_argument("--secret-file", metavar="F", help="file holding the group join token (WEFT_SECRET_FILE)")
+    p.add_argument("--etcd-ca", metavar="F", help="CA bundle of the etcd server (WEFT_ETCD_CA)")
+    p.add_argument("--etcd-cert", metavar="F", help="etcd client certificate (WEFT_ETCD_CERT)")
+    p.add_argument("--etcd-key", metavar="F", help="key of --etcd-cert (WEFT_ETCD_KEY)")
+    p.add_argument("--etcd-user", metavar="U", help="etcd user (WEFT_ETCD_USER)")
+    p.add_argument(
+        "--etcd-password", metavar="P", help="etcd password (prefer WEFT_ETCD_PASSWORD: flags show in ps)"
+    )
+
+
+def _split(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _group_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "group": {"group": args.group, "namespace": args.namespace},
+        "secret_file": args.secret_file,
+        "etcd": {
+            "endpoints": _split(args.etcd),
+            "ca_file": args.etcd_ca,
+            "cert_file": args.etcd_cert,
+            "key_file": args.etcd_key,
+            "username": args.etcd_user,
+            "password": args.etcd_password,
+        },
+    }
+
+
+# -- weft agent ------------------------------------------------------------------------------
+def _agent(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from weft.agent import daemon
+    from weft.fabric.errors import ConfigError
+
+    overrides = _group_overrides(args) | {
+        "name": args.name,
+        "lease_ttl": args.lease_ttl,
+        "listen_host": args.listen_host,
+        "listen_port": args.listen_port,
+        "advertise_host": args.advertise_host,
+        "backends": _split(args.backends),
+        "http_host": args.http_host,
+        "http_port": args.http_port,
+        "drain_timeout": args.drain_timeout,
+        "join_timeout": args.join_timeout,
+        "node": args.node,
+    }
+    try:
+        settings = daemon.load_agent_settings(args.config, env, overrides)
+    except ConfigError as exc:
+        print(f"weft agent: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return asyncio.run(daemon.run_agent(settings, ready_file=args.ready_file))
+
+
+# -- weft status -----------------------------------------------------------------------------
+def _status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from weft.api import agent_settings
+    from weft.membership import errors
+
+    overrides = _group_overrides(args)
+    overrides["etcd"]["request_timeout"] = args.timeout
+    try:
+        settings = agent_settings.resolve_settings(
+            agent_settings.GroupClientSettings, env=env, overrides=overrides
+        )
+        secret = settings.join_token()
+    except agent_settings.SettingsError as exc:
+        print(f"weft status: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        report = asyncio.run(read_group_status(settings, secret))
+    except errors.EtcdUnavailableError as exc:
+        where = ", ".join(settings.etcd.endpoints)
+        print(f"weft status: cannot reach etcd at {where}: {exc}", file=sys.stderr)
+        return EXIT_ETCD_UNREACHABLE
+    except errors.EtcdError as exc:
+        print(f"weft status: etcd refused the read: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_status(report)
+    return EXIT_OK
+
+
+async def read_group_status(settings: GroupClientSettings, secret: bytes | None) -> dict[str, Any]:
+    """Read a group's keys once and describe its members (the ``weft status --json`` object).
+
+    The object, keys in this order, members sorted by name::
+
+        {"group": str, "namespace": str, "revision": int, "leader": str | None,
+         "plan_epoch": int | None,
+         "members": [{"name", "generation", "state", "node", "lease_ttl_left", "role",
+                      "verified", "incarnation", "capabilities", "http"}],
+         "invalid": [{"key", "error"}]}
+
+    ``lease_ttl_left`` is the lease's remaining whole seconds (None without a lease or when it
+    is gone); ``verified`` is true only when the record is signed with `secret`. A record that
+    fails the check is still listed (unverified); one that does not decode at all goes to
+    ``invalid``. Without `secret` the leader is read unchecked too.
+
+    Args:
+        settings: etcd and the group.
+        secret: the join token, or None to read without checking signatures.
+    Raises:
+        EtcdUnavailableError: no endpoint answered (each is tried once).
+        EtcdError: etcd refused the read (auth, permissions).
+    """
+    from weft.api import records
+    from weft.membership import errors
+    from weft.membership._etcd import Etcd
+
+    prefix = settings.group.prefix
+    etcd = Etcd(settings.etcd)
+    try:
+        for attempt in range(len(settings.etcd.endpoints)):
+            try:
+                revision, kvs = await etcd.get_prefix(prefix.encode())
+                break
+            except errors.EtcdUnavailableError:
+                if attempt + 1 == len(settings.etcd.endpoints):
+                    raise
+        members: list[tuple[records.MemberRecord, int, bool]] = []
+        invalid: list[dict[str, str]] = []
+        leader: str | None = None
+        plan_epoch: int | None = None
+        for kv in kvs:
+            key = kv.key.decode("utf-8", "replace")
+            rest = key[len(prefix) :]
+            if rest.startswith("members/"):
+                try:
+                    record, verified = _unseal(records.MemberRecord, kv.value, key, secret)
+                except records.RecordError as exc:
+                    invalid.append({"key": key, "error": str(exc)})
+                    continue
+                members.append((record, kv.lease, verified))
+            elif rest == "leader":
+                try:
+                    leader_record, verified = _unseal(records.LeaderRecord, kv.value, key, secret)
+                except records.RecordError as exc:
+                    invalid.append({"key": key, "error": str(exc)})
+                    continue
+                if verified or secret is None:
+                    leader = leader_record.name
+            elif rest == "plan":
+                plan_epoch = _plan_epoch(kv.value)
+        ttls = await asyncio.gather(*(_ttl_left(etcd, lease) for _, lease, _ in members))
+    finally:
+        await etcd.close()
+    rows = [
+        {
+            "name": record.name,
+            "generation": record.generation,
+            "state": record.state,
+            "node": record.node,
+            "lease_ttl_left": ttl,
+            "role": record.role,
+            "verified": verified,
+            "incarnation": record.incarnation,
+            "capabilities": record.capabilities.model_dump(mode="json"),
+            "http": record.http,
+        }
+        for (record, _, verified), ttl in zip(members, ttls, strict=True)
+    ]
+    rows.sort(key=lambda r: str(r["name"]))
+    return {
+        "group": settings.group.group,
+        "namespace": settings.group.namespace,
+        "revision": revision,
+        "leader": leader,
+        "plan_epoch": plan_epoch,
+        "members": rows,
+        "invalid": invalid,
+    }
+
+
+def _unseal(cls: type[R], value: bytes, key: str, secret: bytes | None) -> tuple[R, bool]:
+    """Decode a record: (record, signed with `secret`). Raises RecordError if it does not decode."""
+    from weft.api import records
+
+    if secret is not None:
+        try:
+            return records.unseal(cls, value, key, secret), True
+        except records.RecordError:
+            pass
+    return records.unseal(cls, value, key, None), False
+
+
+async def _ttl_left(etcd: Etcd, lease: int) -> int | None:
+    if not lease:
+        return None
+    ttl = await etcd.time_to_live(lease)
+    return ttl if ttl >= 0 else None
+
+
+def _plan_epoch(value: bytes) -> int | None:
+    try:
+        plan = json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    epoch = plan.get("epoch") if isinstance(plan, dict) else None
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+
+
+def _print_status(report: Mapping[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def show(value: object) -> str:
+        return "-" if value is None else str(value)
+
+    leader = report["leader"]
+    title = (
+        f"{report['namespace']}/{report['group']}: {len(report['members'])} members, "
+        f"leader {show(leader)}, plan epoch {show(report['plan_epoch'])}, revision {report['revision']}"
+    )
+    table = Table(title=title)
+    for column in ("name", "state", "generation", "node", "lease left", "role", "verified"):
+        table.add_column(column)
+    for m in report["members"]:
+        name = m["name"] + (" (leader)" if m["name"] == leader else "")
+        lease = "-" if m["lease_ttl_left"] is None else f"{m['lease_ttl_left']} s"
+        verified = "yes" if m["verified"] else "[yellow]no"
+        table.add_row(name, m["state"], str(m["generation"]), m["node"], lease, show(m["role"]), verified)
+    console = Console()
+    console.print(table)
+    for bad in report["invalid"]:
+        console.print(f"[red]invalid record[/red] {bad['key']}: {bad['error']}", markup=True, highlight=False)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ from weft.fabric.connection import Inbound, Outbound, Pending, connect
 from weft.fabric.memory import DescList, Region, Registration, RemoteRegion
 from weft.fabric.notify import Inbox, Notification
 from weft.fabric.transfer import PreparedTransfer, Transfer
-from weft.fabric.types import Backend, MemoryKind, Op
+from weft.fabric.types import Backend, MemoryKind, Op, TransferState
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class Peer:
             self.generation,
             exc,
         )
+        self.agent._peer_lost(self, exc)
 
     def close(self, exc: errors.WeftError) -> None:
         with self._lock:
@@ -200,6 +202,10 @@ class Agent:
         self.generation = self.config.generation if self.config.generation is not None else time.time_ns()
         self._lock = threading.RLock()
         self._closed = False
+        self._serve_until: float | None = None
+        self._posted: weakref.WeakSet[Transfer] = weakref.WeakSet()
+        self._fenced = False
+        self._lost_hooks: list[Callable[[str, int, errors.WeftError], None]] = []
         self._regions: dict[int, Region] = {}
         self._region_names: dict[str, int] = {}
         self._next_region = 1
@@ -566,6 +572,8 @@ class Agent:
 
     def _post(self, prepared: PreparedTransfer, notify: bytes | None, timeout: float | None) -> Transfer:
         self._check_open()
+        if self.fenced:
+            raise errors.FencedError(f"agent {self.name!r} is fenced: it lost its group lease")
         self._check_notify(notify)
         backend, plan = prepared._plan
         peer: Peer = plan.peer
@@ -576,6 +584,7 @@ class Agent:
         if limit <= 0:
             raise errors.ConfigError("timeout must be > 0")
         t = Transfer(prepared.op, peer.name, prepared.local.total, limit, backend.kind)
+        self._posted.add(t)
         try:
             backend.post(plan, t, notify)
         except errors.WeftError as exc:
@@ -726,6 +735,76 @@ class Agent:
             current = self._peers.get(peer.name)
         if current is peer and peer.failure is None:
             peer.lost(exc)
+
+    # -- membership hooks ----------------------------------------------------------------
+    @property
+    def fenced(self) -> bool:
+        """True while the agent serves and starts nothing (see `fence` and `serve_until`)."""
+        if self._fenced:
+            return True
+        until = self._serve_until
+        return until is not None and time.monotonic() > until
+
+    def serve_until(self, deadline: float | None) -> None:
+        """Serve requests only until `deadline` (``time.monotonic()``); None: no limit.
+
+        Membership moves the deadline forward on every confirmed lease keep-alive. The check
+        is made on every request, so an agent that was paused (SIGSTOP, a long GC) refuses
+        work the moment it runs again, before anything else in it gets to look at the clock.
+        """
+        self._serve_until = deadline
+
+    def fence(self, reason: str) -> None:
+        """Stop serving and starting transfers at once (requests fail `PeerFencedError`)."""
+        if not self._fenced:
+            log.warning("agent %s: fenced: %s", self.name, reason)
+        self._fenced = True
+
+    def regenerate(self, generation: int) -> None:
+        """Become a new incarnation (a join or a rejoin): new instance id and generation, no peers.
+
+        Ordering generations is the caller's job (membership derives them from etcd revisions).
+
+        Every connection is closed; peers that still address the old incarnation are refused
+        and their transfers fail with `StalePeerError`. Registered memory stays registered.
+        The agent stays fenced until `unfence`.
+        """
+        with self._lock:
+            if generation == self.generation:
+                raise errors.ConfigError(f"generation {generation} is the current one")
+            self.instance = uuid.uuid4().hex
+            self.generation = generation
+            peers = list(self._peers.values())
+            self._peers.clear()
+            inbound = list(self._inbound)
+        exc = errors.StalePeerError(f"agent {self.name!r} rejoined as generation {generation}")
+        for p in peers:
+            p.close(exc)
+        for conn in inbound:
+            conn.close()
+
+    def in_flight(self) -> int:
+        """Transfers this agent posted that have not ended, plus requests it is serving now."""
+        with self._lock:
+            serving = sum(1 for conn in self._inbound if conn.busy)
+        return serving + sum(1 for t in list(self._posted) if t.state is TransferState.POSTED)
+
+    def unfence(self) -> None:
+        self._fenced = False
+
+    def on_peer_lost(self, hook: Callable[[str, int, errors.WeftError], None]) -> None:
+        """Call ``hook(name, generation, error)`` when the data path loses a peer.
+
+        The hook runs on a fabric thread and must not block (membership hands it to its loop).
+        """
+        self._lost_hooks.append(hook)
+
+    def _peer_lost(self, peer: Peer, exc: errors.WeftError) -> None:
+        for hook in self._lost_hooks:
+            try:
+                hook(peer.name, peer.generation, exc)
+            except Exception:
+                log.exception("agent %s: peer-lost hook failed", self.name)
 
     # -- lifetime ------------------------------------------------------------------------
     def _check_open(self) -> None:

@@ -329,6 +329,7 @@ class Inbound:
         self.addr = addr
         self.peer_name: str | None = None
         self.peer_instance: str | None = None
+        self.busy = False  # serving a request now (drain waits for this to clear)
         self._send_lock = threading.Lock()
         self._closed = False
         self.thread = threading.Thread(target=self._serve, name=f"weft-in {agent.name}<-{addr}", daemon=True)
@@ -444,11 +445,15 @@ class Inbound:
                 if ftype == wire.WRITE:
                     if payload != total:
                         raise errors.ProtocolError("WRITE payload does not match its descriptors")
+                    self.busy = True
                     self._serve_write(req_id, table, notify, payload)
+                    self.busy = False
                 else:
                     if payload != 0:
                         raise errors.ProtocolError("READ frame carries a payload")
+                    self.busy = True
                     self._serve_read(req_id, table, notify, total)
+                    self.busy = False
             elif ftype == wire.NOTIFY:
                 if length > max_notify:
                     raise errors.ProtocolError(f"notification of {length} bytes is too large")
@@ -523,6 +528,8 @@ def resolve_descriptors(agent: Agent, table: Any, write: bool) -> tuple[list[Spa
     mapped until the views go (its release then defers); a region released before
     this point is simply unknown. Returns (spans, error code, message).
     """
+    if agent.fenced:
+        return None, errors.ErrorCode.FENCED, f"{agent.name!r} is fenced: it lost its group lease"
     regions = agent._regions_snapshot()
     spans: list[Span] = []
     for i, (rid, off, n) in enumerate(table.tolist()):

@@ -89,6 +89,14 @@ class StalePeerError(PeerLostError):
     """The peer was replaced by a newer generation (or the descriptor is from an old one)."""
 
 
+class PeerFencedError(PeerLostError):
+    """The target lost its group lease and fenced itself: it serves nothing until it rejoins."""
+
+
+class FencedError(WeftError):
+    """This agent lost its group lease: it starts and serves no transfer until it rejoins."""
+
+
 class RemoteError(TransferError):
     """The target refused or failed the request; `code` says why."""
 
@@ -110,6 +118,7 @@ class ErrorCode(enum.IntEnum):
     READ_ONLY = 4
     STALE_TARGET = 5
     BACKEND = 6
+    FENCED = 7
 
 
 _CODE_TO_CLASS: dict[ErrorCode, type[WeftError]] = {
@@ -117,6 +126,7 @@ _CODE_TO_CLASS: dict[ErrorCode, type[WeftError]] = {
     ErrorCode.OUT_OF_BOUNDS: InvalidDescriptorError,
     ErrorCode.READ_ONLY: RegistrationError,
     ErrorCode.STALE_TARGET: StalePeerError,
+    ErrorCode.FENCED: PeerFencedError,
 }
 
 

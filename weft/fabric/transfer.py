@@ -27,6 +27,7 @@ class Transfer:
     """One posted READ or WRITE. Ends DONE or ERROR (with a `WeftError` in `error`)."""
 
     __slots__ = (
+        "__weakref__",
         "_callbacks",
         "_cancel_hook",
         "_event",

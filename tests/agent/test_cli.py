@@ -1,0 +1,281 @@
+"""`weft agent` and `weft status` as a person or the kubelet meets them: real processes, real etcd."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from weft import cli
+from weft.membership.etcdserver import EtcdServer
+
+integration = pytest.mark.integration
+
+TOKEN = "weft-cli-test-join-token-0123456789"
+T = TypeVar("T")
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout: float, interval: float = 0.02) -> T:
+    """Poll `check` until it returns something other than None/False, or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result is not None and result is not False:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def get(port: int, path: str) -> tuple[int, str, bytes]:
+    """(status, content type, body) of GET `path`; errors answered by the server included."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2.0) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.headers.get("Content-Type", ""), e.read()
+
+
+@dataclass
+class AgentProcess:
+    name: str
+    proc: subprocess.Popen[bytes]
+    ready_file: Path
+    log_file: Path
+    info: dict[str, Any]
+
+    @property
+    def http_port(self) -> int:
+        return int(self.info["http_port"])
+
+    def status(self) -> dict[str, Any]:
+        code, _, body = get(self.http_port, "/status")
+        assert code == 200
+        doc: dict[str, Any] = json.loads(body)
+        return doc
+
+    def member_names(self) -> list[str]:
+        return [m["name"] for m in self.status()["members"]]
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "join-token"
+    path.write_text(TOKEN + "\n")
+    return path
+
+
+@pytest.fixture
+def start_agent(etcd: EtcdServer, tmp_path: Path, token_file: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Starts `weft agent` processes and waits for their ready files; kills leftovers."""
+    started: list[AgentProcess] = []
+
+    def start(name: str, *extra: str) -> AgentProcess:
+        ready, log_file = tmp_path / f"{name}.ready.json", tmp_path / f"{name}.log"
+        cmd = [sys.executable, "-m", "weft.cli", "agent", "--etcd", etcd.endpoint, "--group", "g"]
+        cmd += ["--name", name, "--secret-file", str(token_file), "--lease-ttl", "3"]
+        cmd += ["--ready-file", str(ready), "--log-level", "INFO", *extra]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WEFT_")}
+        with log_file.open("wb") as sink:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, env=env)
+        agent = AgentProcess(name, proc, ready, log_file, {})
+        started.append(agent)
+
+        def is_ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"agent {name} exited with {proc.returncode}:\n{agent.log()}")
+            return ready.exists()
+
+        wait_for(f"agent {name} to be ready", is_ready, 30.0)
+        agent.info = json.loads(ready.read_text())
+        return agent
+
+    yield start
+    for agent in started:
+        if agent.proc.poll() is None:
+            agent.proc.kill()
+        agent.proc.wait(10)
+
+
+def weft(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEFT_")}
+    return subprocess.run(
+        [sys.executable, "-m", "weft.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+@integration
+def test_agent_answers_health_readiness_metrics_and_status(start_agent: Callable[..., AgentProcess]) -> None:
+    a = start_agent("a")
+    assert a.info["pid"] == a.proc.pid and a.info["fabric_port"] > 0 and a.info["generation"] > 0
+    assert get(a.http_port, "/healthz")[::2] == (200, b"ok\n")
+    assert get(a.http_port, "/readyz")[::2] == (200, b"ready\n")
+    code, content_type, body = get(a.http_port, "/metrics")
+    assert code == 200
+    assert content_type.startswith("text/plain; version=0.0.4")
+    assert b"\nweft_members 1.0\n" in body
+    assert b"\nweft_ready 1.0\n" in body
+    doc = a.status()
+    assert (doc["name"], doc["phase"], doc["state"], doc["ready"], doc["fenced"]) == (
+        "a",
+        "joined",
+        "active",
+        True,
+        False,
+    )
+    assert doc["generation"] == a.info["generation"]
+    assert doc["lease_ttl"] == 3
+    assert doc["members"] == [
+        {"name": "a", "generation": a.info["generation"], "state": "active", "node": socket.gethostname()}
+    ]
+    wait_for("a to lead", lambda: a.status()["leader"] == "a", 5.0)
+    assert get(a.http_port, "/nope")[0] == 404
+
+
+@integration
+def test_two_agents_see_each_other_and_weft_status_lists_both(
+    etcd: EtcdServer, start_agent: Callable[..., AgentProcess], token_file: Path
+) -> None:
+    a, b = start_agent("a"), start_agent("b")
+    wait_for("both to see both", lambda: a.member_names() == b.member_names() == ["a", "b"], 5.0)
+    leader = wait_for("a leader", lambda: a.status()["leader"], 5.0)
+
+    done = weft("status", "--etcd", etcd.endpoint, "--group", "g", "--secret-file", str(token_file), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert list(report) == ["group", "namespace", "revision", "leader", "plan_epoch", "members", "invalid"]
+    assert (report["group"], report["namespace"], report["leader"], report["plan_epoch"]) == (
+        "g",
+        "default",
+        leader,
+        None,
+    )
+    assert report["revision"] > 0 and report["invalid"] == []
+    assert [m["name"] for m in report["members"]] == ["a", "b"]
+    for m, agent in zip(report["members"], (a, b), strict=True):
+        assert {"name", "generation", "state", "node", "lease_ttl_left", "role"} <= set(m)
+        assert {"verified", "incarnation", "capabilities"} <= set(m)
+        assert m["generation"] == agent.info["generation"]
+        assert (m["state"], m["node"], m["verified"], m["incarnation"], m["role"]) == (
+            "active",
+            socket.gethostname(),
+            True,
+            0,
+            None,
+        )
+        assert 0 < m["lease_ttl_left"] <= 3
+        assert sorted(m["capabilities"]["backends"]) == ["local", "tcp"]
+        assert m["http"] == agent.info["http"]
+
+    # without the token: the same members, marked unverified; a plan's epoch when it has one
+    etcd.etcdctl("put", "/weft/v1/default/g/plan", '{"epoch": 7, "roles": {}}')
+    done = weft("status", "--etcd", etcd.endpoint, "--group", "g", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [(m["name"], m["verified"]) for m in report["members"]] == [("a", False), ("b", False)]
+    assert report["plan_epoch"] == 7
+
+    # the table
+    done = weft("status", "--etcd", etcd.endpoint, "--group", "g", "--secret-file", str(token_file))
+    assert done.returncode == 0, done.stderr
+    for text in ("a", "b", "active", "plan epoch 7", "(leader)"):
+        assert text in done.stdout
+
+
+@integration
+def test_sigterm_drains_and_the_peer_drops_it_before_the_lease_would(
+    etcd: EtcdServer, start_agent: Callable[..., AgentProcess], token_file: Path
+) -> None:
+    a, b = start_agent("a"), start_agent("b")
+    wait_for("a to see b", lambda: a.member_names() == ["a", "b"], 5.0)
+    sent = time.monotonic()
+    b.proc.send_signal(signal.SIGTERM)
+    wait_for("a to drop b", lambda: a.member_names() == ["a"], 1.5, interval=0.01)
+    dropped = time.monotonic() - sent
+    assert b.proc.wait(5) == 0, b.log()
+    assert dropped < 1.5
+    assert "SIGTERM: draining and leaving" in b.log()
+    assert "left the group" in b.log()
+    assert not b.ready_file.exists()
+    removed = [e for e in a.status()["events"] if e["kind"] == "removed" and e["name"] == "b"]
+    assert [e["reason"] for e in removed] == ["left (drained)"]
+    assert get(a.http_port, "/readyz")[0] == 200
+
+    done = weft("status", "--etcd", etcd.endpoint, "--group", "g", "--secret-file", str(token_file), "--json")
+    assert [m["name"] for m in json.loads(done.stdout)["members"]] == ["a"]
+
+    a.proc.send_signal(signal.SIGINT)
+    assert a.proc.wait(5) == 0, a.log()
+
+
+def test_status_against_a_dead_etcd_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    assert cli.main(["status", "--etcd", endpoint, "--group", "g", "--timeout", "1"]) == 2
+    assert time.monotonic() - start < 5.0
+    err = capsys.readouterr().err
+    assert f"weft status: cannot reach etcd at {endpoint}" in err
+
+
+def test_agent_with_bad_settings_exits_1_naming_the_field(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WEFT_SECRET", TOKEN)
+    rc = cli.main(
+        ["agent", "--etcd", "http://127.0.0.1:2379", "--group", "g", "--name", "a", "--lease-ttl", "x"]
+    )
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "weft agent: lease_ttl" in err and "command line" in err
+
+
+def test_status_help_documents_the_json(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["status", "--help"])
+    out = capsys.readouterr().out
+    for key in ("lease_ttl_left", "plan_epoch", "verified", "capabilities", "incarnation"):
+        assert key in out
+
+
+@integration
+def test_readiness_follows_etcd_while_health_stays(
+    etcd: EtcdServer, start_agent: Callable[..., AgentProcess]
+) -> None:
+    a = start_agent("a")
+    etcd.stop()
+
+    def not_ready() -> bytes | None:
+        code, _, body = get(a.http_port, "/readyz")
+        return body if code == 503 else None
+
+    reason = wait_for("/readyz to fail without etcd", not_ready, 10.0)
+    assert reason.startswith(b"not ready: ")
+    assert get(a.http_port, "/healthz")[0] == 200
+    assert b"\nweft_ready 0.0\n" in get(a.http_port, "/metrics")[2]
+    etcd.start()
+    wait_for("/readyz to pass again", lambda: get(a.http_port, "/readyz")[0] == 200, 20.0)
+    assert a.status()["state"] == "active"

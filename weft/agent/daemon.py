@@ -1,0 +1,261 @@
+"""`weft agent`: the node agent daemon, from settings to a drained exit.
+
+One process per node (or pod): a fabric `Agent` that moves the bytes, a `Membership` that keeps
+its record in etcd and its peers in step with the group, and an HTTP endpoint for the kubelet
+and Prometheus. The order matters and is kept here in one place:
+
+1. bind the HTTP endpoint first, so /healthz answers while the join waits for etcd and the
+   member record can carry the endpoint's address;
+2. join (``joining``), then publish ``active``: only then is /readyz 200;
+3. on SIGTERM or SIGINT (or `stop`), drain: publish ``draining`` so peers send nothing new,
+   wait (bounded by ``drain_timeout``) for transfers in flight, delete the member key and
+   revoke the lease, so peers drop this agent at once instead of after the lease TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from collections.abc import Coroutine, Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from weft.agent import http as agent_http
+from weft.agent import metrics as agent_metrics
+from weft.api import agent_settings
+from weft.api.agent_settings import AgentSettings
+from weft.fabric.agent import Agent
+from weft.fabric.config import AgentConfig
+from weft.fabric.errors import ConfigError, WeftError
+from weft.membership import errors as membership_errors
+from weft.membership.member import MemberConfig, Membership
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+"""Drained and left (or stopped before joining)."""
+EXIT_FAILED = 1
+"""Could not start or join: bad settings, a name held by a live member, etcd refused us."""
+EXIT_ETCD_UNREACHABLE = 2
+"""No etcd endpoint answered within the join deadline (an `EtcdUnavailableError` from the join,
+or a `MembershipError` caused by one)."""
+
+
+_SELF_ECHO_TIMEOUT = 5.0
+
+
+class _AgentLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every line with ``namespace/group name``."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = self.extra or {}
+        return f"{extra.get('group')} {extra.get('agent')}: {msg}", kwargs
+
+
+def load_agent_settings(
+    config_file: Path | None, env: Mapping[str, str], overrides: Mapping[str, Any]
+) -> AgentSettings:
+    """The agent's settings: flags (`overrides`) > `env` > `config_file` > defaults.
+
+    The join token is read once here too, so a missing or short token file fails now.
+    See `weft.api.agent_settings` for the file format and the environment variables.
+
+    Args:
+        config_file: YAML (or ``.json``) file shaped like `AgentSettings`, or None.
+        env: the environment, usually ``os.environ``.
+        overrides: values from flags, nested like the file; None values count as not given.
+    Returns:
+        The validated settings.
+    Raises:
+        ConfigError: naming the bad field and the source of its value.
+    """
+    try:
+        settings = agent_settings.resolve_settings(
+            AgentSettings, config_file=config_file, env=env, overrides=overrides
+        )
+        settings.join_token()
+    except agent_settings.SettingsError as exc:
+        raise ConfigError(str(exc)) from exc
+    return settings
+
+
+async def run_agent(
+    settings: AgentSettings, *, ready_file: Path | None = None, stop: asyncio.Event | None = None
+) -> int:
+    """Run the node agent until SIGTERM/SIGINT (or `stop` is set), then drain and leave.
+
+    Args:
+        settings: the agent's settings (`load_agent_settings`).
+        ready_file: once the agent is active, write JSON there: ``{"pid", "name", "http",
+            "http_port", "fabric_port", "generation"}`` (written atomically, removed on exit).
+            For tests and scripts that start the agent as a process.
+        stop: set it to stop the agent as SIGTERM would (signals are caught only when this
+            runs in the main thread).
+    Returns:
+        `EXIT_OK` after a drained exit, `EXIT_FAILED` when the agent could not start or
+        join, `EXIT_ETCD_UNREACHABLE` when etcd did not answer within the join deadline.
+    """
+    stop = stop if stop is not None else asyncio.Event()
+    loop = asyncio.get_running_loop()
+    alog = _AgentLog(
+        log, {"group": f"{settings.group.namespace}/{settings.group.group}", "agent": settings.name}
+    )
+    signals = _catch_signals(loop, stop, alog)
+    agent: Agent | None = None
+    membership: Membership | None = None
+    server = agent_http.HttpServer()
+    left = False
+    try:
+        secret = settings.join_token()
+        assert secret is not None  # AgentSettings requires one
+        agent = Agent(
+            settings.name,
+            AgentConfig(
+                settings.backends,
+                secret=secret,
+                listen_host=settings.listen_host,
+                listen_port=settings.listen_port,
+                advertise_host=settings.advertise_host,
+            ),
+        )
+        http_port = await server.start(settings.http_host, settings.http_port)
+        config = MemberConfig(
+            name=settings.name,
+            group=settings.group,
+            secret=secret,
+            lease_ttl=settings.lease_ttl,
+            node=settings.node,
+            instance=settings.instance,
+            http=settings.http_address(http_port),
+            drain_timeout=settings.drain_timeout,
+            join_timeout=settings.join_timeout,
+        )
+        membership = Membership(settings.etcd, config, agent)
+        # no await since the server started: the routes are in place before any request runs
+        server.routes.update(agent_http.agent_routes(membership, agent_metrics.AgentMetrics(membership)))
+        alog.info(
+            "starting: fabric on %s:%d (%s), http on %s:%d, etcd %s",
+            settings.fabric_host,
+            agent.port,
+            ",".join(b.value for b in agent.backends),
+            settings.http_host,
+            http_port,
+            ",".join(settings.etcd.endpoints),
+        )
+        if not await _unless_stopped(_join(membership), stop):
+            alog.info("stopped before it joined")
+            return EXIT_OK
+        alog.info("active as generation %d", membership.generation)
+        if ready_file is not None:
+            _write_ready_file(
+                ready_file,
+                {
+                    "pid": os.getpid(),
+                    "name": settings.name,
+                    "http": config.http,
+                    "http_port": http_port,
+                    "fabric_port": agent.port,
+                    "generation": membership.generation,
+                },
+            )
+        await stop.wait()
+        alog.info("draining: %d transfers in flight", agent.in_flight())
+        await membership.leave()
+        left = True
+        alog.info("left the group")
+        return EXIT_OK
+    except (ConfigError, agent_settings.SettingsError) as exc:
+        alog.error("bad settings: %s", exc)
+        return EXIT_FAILED
+    except membership_errors.EtcdUnavailableError as exc:
+        alog.error("etcd is unreachable: %s", exc)
+        return EXIT_ETCD_UNREACHABLE
+    except membership_errors.MembershipError as exc:
+        alog.error("could not join: %s", exc)
+        unreachable = isinstance(exc.__cause__, membership_errors.EtcdUnavailableError)
+        return EXIT_ETCD_UNREACHABLE if unreachable else EXIT_FAILED
+    except (WeftError, OSError) as exc:
+        alog.error("could not start: %s", exc)
+        return EXIT_FAILED
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        if membership is not None and not left:
+            with contextlib.suppress(WeftError):
+                await membership.close()
+        if agent is not None:
+            await asyncio.to_thread(agent.close)
+        await server.close()
+        if ready_file is not None:
+            _remove_ready_file(ready_file)
+
+
+async def _join(membership: Membership) -> None:
+    await membership.start()
+    await membership.activate()
+    name = membership.config.name
+
+    def sees_itself_active() -> bool:
+        me = membership.members.get(name)
+        return me is not None and me.record.state == "active"
+
+    # the watch brings our own record back: once it has, the view is live end to end
+    try:
+        await membership.wait_for(sees_itself_active, _SELF_ECHO_TIMEOUT)
+    except TimeoutError:
+        log.warning("%s: its own active record has not come back through the watch yet", name)
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run `work` unless `stop` is set first (then cancel it). True when `work` finished."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopped
+    if task.cancelled() or not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+    task.result()  # raises what the work raised
+    return True
+
+
+def _catch_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, alog: _AgentLog) -> list[int]:
+    """SIGTERM and SIGINT set `stop`; returns the signals caught (none outside the main thread)."""
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            alog.warning("%s again: already draining", sig.name)
+            return
+        alog.info("%s: draining and leaving", sig.name)
+        stop.set()
+
+    caught = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            alog.debug("cannot catch %s here (%s); stop with the event", sig.name, exc)
+            continue
+        caught.append(int(sig))
+    return caught
+
+
+def _write_ready_file(path: Path, info: Mapping[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, path)
+
+
+def _remove_ready_file(path: Path) -> None:
+    path.unlink(missing_ok=True)

@@ -1,0 +1,221 @@
+"""The agent's small HTTP endpoint: /healthz, /readyz, /metrics and /status.
+
+Why not a web framework: four read-only GET routes for kubelet probes, Prometheus and people
+do not justify a dependency, and the answers must come from the same event loop that runs
+the membership (a loop that is stuck stops answering /healthz, which is the point). So this
+is HTTP/1.1 on `asyncio.start_server`, one request per connection (``Connection: close``),
+the request head bounded in size and read under a deadline; anything but GET or HEAD on a
+known path gets 405, an unknown path 404.
+
+``/status`` answers JSON::
+
+    {"name": str, "namespace": str, "group": str, "generation": int, "incarnation": int,
+     "phase": "starting|joined|fenced|leaving|left", "state": "joining|active|draining",
+     "ready": bool, "fenced": bool, "leader": str | null, "is_leader": bool,
+     "lease_ttl": int, "etcd_reachable": bool,
+     "members": [{"name": str, "generation": int, "state": str, "node": str}],   # by name
+     "events": [{"kind": str, "name": str, "generation": int, "reason": str, "at": float}]}
+
+``events`` are the last 200 `MembershipEvent`, oldest first (``at`` is Unix time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from weft.agent import metrics as agent_metrics
+from weft.membership.member import Membership, Phase
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 8192
+READ_TIMEOUT = 5.0
+STATUS_EVENTS = 200
+
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout"}
+_REASONS |= {400: "Bad Request", 431: "Request Header Fields Too Large", 500: "Internal Server Error"}
+_REASONS |= {503: "Service Unavailable"}
+_TEXT = "text/plain; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """What a route answers."""
+
+    status: int
+    body: bytes
+    content_type: str = _TEXT
+
+
+Route = Callable[[], Response]
+
+
+class HttpServer:
+    """A GET-only HTTP/1.1 server for a fixed set of routes.
+
+    Args:
+        routes: path -> function making the answer (called in the loop; must not block).
+        max_request_bytes: largest request head (request line and headers) accepted.
+        read_timeout: seconds a client has to send its request head.
+    """
+
+    def __init__(
+        self,
+        routes: Mapping[str, Route] | None = None,
+        *,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        read_timeout: float = READ_TIMEOUT,
+    ) -> None:
+        self.routes: dict[str, Route] = dict(routes or {})
+        self.max_request_bytes = max_request_bytes
+        self.read_timeout = read_timeout
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on `host`:`port` (0: any free port) and serve. Returns the bound port.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        self._server = await asyncio.start_server(self._handle, host, port, limit=self.max_request_bytes)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
+    async def close(self) -> None:
+        """Stop listening and drop the connections being served."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for task in list(self._clients):
+            task.cancel()
+        for task in list(self._clients):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._clients.add(task)
+        try:
+            response, head_only = await self._answer(reader)
+            reason = _REASONS.get(response.status, "Unknown")
+            head = (
+                f"HTTP/1.1 {response.status} {reason}\r\n"
+                f"Content-Type: {response.content_type}\r\n"
+                f"Content-Length: {len(response.body)}\r\n"
+                "Cache-Control: no-store\r\n"
+                "Connection: close\r\n"
+            )
+            if response.status == 405:
+                head += "Allow: GET, HEAD\r\n"
+            writer.write(head.encode("latin-1") + b"\r\n" + (b"" if head_only else response.body))
+            await asyncio.wait_for(writer.drain(), self.read_timeout)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            pass  # the client went away or stalled: nothing to tell it
+        finally:
+            if task is not None:
+                self._clients.discard(task)
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _answer(self, reader: asyncio.StreamReader) -> tuple[Response, bool]:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.read_timeout)
+        except TimeoutError:
+            return Response(408, b"request head not received in time\n"), False
+        except (asyncio.LimitOverrunError, ValueError):
+            return Response(431, b"request head too large\n"), False
+        line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return Response(400, b"malformed request line\n"), False
+        method, target = parts[0], parts[1]
+        route = self.routes.get(target.split("?", 1)[0])
+        if route is None:
+            return Response(404, b"not found\n"), method == "HEAD"
+        if method not in ("GET", "HEAD"):
+            return Response(405, b"method not allowed\n"), False
+        try:
+            return route(), method == "HEAD"
+        except Exception:
+            log.exception("HTTP route %s failed", target)
+            return Response(500, b"internal error\n"), method == "HEAD"
+
+
+def not_ready_reason(m: Membership) -> str | None:
+    """Why the member is not ready (None when it is)."""
+    if m.ready:
+        return None
+    if m.phase is not Phase.JOINED:
+        return f"phase {m.phase.value}"
+    if m.agent is not None and m.agent.fenced:
+        return "the fabric is fenced (lease not confirmed in time)"
+    if not m.etcd_reachable:
+        return "etcd does not confirm the lease"
+    if not m.synced:
+        return "the view of the group is not in sync with etcd"
+    if m.state != "active":
+        return f"state {m.state}"
+    return "not ready"
+
+
+def status(m: Membership) -> dict[str, Any]:
+    """The /status object (see the module docstring)."""
+    events = list(m.events)[-STATUS_EVENTS:]
+    return {
+        "name": m.config.name,
+        "namespace": m.config.group.namespace,
+        "group": m.config.group.group,
+        "generation": m.generation,
+        "incarnation": m.incarnation,
+        "phase": m.phase.value,
+        "state": m.state,
+        "ready": m.ready,
+        "fenced": m.phase is Phase.FENCED or (m.agent is not None and m.agent.fenced),
+        "leader": m.leader,
+        "is_leader": m.is_leader,
+        "lease_ttl": m.lease_ttl,
+        "etcd_reachable": m.etcd_reachable,
+        "members": [
+            {
+                "name": name,
+                "generation": member.generation,
+                "state": member.record.state,
+                "node": member.record.node,
+            }
+            for name, member in sorted(m.members.items())
+        ],
+        "events": [dataclasses.asdict(ev) for ev in events],
+    }
+
+
+def agent_routes(m: Membership, metrics: agent_metrics.AgentMetrics) -> dict[str, Route]:
+    """The routes of a node agent."""
+
+    def healthz() -> Response:
+        return Response(200, b"ok\n")
+
+    def readyz() -> Response:
+        why = not_ready_reason(m)
+        return Response(200, b"ready\n") if why is None else Response(503, f"not ready: {why}\n".encode())
+
+    def metrics_route() -> Response:
+        return Response(200, metrics.render(), agent_metrics.CONTENT_TYPE)
+
+    def status_route() -> Response:
+        body = json.dumps(status(m), separators=(",", ":")).encode()
+        return Response(200, body, "application/json")
+
+    return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics_route, "/status": status_route}

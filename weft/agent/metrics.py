@@ -1,0 +1,152 @@
+"""Prometheus metrics of one node agent: the only module that imports prometheus_client.
+
+Why a private registry: the process may host other libraries with their own metrics, and
+tests create several agents in one process; nothing here touches prometheus_client's global
+registry. Values are read from the `Membership` object when scraped (its counters are plain
+integers it already keeps), so nothing in the membership code knows about Prometheus.
+
+Exposed (all prefixed ``weft_``):
+
+* gauges ``members`` (members in this agent's view, itself included), ``ready``, ``fenced``,
+  ``leader`` (1 while this agent leads), ``lease_ttl_seconds`` (the TTL etcd granted),
+  ``etcd_reachable``, and ``info`` (1, labelled with name, namespace, group and generation);
+* counters ``peer_adds_total``, ``peer_removes_total``, ``fences_total``, ``rejoins_total``,
+  ``ignored_records_total``, ``watch_restarts_total`` (from ``Membership.counters``);
+* counters ``transfers_total``, ``transfer_bytes_total``, ``transfer_errors_total``: fed by
+  `AgentMetrics.count_transfer` for the transfers the daemon itself makes (the fabric
+  `Agent` does not count its transfers yet; until it does these stay 0 for a bare agent);
+* histogram ``detection_seconds{signal}``: how long after the data path lost a peer it was
+  removed, by the signal that removed it (``data-path`` or ``etcd``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import prometheus_client
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from weft.membership.member import Membership, Phase
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The content type of `AgentMetrics.render` (Prometheus text exposition format 0.0.4)."""
+
+DETECTION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
+
+_COUNTERS = {
+    "peer_adds": "Peers added to this agent's view (a new member or a new generation).",
+    "peer_removes": "Peers removed from this agent's view (left, lease expired, data path lost).",
+    "fences": "Times this agent fenced itself (lease lost, key deleted, paused past its lease).",
+    "rejoins": "Times this agent rejoined the group as a new generation after a fence.",
+    "ignored_records": "etcd records under the group's prefix ignored as invalid or unsigned.",
+    "watch_restarts": "Times the etcd watch broke and the group was re-read.",
+}
+
+
+class _Histogram:
+    """Cumulative bucket counts and a sum, per label value (what the exposition needs)."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.series: dict[str, tuple[list[int], list[float]]] = {}  # label -> (counts, [sum])
+
+    def observe(self, label: str, value: float) -> None:
+        counts, total = self.series.setdefault(label, ([0] * (len(self.buckets) + 1), [0.0]))
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                counts[i] += 1
+        counts[-1] += 1  # +Inf
+        total[0] += value
+
+    def family(self, name: str, doc: str, label: str) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, doc, labels=[label])
+        bounds = [repr(b) for b in self.buckets] + ["+Inf"]
+        for value, (counts, total) in sorted(self.series.items()):
+            family.add_metric([value], list(zip(bounds, [float(c) for c in counts], strict=True)), total[0])
+        return family
+
+
+class AgentMetrics(Collector):
+    """The metrics of one agent, on a registry of their own; read from the membership on scrape.
+
+    Args:
+        membership: the agent's membership.
+    """
+
+    def __init__(self, membership: Membership) -> None:
+        self.membership = membership
+        self.transfers = 0
+        self.transfer_bytes = 0
+        self.transfer_errors = 0
+        self._detection = _Histogram(DETECTION_BUCKETS)
+        self._last_detection: tuple[str, float] | None = None
+        self.registry = prometheus_client.CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def count_transfer(self, nbytes: int, ok: bool) -> None:
+        """Count one transfer the daemon made that has ended."""
+        self.transfers += 1
+        if ok:
+            self.transfer_bytes += nbytes
+        else:
+            self.transfer_errors += 1
+
+    def refresh(self) -> None:
+        """Observe the detections the membership recorded since the last refresh.
+
+        ``Membership.detections`` is a bounded deque of ``(signal, seconds)``; the newest entry
+        seen is remembered by identity, so equal values are still counted once each. Entries
+        pushed out of the deque between two scrapes (over 1000) are lost.
+        """
+        detections = self.membership.detections
+        if not detections:
+            return
+        fresh: list[tuple[str, float]] = []
+        for item in reversed(detections):
+            if item is self._last_detection:
+                break
+            fresh.append(item)
+        self._last_detection = detections[-1]
+        for signal, seconds in reversed(fresh):
+            self._detection.observe(signal, max(seconds, 0.0))
+
+    def render(self) -> bytes:
+        """The text exposition of every metric, values as of now."""
+        self.refresh()
+        return prometheus_client.generate_latest(self.registry)
+
+    def collect(self) -> Iterator[Metric]:
+        """For the registry: every metric, read now."""
+        m = self.membership
+        fenced = m.phase is Phase.FENCED or (m.agent is not None and m.agent.fenced)
+        gauges = (
+            ("members", "Members in this agent's view of the group, itself included.", len(m.members)),
+            ("ready", "1 while this agent is fit to take new work (/readyz answers 200).", m.ready),
+            ("fenced", "1 while this agent is fenced (serves nothing, waits to rejoin).", fenced),
+            ("leader", "1 while this agent is the group's leader.", m.is_leader),
+            ("lease_ttl_seconds", "TTL of this agent's member lease, as etcd granted it.", m.lease_ttl),
+            ("etcd_reachable", "1 while etcd answers this agent's lease keep-alives.", m.etcd_reachable),
+        )
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(f"weft_{name}", doc, value=float(value))
+        info = GaugeMetricFamily(
+            "weft_info", "This agent: 1, labelled.", labels=["name", "namespace", "group", "generation"]
+        )
+        group = m.config.group
+        info.add_metric([m.config.name, group.namespace, group.group, str(m.generation)], 1.0)
+        yield info
+        for key, doc in _COUNTERS.items():
+            yield CounterMetricFamily(f"weft_{key}", doc, value=float(m.counters.get(key, 0)))
+        transfers = (
+            ("transfers", "Transfers this daemon made that ended (done or failed).", self.transfers),
+            ("transfer_bytes", "Bytes moved by transfers this daemon made.", self.transfer_bytes),
+            ("transfer_errors", "Transfers this daemon made that failed.", self.transfer_errors),
+        )
+        for name, doc, count in transfers:
+            yield CounterMetricFamily(f"weft_{name}", doc, value=float(count))
+        yield self._detection.family(
+            "weft_detection_seconds",
+            "Seconds from the data path losing a peer to its removal, by the signal that removed it.",
+            "signal",
+        )

@@ -1,0 +1,376 @@
+"""Settings of `weft agent` and `weft status`, and the one place their sources are merged.
+
+Why here: the node agent is configured from three places at once (a config file baked into an
+image or a ConfigMap, ``WEFT_*`` variables set by the operator, and flags typed by a person),
+and a wrong value must be reported with its field and the source it came from, before
+anything starts. Precedence, highest first::
+
+    flags (overrides) > environment > config file > defaults
+
+A source that sets ``secret`` or ``secret_file`` replaces both from the sources below it (the
+join token comes from one place).
+
+**Config file.** YAML, read with PyYAML (a dependency of weft); a file whose name ends in
+``.json`` is read as JSON (JSON is also valid YAML). The file mirrors the model, sections
+nested::
+
+    name: prefill-0
+    group: {namespace: default, group: llama}
+    etcd:
+      endpoints: ["https://etcd-0:2379", "https://etcd-1:2379"]
+      ca_file: certs/ca.pem            # relative paths: relative to the file's directory
+    lease_ttl: 3
+    secret_file: /var/run/weft/join-token
+    http_host: 0.0.0.0
+
+The file may not hold ``secret`` itself (use ``secret_file``, or ``WEFT_SECRET``).
+
+**Environment** (`ENVIRONMENT` lists every variable; an empty value counts as unset):
+``WEFT_NAME``, ``WEFT_GROUP``, ``WEFT_NAMESPACE``, ``WEFT_ETCD`` (comma-separated endpoints),
+``WEFT_ETCD_CA``/``WEFT_ETCD_CERT``/``WEFT_ETCD_KEY``, ``WEFT_ETCD_USER``/``WEFT_ETCD_PASSWORD``,
+``WEFT_LEASE_TTL``, ``WEFT_SECRET``, ``WEFT_SECRET_FILE``, ``WEFT_LISTEN_HOST``,
+``WEFT_ADVERTISE_HOST``, ``WEFT_LISTEN_PORT``, ``WEFT_BACKENDS`` (comma-separated),
+``WEFT_HTTP_HOST``, ``WEFT_HTTP_PORT``, ``WEFT_DRAIN_TIMEOUT``, ``WEFT_JOIN_TIMEOUT``,
+``WEFT_NODE``, and ``POD_UID``
+(the instance id, from the Kubernetes downward API).
+
+Errors are `SettingsError` (a `ValueError` naming the field and its source); `weft.agent`
+turns them into the `ConfigError` of weft's error tree (this layer sits below it).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import pydantic
+
+from weft.api.settings import EtcdSettings, GroupRef, Name
+
+MIN_SECRET_BYTES = 16
+MAX_CONFIG_FILE_BYTES = 1 << 20
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
+_SECRET_PATHS = frozenset({("secret",), ("etcd", "password")})
+_PATH_FIELDS = frozenset({("secret_file",), ("etcd", "ca_file"), ("etcd", "cert_file"), ("etcd", "key_file")})
+_SECTIONS = frozenset({"group", "etcd"})
+
+FieldPath = tuple[str, ...]
+
+ENVIRONMENT: dict[str, FieldPath] = {
+    "WEFT_NAME": ("name",),
+    "WEFT_GROUP": ("group", "group"),
+    "WEFT_NAMESPACE": ("group", "namespace"),
+    "WEFT_ETCD": ("etcd", "endpoints"),
+    "WEFT_ETCD_CA": ("etcd", "ca_file"),
+    "WEFT_ETCD_CERT": ("etcd", "cert_file"),
+    "WEFT_ETCD_KEY": ("etcd", "key_file"),
+    "WEFT_ETCD_USER": ("etcd", "username"),
+    "WEFT_ETCD_PASSWORD": ("etcd", "password"),
+    "WEFT_LEASE_TTL": ("lease_ttl",),
+    "WEFT_SECRET": ("secret",),
+    "WEFT_SECRET_FILE": ("secret_file",),
+    "WEFT_LISTEN_HOST": ("listen_host",),
+    "WEFT_ADVERTISE_HOST": ("advertise_host",),
+    "WEFT_LISTEN_PORT": ("listen_port",),
+    "WEFT_BACKENDS": ("backends",),
+    "WEFT_HTTP_HOST": ("http_host",),
+    "WEFT_HTTP_PORT": ("http_port",),
+    "WEFT_DRAIN_TIMEOUT": ("drain_timeout",),
+    "WEFT_JOIN_TIMEOUT": ("join_timeout",),
+    "WEFT_NODE": ("node",),
+    "POD_UID": ("instance",),
+}
+"""Environment variable -> settings field (a path into the sections)."""
+
+_LISTS = frozenset({"WEFT_ETCD", "WEFT_BACKENDS"})  # comma-separated values
+
+Port = Annotated[int, pydantic.Field(ge=0, le=65535)]
+Host = Annotated[str, pydantic.Field(max_length=253)]
+
+
+class SettingsError(ValueError):
+    """A setting is missing, malformed or inconsistent.
+
+    Attributes:
+        field: the dotted field name (``etcd.endpoints``), or ``settings`` when the problem
+            spans fields.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class _Settings(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class GroupClientSettings(_Settings):
+    """What any client of a group needs: where etcd is, which group, and the join token."""
+
+    group: GroupRef
+    """Namespace and group name: the etcd prefix ``/weft/v1/<namespace>/<group>/``."""
+    etcd: EtcdSettings = EtcdSettings()
+    """How to reach etcd: endpoints, TLS files, user and password, request deadline."""
+    secret: pydantic.SecretStr | None = None
+    """The group join token itself (>= 16 bytes, UTF-8); normally from ``WEFT_SECRET``."""
+    secret_file: Path | None = None
+    """A file holding the group join token (>= 16 bytes; surrounding whitespace is dropped),
+    e.g. a mounted Kubernetes Secret."""
+
+    @pydantic.field_validator("secret")
+    @classmethod
+    def _secret_length(cls, value: pydantic.SecretStr | None) -> pydantic.SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"the join token must be at least {MIN_SECRET_BYTES} bytes")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _one_secret(self) -> GroupClientSettings:
+        if self.secret is not None and self.secret_file is not None:
+            raise ValueError("give secret or secret_file, not both")
+        return self
+
+    def join_token(self) -> bytes | None:
+        """The group join token: `secret`, or the contents of `secret_file`; None if neither.
+
+        Raises:
+            SettingsError: the file cannot be read or holds fewer than 16 bytes.
+        """
+        if self.secret is not None:
+            return self.secret.get_secret_value().encode()
+        if self.secret_file is None:
+            return None
+        try:
+            with self.secret_file.open("rb") as f:
+                token = f.read(64 << 10).strip()
+        except OSError as exc:
+            raise SettingsError(
+                "secret_file", f"secret_file: cannot read {self.secret_file}: {exc}"
+            ) from None
+        if len(token) < MIN_SECRET_BYTES:
+            raise SettingsError(
+                "secret_file",
+                f"secret_file: {self.secret_file} holds {len(token)} bytes; "
+                f"the join token must be at least {MIN_SECRET_BYTES}",
+            )
+        return token
+
+
+class AgentSettings(GroupClientSettings):
+    """Everything `weft agent` needs; one frozen object (see the module docstring for sources)."""
+
+    name: Name
+    """This agent's name in the group: unique among live members (letters, digits, ``._:-``)."""
+    lease_ttl: Annotated[float, pydantic.Field(gt=0, le=3600)] = 3.0
+    """Seconds of the member lease: how long a crashed agent stays listed (etcd grants whole
+    seconds and no less than its minimum, about 2 s)."""
+    listen_host: Host = "127.0.0.1"
+    """Address the fabric (data path) listens on."""
+    advertise_host: Host | None = None
+    """Address peers connect to (default: listen_host; required when that is a wildcard)."""
+    listen_port: Port = 0
+    """Fabric port (0: any free port)."""
+    backends: Annotated[list[Literal["local", "tcp", "ucx"]], pydantic.Field(min_length=1, max_length=3)] = [
+        "local",
+        "tcp",
+    ]
+    """Data paths to offer, in order of preference."""
+    http_host: Host = "127.0.0.1"
+    """Address of the /healthz, /readyz, /metrics and /status endpoint."""
+    http_port: Port = 0
+    """Port of that endpoint (0: any free port; the ready file and the member record say which)."""
+    drain_timeout: Annotated[float, pydantic.Field(ge=0, le=3600)] = 30.0
+    """On SIGTERM: longest wait, in seconds, for transfers in flight before leaving."""
+    join_timeout: Annotated[float, pydantic.Field(gt=0, le=3600)] = 30.0
+    """Longest wait, in seconds, for etcd (and for a stale holder of the name) when joining."""
+    node: Host = pydantic.Field(default_factory=socket.gethostname)
+    """The node (host) shown to others (default: this host's name)."""
+    instance: Annotated[str, pydantic.StringConstraints(pattern=r"^[A-Za-z0-9-]{1,64}$")] = pydantic.Field(
+        default_factory=lambda: secrets.token_hex(16)
+    )
+    """Pod uid when run by the operator (``POD_UID``); random per process otherwise."""
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> AgentSettings:
+        if self.secret is None and self.secret_file is None:
+            raise ValueError("a join token is needed: set secret_file (or WEFT_SECRET / WEFT_SECRET_FILE)")
+        if self.listen_host in _WILDCARDS and self.advertise_host is None:
+            raise ValueError(
+                f"advertise_host is needed when listen_host is the wildcard {self.listen_host!r}: "
+                "peers cannot connect to it"
+            )
+        return self
+
+    @property
+    def fabric_host(self) -> str:
+        """The host peers reach the fabric at."""
+        return self.advertise_host or self.listen_host
+
+    def http_address(self, port: int) -> str:
+        """``host:port`` others reach the HTTP endpoint at, once it is bound to `port`."""
+        host = self.http_host if self.http_host not in _WILDCARDS else self.fabric_host
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+S = TypeVar("S", bound=GroupClientSettings)
+
+
+def resolve_settings(
+    model: type[S],
+    *,
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> S:
+    """Merge the sources (flags > environment > file > defaults) and validate them as `model`.
+
+    Args:
+        model: `AgentSettings` or `GroupClientSettings`.
+        config_file: a YAML (or ``.json``) file shaped like the model, or None.
+        env: the environment (`ENVIRONMENT` names what is read); variables for fields that
+            `model` does not have are ignored.
+        overrides: values from flags, nested like the file (``{"etcd": {"endpoints": [...]}}``);
+            None values count as not given.
+    Returns:
+        The validated settings.
+    Raises:
+        SettingsError: naming the first bad field and where its value came from.
+    """
+    layers: list[tuple[dict[FieldPath, Any], dict[FieldPath, str]]] = []
+    if config_file is not None:
+        values = _flatten(_read_file(config_file), ())
+        if ("secret",) in values:
+            raise SettingsError(
+                "secret", f"secret: not allowed in a config file ({config_file}); use secret_file"
+            )
+        for path in _PATH_FIELDS & values.keys():
+            if isinstance(values[path], str) and not Path(values[path]).is_absolute():
+                values[path] = str(config_file.parent / values[path])
+        layers.append((values, dict.fromkeys(values, f"config file {config_file}")))
+    if env is not None:
+        layers.append(_from_env(env, set(model.model_fields)))
+    if overrides:
+        values = {p: v for p, v in _flatten(overrides, ()).items() if v is not None}
+        layers.append((values, dict.fromkeys(values, "the command line")))
+    merged: dict[FieldPath, Any] = {}
+    origin: dict[FieldPath, str] = {}
+    for values, where in layers:
+        if values.keys() & {("secret",), ("secret_file",)}:
+            for p in (("secret",), ("secret_file",)):
+                merged.pop(p, None)
+                origin.pop(p, None)
+        for path in values:  # a section given whole replaces its fields below, and vice versa
+            for other in [k for k in merged if k != path and (k == path[: len(k)] or path == k[: len(path)])]:
+                merged.pop(other)
+                origin.pop(other, None)
+        merged.update(values)
+        origin.update(where)
+    try:
+        return model.model_validate(_unflatten(merged))
+    except pydantic.ValidationError as exc:
+        raise _explain(exc, merged, origin) from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_FILE_BYTES + 1)
+    except OSError as exc:
+        raise SettingsError("config", f"config file {path}: cannot read it: {exc}") from None
+    if len(raw) > MAX_CONFIG_FILE_BYTES:
+        raise SettingsError("config", f"config file {path}: larger than {MAX_CONFIG_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except ImportError:
+        raise SettingsError(
+            "config", f"config file {path}: PyYAML is not installed; use a .json file"
+        ) from None
+    except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        raise SettingsError("config", f"config file {path}: not valid JSON: {exc}") from None
+    except Exception as exc:  # yaml.YAMLError: PyYAML is imported lazily
+        raise SettingsError("config", f"config file {path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise SettingsError("config", f"config file {path}: the top level must be a mapping of field names")
+    return data
+
+
+def _from_env(env: Mapping[str, str], fields: set[str]) -> tuple[dict[FieldPath, Any], dict[FieldPath, str]]:
+    values: dict[FieldPath, Any] = {}
+    origin: dict[FieldPath, str] = {}
+    for var, path in ENVIRONMENT.items():
+        raw = env.get(var)
+        if raw is None or raw.strip() == "" or path[0] not in fields:
+            continue
+        value: Any = raw if path in _SECRET_PATHS else raw.strip()  # a secret is taken as given
+        if var in _LISTS:
+            value = [p.strip() for p in raw.split(",") if p.strip()]
+        values[path] = value
+        origin[path] = f"environment {var}"
+    return values, origin
+
+
+def _flatten(data: Mapping[str, Any], prefix: FieldPath) -> dict[FieldPath, Any]:
+    out: dict[FieldPath, Any] = {}
+    for key, value in data.items():
+        path = (*prefix, str(key))
+        if not prefix and key in _SECTIONS and isinstance(value, Mapping):
+            out.update(_flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def _unflatten(flat: Mapping[FieldPath, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def _explain(
+    exc: pydantic.ValidationError, values: Mapping[FieldPath, Any], origin: Mapping[FieldPath, str]
+) -> SettingsError:
+    problems = []
+    first = "settings"
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err.get("loc", ()))
+        field = ".".join(p for p in loc if not p.isdigit()) or "settings"
+        if first == "settings":
+            first = field
+        where = next((origin[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in origin), None)
+        msg = str(err.get("msg", "invalid"))
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if err.get("type") == "missing":
+            var = next((v for v, p in ENVIRONMENT.items() if loc and p in (loc, (*loc, loc[-1]))), None)
+            msg = "required, not given" + (f" (a flag, {var}, or the config file)" if var else "")
+        text = msg if field == "settings" else f"{field}: {msg}"
+        path = next((loc[:n] for n in range(len(loc), 0, -1) if loc[:n] in values), None)
+        if path is not None and path not in _SECRET_PATHS:
+            text += f" (got {_short(values[path])}"
+            text += f" from {where})" if where else ")"
+        elif where:
+            text += f" (from {where})"
+        problems.append(text)
+    return SettingsError(first, "; ".join(problems))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
