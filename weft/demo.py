@@ -1,23 +1,37 @@
-"""`weft demo`: two agents in separate processes move checksummed KV blocks both ways, live.
+"""`weft demo`: the data plane and the control plane, live, on this machine.
 
-For now this shows the data plane; the membership, failure and rebalancing acts join the
-demo as those layers land.
+Act 1: two agents in separate processes move checksummed KV blocks both ways.
+Act 2: an embedded etcd and four `weft agent` daemons form a group; one is killed with
+SIGKILL and the survivors remove it (the table shows who noticed, how fast, and by which
+signal); the leader moves if the leader died. The rebalancing act joins with the planner.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import multiprocessing as mp
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 from rich.table import Table
 
 from weft.fabric import Agent, AgentConfig, Op
+from weft.membership.etcdserver import EtcdServer
 
 BLOCK = 1 << 20
 BLOCKS = 256
@@ -152,4 +166,154 @@ def run(console: Console | None = None) -> int:
             "yes" if r["read_ok"] else "[red]NO",
         )
     console.print(table)
+    ok = _membership_act(console) and ok
     return 0 if ok else 1
+
+
+# -- act 2: membership ---------------------------------------------------------------------
+AGENTS = 4
+TTL = 3
+
+
+def _status(port: int) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=0.5) as reply:
+            result: dict[str, Any] = json.loads(reply.read())
+            return result
+    except (OSError, ValueError):
+        return None
+
+
+def _view_table(names: list[str], ports: dict[str, int], dead: set[str]) -> Table:
+    table = Table(title=f"group 'demo' (lease TTL {TTL} s): each agent's own view")
+    for col in ("agent", "generation", "ready", "leader", "sees"):
+        table.add_column(col)
+    for name in names:
+        st = None if name in dead else _status(ports[name])
+        if st is None:
+            table.add_row(name, "-", "[red]killed" if name in dead else "...", "-", "-")
+            continue
+        sees = sorted(m["name"] for m in st["members"] if m["name"] != name)
+        table.add_row(
+            name,
+            str(st["generation"]),
+            "[green]yes" if st["ready"] else "[yellow]no",
+            str(st["leader"]),
+            ", ".join(sees) or "-",
+        )
+    return table
+
+
+def _membership_act(console: Console) -> bool:
+    console.rule(f"[bold]membership: embedded etcd, {AGENTS} agent daemons, one killed with SIGKILL")
+    names = [f"agent-{i}" for i in range(AGENTS)]
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    with tempfile.TemporaryDirectory(prefix="weft-demo-") as tmp, EtcdServer(Path(tmp) / "etcd") as etcd:
+        console.print(f"etcd {etcd.endpoint} (Debian etcd-server, data in a temporary folder)")
+        env = dict(os.environ, WEFT_SECRET=secrets.token_hex(16))
+        try:
+            for name in names:
+                cmd = [sys.executable, "-m", "weft.cli", "agent", "--etcd", etcd.endpoint, "--group", "demo"]
+                cmd += ["--name", name, "--lease-ttl", str(TTL), "--ready-file", f"{tmp}/{name}.ready"]
+                with open(f"{tmp}/{name}.log", "wb") as log_file:
+                    procs[name] = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            ports = _wait_ready(names, Path(tmp), procs, deadline=time.monotonic() + 30)
+            if ports is None:
+                console.print(f"[red]agents did not start; logs are in {tmp}")
+                return False
+            dead: set[str] = set()
+            with Live(_view_table(names, ports, dead), console=console, refresh_per_second=10) as live:
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline and not _all_see(names, ports, dead):
+                    live.update(_view_table(names, ports, dead))
+                    time.sleep(0.1)
+                time.sleep(0.5)
+                leader = (_status(ports[names[0]]) or {}).get("leader") or names[-1]
+                victim = leader  # kill the leader: the survivors also elect a new one
+                victim_gen = (_status(ports[victim]) or {}).get("generation")
+                t_kill = time.time()
+                procs[victim].send_signal(signal.SIGKILL)
+                dead.add(victim)
+                removed: dict[str, tuple[float, str]] = {}
+                deadline = time.monotonic() + TTL + 5
+                while time.monotonic() < deadline and len(removed) < AGENTS - 1:
+                    for name in names:
+                        if name in dead or name in removed:
+                            continue
+                        for ev in (_status(ports[name]) or {}).get("events", []):
+                            if (
+                                ev["kind"] == "removed"
+                                and ev["name"] == victim
+                                and ev["generation"] == victim_gen
+                            ):
+                                removed[name] = (ev["at"] - t_kill, ev["reason"])
+                    live.update(_view_table(names, ports, dead))
+                    time.sleep(0.05)
+                # the leader key lives under the dead leader's lease: a new leader follows its expiry
+                new_leader: tuple[str, float] | None = None
+                deadline = time.monotonic() + TTL + 5
+                while time.monotonic() < deadline and new_leader is None:
+                    views = [_status(ports[n]) or {} for n in names if n not in dead]
+                    leaders = {v.get("leader") for v in views}
+                    if len(leaders) == 1 and None not in leaders and victim not in leaders:
+                        new_leader = (str(leaders.pop()), time.time() - t_kill)
+                    live.update(_view_table(names, ports, dead))
+                    time.sleep(0.05)
+            table = Table(title=f"SIGKILL of {victim} (the leader): when each survivor removed it")
+            for col in ("survivor", "after", "signal"):
+                table.add_column(col)
+            for name in names:
+                if name in removed:
+                    took, reason = removed[name]
+                    table.add_row(name, f"{took * 1000:.0f} ms", reason)
+                elif name not in dead:
+                    table.add_row(name, "[red]not removed", "-")
+            console.print(table)
+            if new_leader is not None:
+                console.print(
+                    f"new leader {new_leader[0]}, agreed by every survivor "
+                    f"{new_leader[1]:.2f} s after the kill"
+                )
+            console.print(
+                "data-path signal: the survivor's connection to the dead agent closed and nothing "
+                "listens at its address any more; lease: etcd expired the dead agent's lease "
+                f"(TTL {TTL} s) and the watch delivered the DELETE"
+            )
+            return len(removed) == AGENTS - 1 and new_leader is not None
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for name, proc in procs.items():
+                try:
+                    code = proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    code = proc.wait()
+                if code not in (0, -signal.SIGKILL):
+                    console.print(f"[yellow]{name} exited with {code}")
+
+
+def _wait_ready(
+    names: list[str], tmp: Path, procs: dict[str, subprocess.Popen[bytes]], deadline: float
+) -> dict[str, int] | None:
+    ports: dict[str, int] = {}
+    while time.monotonic() < deadline and len(ports) < len(names):
+        for name in names:
+            ready = tmp / f"{name}.ready"
+            if name not in ports and ready.exists():
+                with contextlib.suppress(ValueError, OSError):
+                    ports[name] = int(json.loads(ready.read_text())["http_port"])
+            if procs[name].poll() is not None:
+                return None
+        time.sleep(0.05)
+    return ports if len(ports) == len(names) else None
+
+
+def _all_see(names: list[str], ports: dict[str, int], dead: set[str]) -> bool:
+    alive = [n for n in names if n not in dead]
+    for name in alive:
+        st = _status(ports[name])
+        if st is None or not st["ready"] or {m["name"] for m in st["members"]} != set(alive):
+            return False
+    return True
