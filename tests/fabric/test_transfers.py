@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 
 import numpy as np
@@ -15,6 +16,7 @@ from weft import (
     PeerLostError,
     TransferState,
     TransferTimeoutError,
+    UnknownPeerError,
 )
 
 pytestmark = pytest.mark.integration
@@ -159,3 +161,25 @@ def test_await_transfers_and_iterate_notifications(make_agent, make_peer, backen
 
     assert asyncio.run(main()) == [b"one", b"two"]
     assert digest(rb.buffer[: size // 2]) == digest(pattern(size, 5)[size // 2 :])
+
+
+def test_ping_answers_and_a_stopped_peer_stays_silent(make_agent, make_peer):  # type: ignore[no-untyped-def]
+    a, peer = _pair(make_agent, make_peer, ["tcp"], 4096)
+    with pytest.raises(UnknownPeerError, match="not connected"):
+        a.ping("b", lambda rtt: None)
+    a.connect("b")
+    pongs: list[float] = []
+    got = threading.Event()
+    a.ping("b", lambda rtt: (pongs.append(rtt), got.set()))
+    assert got.wait(5) and 0 < pongs[0] < 5
+    peer.kill(signal.SIGSTOP)
+    try:
+        got.clear()
+        forget = a.ping("b", lambda rtt: got.set())
+        assert not got.wait(0.5)  # a stopped process never answers; the caller decides
+        forget()
+    finally:
+        peer.kill(signal.SIGCONT)
+    got.clear()
+    a.ping("b", lambda rtt: got.set())
+    assert got.wait(5)

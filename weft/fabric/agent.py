@@ -416,6 +416,30 @@ class Agent:
         with p._lock:
             p._set_regions(md)
 
+    def ping(self, name: str, on_pong: Callable[[float], None]) -> Callable[[], None]:
+        """Probe a connected peer: send PING, call ``on_pong(rtt_seconds)`` when PONG arrives.
+
+        Never blocks: the peer must already be connected (`connect`), else `UnknownPeerError`.
+        `on_pong` runs on a fabric thread. A peer that is stopped or hung simply never answers;
+        the caller decides how long silence may last. Returns a function that forgets the ping.
+
+        Raises:
+            UnknownPeerError: no such peer, or not connected. PeerLostError: the peer is lost.
+        """
+        p = self._peer(name)
+        p.check_alive()
+        ch = p._stream
+        if ch is None:
+            raise errors.UnknownPeerError(f"peer {name!r} is not connected")
+        sent = time.monotonic()
+        req = ch.next_id()
+        ch.submit(
+            req,
+            Pending(None, on_bytes=lambda _body: on_pong(time.monotonic() - sent)),
+            [wire.header(wire.PING, req)],
+        )
+        return lambda: ch.forget(req)
+
     # -- memory --------------------------------------------------------------------------
     def register(
         self,

@@ -172,6 +172,12 @@ class Outbound:
                     p = self._pop(req_id)
                     if p is not None and p.on_bytes is not None:
                         p.on_bytes(body)
+                elif ftype == wire.PONG:
+                    if length:
+                        raise errors.ProtocolError("PONG carries a body")
+                    p = self._pop(req_id)
+                    if p is not None and p.on_bytes is not None:
+                        p.on_bytes(b"")
                 elif ftype == wire.INVALIDATE:
                     self.peer.drop_region(count)
                 elif ftype == wire.BYE:
@@ -458,6 +464,11 @@ class Inbound:
                 if length > max_notify:
                     raise errors.ProtocolError(f"notification of {length} bytes is too large")
                 agent._deliver(peer, bytes(wire.recv_exact(sock, length)))
+            elif ftype == wire.PING:
+                if length:
+                    raise errors.ProtocolError("PING carries a body")
+                if not agent.fenced:  # a fenced agent is silent: peers drop it rather than wait
+                    self.send([wire.header(wire.PONG, req_id)])
             elif ftype == wire.MD_REQ:
                 if length:
                     raise errors.ProtocolError("MD_REQ carries a body")

@@ -7,7 +7,7 @@ u64 request id | u64 body length``. Bodies:
   | payload (the descriptors' bytes, in order).
 - READ: [notification] | descriptor table. The target answers READ_DATA + payload.
 - DONE / ERROR (count = error code, body = UTF-8 message) / NOTIFY (body = message) /
-  INVALIDATE (count = a region the target just deregistered) / MD_REQ, MD_RESP / BYE.
+  INVALIDATE (count = a region the target just deregistered) / MD_REQ, MD_RESP / PING, PONG / BYE.
 - HELLO (server challenge), AUTH (client proof), WELCOME / REJECT: JSON handshake bodies.
 
 Every length is bounded before anything is allocated, and a target checks each descriptor
@@ -50,6 +50,8 @@ MD_REQ = 16
 MD_RESP = 17
 BYE = 18
 INVALIDATE = 19  # count = id of a region the target deregistered
+PING = 20  # liveness probe: the target answers PONG with the same request id at once
+PONG = 21
 
 FLAG_NOTIFY = 1
 

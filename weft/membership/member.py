@@ -82,6 +82,9 @@ class MemberConfig:
         connect_peers: open the data-path connection to every new peer at once, so its
             death is seen within milliseconds (the second signal); off for members without
             a fabric agent.
+        heartbeat: ping every connected peer (``lease_ttl / 6``) and remove one that has not
+            answered for ``lease_ttl``: a stopped or hung process is seen as precisely as its
+            lease would be, without etcd's 500 ms expiry granularity.
         join_timeout: how long a join may wait for etcd and for a stale holder of the name.
         drain_timeout: bound on waiting for in-flight transfers when leaving.
     """
@@ -96,6 +99,7 @@ class MemberConfig:
     http: str | None = None
     campaign: bool = True
     connect_peers: bool = True
+    heartbeat: bool = True
     join_timeout: float = 30.0
     drain_timeout: float = 30.0
 
@@ -187,6 +191,8 @@ class Membership:
         self._keepalive_failing = False
         self._last_tick = time.monotonic()
         self._suspects: dict[str, float] = {}  # name -> monotonic time the data path lost it
+        self._last_heard: dict[tuple[str, int], float] = {}  # (name, generation) -> last PONG
+        self._silent: dict[str, Member] = {}  # removed for silence, still in etcd: pinged on
         self._changed = asyncio.Event()
         self._stopping = False
         self._revision = 0
@@ -253,6 +259,8 @@ class Membership:
         self._spawn(self._watch_loop, "watch")
         self._spawn(self._keepalive_loop, "keep-alive")
         self._spawn(self._watchdog, "watchdog")
+        if self.agent is not None and self.config.heartbeat:
+            self._spawn(self._heartbeat, "heartbeat")
         if self.config.campaign:
             self._spawn(self._campaign, "campaign")
 
@@ -477,6 +485,12 @@ class Membership:
             if m.record.generation == self.generation:
                 self.members[name] = m
             return
+        silent = self._silent.get(name)
+        if silent is not None:
+            if m.generation == silent.generation:
+                self._silent[name] = m  # still silent to us: it comes back when it answers
+                return
+            del self._silent[name]
         old = self.members.get(name)
         if old is not None and m.generation < old.generation:
             return  # an older incarnation's record arriving late
@@ -576,6 +590,9 @@ class Membership:
             else:
                 reason = "member key deleted (lease expired or left)"
             self._remove(name, gen, reason, "etcd")
+            silent = self._silent.get(name)
+            if silent is not None and gen in (None, silent.generation):
+                del self._silent[name]
         elif rest == "leader":
             self._set_leader(self._decode_leader(ev.kv) if ev.kind == "put" else None)
 
@@ -658,6 +675,8 @@ class Membership:
         for name in [n for n in self.members if n != self.config.name]:
             self._remove(name, None, "this agent was fenced")
         self.members.pop(self.config.name, None)
+        self._silent.clear()
+        self._last_heard.clear()
         self._set_leader(None)
         self.synced = False
         self._emit("fenced", self.config.name, self.generation, reason)
@@ -678,6 +697,69 @@ class Membership:
             return
         self.counters["rejoins"] += 1
         self._emit("rejoined", self.config.name, self.generation, f"incarnation {self.incarnation}")
+
+    # -- heartbeat ---------------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        """Ping connected peers; remove one silent for a whole lease TTL (SIGSTOP, a hang)."""
+        agent = self.agent
+        assert agent is not None
+        loop = asyncio.get_running_loop()
+        next_ping = last = time.monotonic()
+        while not self._stopping:
+            await asyncio.sleep(_TICK)
+            now = time.monotonic()
+            gap, last = now - last, now
+            if self.phase is not Phase.JOINED:
+                continue
+            limit = self.config.lease_ttl
+            if gap > max(4 * _TICK, 0.5):  # we were the silent one (paused or starved)
+                self._last_heard = dict.fromkeys(self._last_heard, now)
+            live = {(n, m.generation) for n, m in self.members.items()}
+            live |= {(n, m.generation) for n, m in self._silent.items()}
+            self._last_heard = {k: t for k, t in self._last_heard.items() if k in live}
+            for name, m in list(self.members.items()):
+                heard = self._last_heard.get((name, m.generation))
+                if name != self.config.name and heard is not None and now - heard > limit:
+                    self._silence(m, now - heard)
+            if now < next_ping:
+                continue
+            next_ping = now + max(0.1, limit / 6)
+            for name, m in [*self.members.items(), *self._silent.items()]:
+                if name == self.config.name:
+                    continue
+                key = (name, m.generation)
+                try:
+                    agent.ping(name, self._on_pong(loop, key))
+                except (fabric_errors.UnknownPeerError, fabric_errors.PeerLostError):
+                    if name in self._silent and now - self._last_heard.get(key, 0.0) > limit:
+                        self._last_heard[key] = now  # retry the connection once per TTL
+                        with contextlib.suppress(fabric_errors.WeftError, ValueError):
+                            agent.add_peer(m.record.fabric_metadata())
+                        self._connect_soon(name)
+                    continue
+                self._last_heard.setdefault(key, now)
+
+    def _on_pong(self, loop: asyncio.AbstractEventLoop, key: tuple[str, int]) -> Callable[[float], None]:
+        def on_pong(_rtt: float) -> None:  # a fabric thread
+            with contextlib.suppress(RuntimeError):  # the loop closed: we are exiting
+                loop.call_soon_threadsafe(self._heard, key)
+
+        return on_pong
+
+    def _heard(self, key: tuple[str, int]) -> None:
+        name, generation = key
+        self._last_heard[key] = time.monotonic()
+        silent = self._silent.get(name)
+        if silent is not None and silent.generation == generation and self.phase is Phase.JOINED:
+            del self._silent[name]
+            self.members[name] = silent
+            self.counters["peer_adds"] += 1
+            self._emit("added", name, generation, "answers pings again")
+
+    def _silence(self, m: Member, silent_for: float) -> None:
+        self._suspects.setdefault(m.name, time.monotonic() - silent_for)
+        self._remove(m.name, m.generation, f"no answer to pings for {silent_for:.2f} s", "heartbeat")
+        self._silent[m.name] = m
 
     # -- the data path's signal ------------------------------------------------------------
     def _peer_lost_threadsafe(self, name: str, generation: int, exc: fabric_errors.WeftError) -> None:
