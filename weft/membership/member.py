@@ -781,27 +781,42 @@ class Membership:
         self._background(self._probe(m, str(exc)))
 
     async def _probe(self, m: Member, why: str) -> None:
-        """Is anything still listening where the lost peer listened?"""
+        """Is anything still listening where the lost peer listened?
+
+        A killed process closes its connections a moment before its listening socket, so an
+        accepted connection is asked again, three times 50 ms apart, before it counts as "alive".
+        """
         try:
             md = m.record.fabric_metadata()
             listen = decode_metadata(md, None).listen
-            _reader, writer = await asyncio.wait_for(asyncio.open_connection(listen.host, listen.port), 0.5)
-        except ConnectionRefusedError:
-            self._remove(
-                m.name, m.generation, f"data path lost ({why}) and nothing listens there", "data-path"
-            )
+        except ValueError:
             return
-        except (OSError, TimeoutError, ValueError):
-            return  # unreachable or slow: let the lease decide
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        for attempt in range(3):
+            if attempt:
+                await asyncio.sleep(0.05)
+            try:
+                _reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(listen.host, listen.port), 0.5
+                )
+            except ConnectionRefusedError:
+                self._remove(
+                    m.name, m.generation, f"data path lost ({why}) and nothing listens there", "data-path"
+                )
+                return
+            except (OSError, TimeoutError):
+                return  # unreachable or slow: the heartbeat and the lease decide
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
         current = self.members.get(m.name)
         if current is not None and current.generation == m.generation and self.agent is not None:
             with contextlib.suppress(fabric_errors.WeftError, ValueError):
                 self.agent.remove_peer(m.name)
                 self.agent.add_peer(md)
-                log.info("%s: %s still listens; re-added it, its lease decides", self.config.name, m.name)
+                log.info(
+                    "%s: %s still listens; re-added it, heartbeat and lease decide", self.config.name, m.name
+                )
+                self._connect_soon(m.name)  # pinged again, and its next loss is seen again
 
     # -- leader, acks, load ----------------------------------------------------------------
     async def _campaign(self) -> None:
@@ -821,12 +836,22 @@ class Membership:
                 continue
             if created:
                 self._set_leader(self.config.name)
-            else:
-                await asyncio.sleep(0.05)  # the watch will tell who holds it
-                if self.leader is None:
-                    kv = await self._etcd.get(key.encode())
-                    if kv is not None:
-                        self._set_leader(self._decode_leader(kv))
+                continue
+            await asyncio.sleep(0.05)  # the watch will tell who holds it
+            if self.leader is not None:
+                continue
+            try:
+                kv = await self._etcd.get(key.encode())
+                if kv is not None and self._decode_leader(kv) is None:
+                    # not a leader record of this group (a stranger's write, maybe without a
+                    # lease: it would never expire): clear it, guarded by its revision
+                    if await self._etcd.delete_if(key.encode(), mod_revision=kv.mod_revision):
+                        log.warning("%s: removed an invalid leader key", self.config.name)
+                elif kv is not None:
+                    self._set_leader(self._decode_leader(kv))
+            except errors.EtcdError:
+                pass
+            await asyncio.sleep(0.2)
 
     async def put_ack(self, epoch: int) -> None:
         """Publish ``acks/<name>``: this member applied plan `epoch`."""
