@@ -196,6 +196,7 @@ class Membership:
         self._changed = asyncio.Event()
         self._stopping = False
         self._revision = 0
+        self._joined_at = 0.0
         if agent is not None:
             agent.on_peer_lost(self._peer_lost_threadsafe)
 
@@ -363,7 +364,7 @@ class Membership:
             capabilities=caps,
             fabric=fabric,
             lease_ttl=float(self.lease_ttl),
-            joined_at=time.time(),
+            joined_at=self._joined_at,
             http=self.config.http,
         )
 
@@ -380,6 +381,7 @@ class Membership:
                 self.incarnation = incarnation
                 self.generation = generation
                 self.lease, self.lease_ttl = lease, granted
+                self._joined_at = time.time()
                 if self.agent is not None:
                     if self.agent.generation != generation:
                         self.agent.regenerate(generation)
@@ -413,7 +415,7 @@ class Membership:
                 raise errors.MembershipError(f"{self.config.name}: could not join: {why}") from last
             log.info("%s: join waits: %s", self.config.name, why)
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
+            backoff = min(backoff * 2, 0.25)  # a dead holder's lease can end any moment
 
     async def _publish(self, state: records.State) -> None:
         if self.phase is not Phase.JOINED or self._record is None:
@@ -784,16 +786,17 @@ class Membership:
         """Is anything still listening where the lost peer listened?
 
         A killed process closes its connections a moment before its listening socket, so an
-        accepted connection is asked again, three times 50 ms apart, before it counts as "alive".
+        accepted (or reset) connection is asked again, three times 10 ms apart, before the peer
+        counts as alive.
         """
         try:
             md = m.record.fabric_metadata()
             listen = decode_metadata(md, None).listen
         except ValueError:
             return
-        for attempt in range(3):
+        for attempt in range(4):
             if attempt:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.01)
             try:
                 _reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(listen.host, listen.port), 0.5
@@ -803,7 +806,10 @@ class Membership:
                     m.name, m.generation, f"data path lost ({why}) and nothing listens there", "data-path"
                 )
                 return
-            except (OSError, TimeoutError):
+            except (ConnectionResetError, ConnectionAbortedError):
+                continue  # the dying listener accepted, then reset: ask again
+            except (OSError, TimeoutError) as exc:
+                log.debug("%s: probe of %s inconclusive: %r", self.config.name, m.name, exc)
                 return  # unreachable or slow: the heartbeat and the lease decide
             writer.close()
             with contextlib.suppress(OSError):
