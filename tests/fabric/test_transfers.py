@@ -17,6 +17,7 @@ from weft import (
     TransferState,
     TransferTimeoutError,
     UnknownPeerError,
+    UnknownRegionError,
 )
 
 pytestmark = pytest.mark.integration
@@ -183,3 +184,20 @@ def test_ping_answers_and_a_stopped_peer_stays_silent(make_agent, make_peer):  #
     got.clear()
     a.ping("b", lambda rtt: got.set())
     assert got.wait(5)
+
+
+def test_stats_count_posted_served_and_refused(make_agent):  # type: ignore[no-untyped-def]
+    a, b = make_agent("a", "tcp"), make_agent("b", "tcp")
+    a.add_peer(b.metadata())
+    dst = b.register(np.zeros(8192, np.uint8), name="dst")
+    a.add_peer(b.metadata())
+    src = a.register(np.ones(8192, np.uint8))
+    remote = a.remote("b", "dst")
+    a.write(src.descs(), "b", remote.descs()).wait(timeout=10)
+    a.read(src.descs([(0, 4096)]), "b", remote.descs([(0, 4096)])).wait(timeout=10)
+    dst.release()
+    with pytest.raises(UnknownRegionError):
+        a.write(src.descs(), "b", remote.descs()).wait(timeout=10)
+    sa, sb = a.stats(), b.stats()
+    assert (sa["transfers"], sa["bytes"], sa["errors"]) == (3, 8192 + 4096 + 8192, 1)
+    assert (sb["served"], sb["served_bytes"], sb["refused"]) == (2, 8192 + 4096, 1)

@@ -266,3 +266,23 @@ async def test_user_and_password(etcd_auth: tuple[EtcdServer, str, str]) -> None
     async with Etcd(plain(server)) as etcd:
         with pytest.raises(errors.EtcdAuthError):
             await etcd.put(b"/x", b"y")
+
+
+async def test_acks_and_load_live_under_the_member_lease(etcd_session: EtcdServer) -> None:
+    settings = plain(etcd_session)
+    async with group(settings, "acks") as g:
+        a = await g.join("a", agent=False)
+        await a.put_ack(7)
+        await a.put_load(queue_depth=3, tokens_per_s=1500.0, expert_hits={"e1": 10})
+        async with Etcd(settings) as etcd:
+            ack_kv = await etcd.get(f"{a.prefix}acks/a".encode())
+            load_kv = await etcd.get(f"{a.prefix}load/a".encode())
+            assert ack_kv is not None and load_kv is not None
+            assert ack_kv.lease == load_kv.lease == a.lease
+            ack = records.unseal(records.AckRecord, ack_kv.value, f"{a.prefix}acks/a", SECRET)
+            load = records.unseal(records.LoadRecord, load_kv.value, f"{a.prefix}load/a", SECRET)
+            assert (ack.epoch, ack.generation) == (7, a.generation)
+            assert (load.queue_depth, load.tokens_per_s, load.expert_hits) == (3, 1500.0, {"e1": 10})
+            await a.leave()
+            assert await etcd.get(f"{a.prefix}acks/a".encode()) is None  # gone with the lease
+            assert await etcd.get(f"{a.prefix}load/a".encode()) is None

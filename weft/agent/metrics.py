@@ -12,9 +12,10 @@ Exposed (all prefixed ``weft_``):
   ``etcd_reachable``, and ``info`` (1, labelled with name, namespace, group and generation);
 * counters ``peer_adds_total``, ``peer_removes_total``, ``fences_total``, ``rejoins_total``,
   ``ignored_records_total``, ``watch_restarts_total`` (from ``Membership.counters``);
-* counters ``transfers_total``, ``transfer_bytes_total``, ``transfer_errors_total``: fed by
-  `AgentMetrics.count_transfer` for the transfers the daemon itself makes (the fabric
-  `Agent` does not count its transfers yet; until it does these stay 0 for a bare agent);
+* counters ``transfers_total``, ``transfer_bytes_total``, ``transfer_errors_total``: what
+  the fabric `Agent` posted (`Agent.stats`), plus anything counted with
+  `AgentMetrics.count_transfer`; ``served_total``, ``served_bytes_total``, ``refused_total``:
+  requests peers made of this agent over tcp/ucx;
 * histogram ``detection_seconds{signal}``: how long after the data path lost a peer it was
   removed, by the signal that removed it (``data-path`` or ``etcd``).
 """
@@ -138,10 +139,26 @@ class AgentMetrics(Collector):
         yield info
         for key, doc in _COUNTERS.items():
             yield CounterMetricFamily(f"weft_{key}", doc, value=float(m.counters.get(key, 0)))
+        fabric = m.agent.stats() if m.agent is not None else {}
         transfers = (
-            ("transfers", "Transfers this daemon made that ended (done or failed).", self.transfers),
-            ("transfer_bytes", "Bytes moved by transfers this daemon made.", self.transfer_bytes),
-            ("transfer_errors", "Transfers this daemon made that failed.", self.transfer_errors),
+            ("transfers", "Transfers this agent posted.", self.transfers + fabric.get("transfers", 0)),
+            (
+                "transfer_bytes",
+                "Bytes of the transfers this agent posted.",
+                self.transfer_bytes + fabric.get("bytes", 0),
+            ),
+            (
+                "transfer_errors",
+                "Transfers this agent posted that failed.",
+                self.transfer_errors + fabric.get("errors", 0),
+            ),
+            (
+                "served",
+                "Requests peers made of this agent that it served (tcp, ucx).",
+                fabric.get("served", 0),
+            ),
+            ("served_bytes", "Bytes of the requests this agent served.", fabric.get("served_bytes", 0)),
+            ("refused", "Requests peers made of this agent that it refused.", fabric.get("refused", 0)),
         )
         for name, doc, count in transfers:
             yield CounterMetricFamily(f"weft_{name}", doc, value=float(count))

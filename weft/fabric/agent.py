@@ -204,6 +204,9 @@ class Agent:
         self._closed = False
         self._serve_until: float | None = None
         self._posted: weakref.WeakSet[Transfer] = weakref.WeakSet()
+        self._counts = {"transfers": 0, "bytes": 0, "errors": 0}
+        self._served_gone = {"served": 0, "served_bytes": 0, "refused": 0}  # closed connections
+        self._count_lock = threading.Lock()
         self._fenced = False
         self._lost_hooks: list[Callable[[str, int, errors.WeftError], None]] = []
         self._regions: dict[int, Region] = {}
@@ -609,6 +612,10 @@ class Agent:
             raise errors.ConfigError("timeout must be > 0")
         t = Transfer(prepared.op, peer.name, prepared.local.total, limit, backend.kind)
         self._posted.add(t)
+        with self._count_lock:
+            self._counts["transfers"] += 1
+            self._counts["bytes"] += t.nbytes
+        t._callbacks.append(lambda: self._count_end(t))
         try:
             backend.post(plan, t, notify)
         except errors.WeftError as exc:
@@ -735,6 +742,10 @@ class Agent:
     def _inbound_gone(self, conn: Inbound) -> None:
         with self._lock:
             self._inbound.discard(conn)
+        with self._count_lock:
+            self._served_gone["served"] += conn.served
+            self._served_gone["served_bytes"] += conn.served_bytes
+            self._served_gone["refused"] += conn.refused
 
     def _log_stranger(self, addr: Any, exc: Exception) -> None:
         key = str(addr[0]) if isinstance(addr, tuple) else str(addr)
@@ -806,6 +817,30 @@ class Agent:
             p.close(exc)
         for conn in inbound:
             conn.close()
+
+    def _count_end(self, t: Transfer) -> None:
+        if t.error is not None:
+            with self._count_lock:
+                self._counts["errors"] += 1
+
+    def stats(self) -> dict[str, int]:
+        """Counters since the agent started, for metrics.
+
+        ``transfers``/``bytes``/``errors``: transfers this agent posted, their bytes, those
+        that failed. ``served``/``served_bytes``/``refused``: requests peers made of it (tcp
+        and ucx paths; same-host copies are made by the initiator alone and counted there).
+        """
+        with self._count_lock:
+            out = dict(self._counts)
+            served = dict(self._served_gone)
+        with self._lock:
+            inbound = list(self._inbound)
+        for conn in inbound:
+            served["served"] += conn.served
+            served["served_bytes"] += conn.served_bytes
+            served["refused"] += conn.refused
+        out.update(served)
+        return out
 
     def in_flight(self) -> int:
         """Transfers this agent posted that have not ended, plus requests it is serving now."""

@@ -336,6 +336,7 @@ class Inbound:
         self.peer_name: str | None = None
         self.peer_instance: str | None = None
         self.busy = False  # serving a request now (drain waits for this to clear)
+        self.served = self.served_bytes = self.refused = 0  # written by this connection's thread only
         self._send_lock = threading.Lock()
         self._closed = False
         self.thread = threading.Thread(target=self._serve, name=f"weft-in {agent.name}<-{addr}", daemon=True)
@@ -488,7 +489,10 @@ class Inbound:
         if spans is None:
             wire.drain(self.sock, payload)
             self._error(req_id, code, message)
+            self.refused += 1
             return
+        self.served += 1
+        self.served_bytes += payload
         views: list[memoryview] = []
         device_copies: list[tuple[memoryview, Span]] = []
         for span in spans:
@@ -509,7 +513,10 @@ class Inbound:
         spans, code, message = resolve_descriptors(self.agent, table, write=False)
         if spans is None:
             self._error(req_id, code, message)
+            self.refused += 1
             return
+        self.served += 1
+        self.served_bytes += total
         views: list[memoryview] = []
         for span in spans:
             if span.view is not None:
