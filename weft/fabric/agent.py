@@ -809,9 +809,7 @@ class Agent:
                 raise errors.ConfigError(f"generation {generation} is the current one")
             self.instance = uuid.uuid4().hex
             self.generation = generation
-            peers = list(self._peers.values())
-            self._peers.clear()
-            inbound = list(self._inbound)
+            peers, inbound = self._take_connections()
         exc = errors.StalePeerError(f"agent {self.name!r} rejoined as generation {generation}")
         for p in peers:
             p.close(exc)
@@ -841,6 +839,12 @@ class Agent:
             served["refused"] += conn.refused
         out.update(served)
         return out
+
+    def _take_connections(self) -> tuple[list[Peer], list[Inbound]]:
+        """With `_lock` held: every peer (forgotten here) and every inbound connection."""
+        peers = list(self._peers.values())
+        self._peers.clear()
+        return peers, list(self._inbound)
 
     def in_flight(self) -> int:
         """Transfers this agent posted that have not ended, plus requests it is serving now."""
@@ -880,9 +884,7 @@ class Agent:
             if self._closed:
                 return
             self._closed = True
-            peers = list(self._peers.values())
-            self._peers.clear()
-            inbound = list(self._inbound)
+            peers, inbound = self._take_connections()
         exc = errors.AgentClosedError(f"agent {self.name!r} closed")
         for p in peers:
             p.close(exc)
