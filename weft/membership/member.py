@@ -476,6 +476,8 @@ class Membership:
         for name in list(self.members):
             if name not in seen and name != self.config.name:
                 self._remove(name, None, "not in etcd after a re-read")
+        for name in [n for n in self._silent if n not in seen]:
+            del self._silent[name]  # its DELETE came while the watch was down
         self._set_leader(leader)
         self._revision = revision
         self.synced = True
