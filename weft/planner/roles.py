@@ -1,0 +1,209 @@
+"""Prefill/decode roles: how many of each, and who, with the fewest flips.
+
+Pure functions: the same members, policy and previous roles give the same answer, on any node.
+Two policies:
+
+* `RatioPolicy`: a fixed ratio such as ``1:3`` with minimum counts.
+* `LoadPolicy`: starts from a floor (the minimums) and moves one member at a time between the
+  roles when the load records show one side saturated and the other idle (hysteresis: two
+  thresholds), never again before the previous step has settled and fresh load was reported
+  after it (no stacked actions, one action per signal), as Dynamo's planner does.
+
+Who flips: members keep their role when they can. New members (no role yet) fill a deficit
+first; then members whose current role is not allowed for them (a GPU-less member where the
+policy restricts GPU-less members); then the least loaded, ties broken by name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["prefill", "decode"]
+ROLES: tuple[Role, Role] = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """What the planner knows of one live member."""
+
+    name: str
+    gpus: int = 1
+    role: Role | None = None
+    queue_depth: int = 0
+    tokens_per_s: float = 0.0
+    load_at: float = 0.0  # when its load record was written (time.time())
+
+
+@dataclass(frozen=True)
+class RatioPolicy:
+    """``prefill:decode`` as integers (``1:3``), with minimum counts."""
+
+    prefill: int = 1
+    decode: int = 3
+    min_prefill: int = 0
+    min_decode: int = 0
+    gpu_less_roles: frozenset[Role] = frozenset(ROLES)
+    """Roles a member without a GPU may take."""
+
+    def __post_init__(self) -> None:
+        if self.prefill < 0 or self.decode < 0 or self.prefill + self.decode == 0:
+            raise ValueError(f"ratio {self.prefill}:{self.decode} needs non-negative parts, not both 0")
+        if self.min_prefill < 0 or self.min_decode < 0:
+            raise ValueError("minimum counts must be >= 0")
+
+    @classmethod
+    def parse(cls, ratio: str, **kw: object) -> RatioPolicy:
+        """``"1:3"`` -> RatioPolicy(1, 3, ...)."""
+        parts = ratio.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"ratio {ratio!r} is not PREFILL:DECODE (e.g. 1:3)")
+        return cls(int(parts[0]), int(parts[1]), **kw)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class LoadPolicy:
+    """A floor plus +/-1 steps driven by queue depth per member of each role."""
+
+    min_prefill: int = 1
+    min_decode: int = 1
+    high_queue: float = 8.0
+    """Mean queue depth per member above which a role is saturated."""
+    low_queue: float = 2.0
+    """Mean queue depth per member below which a role can spare a member."""
+    settle_s: float = 30.0
+    """No new step within this many seconds of the previous one."""
+    gpu_less_roles: frozenset[Role] = frozenset(ROLES)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.low_queue < self.high_queue:
+            raise ValueError("load policy needs 0 <= low_queue < high_queue (hysteresis)")
+
+
+@dataclass(frozen=True)
+class RoleDecision:
+    roles: dict[str, Role]
+    flips: int
+    action: str | None = None  # LoadPolicy: "prefill+1" / "decode+1" when it stepped
+    reason: str = ""
+    counts: tuple[int, int] = (0, 0)
+    notes: list[str] = field(default_factory=list)
+
+
+def ratio_counts(n: int, policy: RatioPolicy) -> tuple[int, int]:
+    """How many prefill and decode members out of `n` (rounding half up, then minimums)."""
+    if n <= 0:
+        return 0, 0
+    share = policy.prefill / (policy.prefill + policy.decode)
+    p = math.floor(n * share + 0.5)
+    p = max(p, min(policy.min_prefill, n))
+    p = min(p, max(n - policy.min_decode, min(policy.min_prefill, n)))
+    return p, n - p
+
+
+def _allowed(m: MemberInfo, allowed: frozenset[Role], role: Role) -> bool:
+    return m.gpus > 0 or role in allowed
+
+
+def assign(
+    members: Iterable[MemberInfo], prefill: int, gpu_less_roles: frozenset[Role]
+) -> tuple[dict[str, Role], int]:
+    """Give `prefill` members the prefill role and the rest decode, changing as few as possible.
+
+    Returns (roles, flips); flips counts members whose existing role changed.
+    """
+    ms = sorted(members, key=lambda m: m.name)
+    roles: dict[str, Role] = {}
+    # a member whose current role is not allowed for it has to move anyway
+    keep: dict[str, Role] = {
+        m.name: m.role for m in ms if m.role is not None and _allowed(m, gpu_less_roles, m.role)
+    }
+    want = {"prefill": prefill, "decode": len(ms) - prefill}
+    for role in ROLES:
+        holders = [m for m in ms if keep.get(m.name) == role]
+        if len(holders) > want[role]:
+            # too many: the most loaded keep it (they have work), the rest are released
+            holders.sort(key=lambda m: (m.queue_depth, m.tokens_per_s, m.name))
+            for m in holders[: len(holders) - want[role]]:
+                del keep[m.name]
+    roles.update(keep)
+    free = [m for m in ms if m.name not in roles]
+    # new members first (no flip), then the ones moving anyway, then the least loaded
+    free.sort(key=lambda m: (m.role is not None, m.queue_depth, m.tokens_per_s, m.name))
+    for role in ROLES:
+        need = want[role] - sum(1 for r in roles.values() if r == role)
+        for m in [m for m in free if _allowed(m, gpu_less_roles, role)][:need]:
+            roles[m.name] = role
+        free = [m for m in free if m.name not in roles]
+    # still short of a role while the members left may not take it: a kept holder of the other
+    # role that may moves over, and a restricted member takes its seat
+    for role, other in (ROLES, ROLES[::-1]):
+        short = want[role] - sum(1 for r in roles.values() if r == role)
+        blocked = [m for m in free if not _allowed(m, gpu_less_roles, role)]
+        movable = sorted(
+            (m for m in ms if roles.get(m.name) == other and _allowed(m, gpu_less_roles, role)),
+            key=lambda m: (m.queue_depth, m.tokens_per_s, m.name),
+        )
+        for mover, seated in zip(movable, blocked[: max(short, 0)], strict=False):
+            roles[mover.name] = role
+            roles[seated.name] = other
+        free = [m for m in free if m.name not in roles]
+    for m in free:  # nobody allowed for the missing role: they take what they may
+        roles[m.name] = "decode" if _allowed(m, gpu_less_roles, "decode") else "prefill"
+    flips = sum(1 for m in ms if m.role is not None and roles[m.name] != m.role)
+    return roles, flips
+
+
+def plan_roles_ratio(members: Iterable[MemberInfo], policy: RatioPolicy) -> RoleDecision:
+    ms = list(members)
+    p, d = ratio_counts(len(ms), policy)
+    roles, flips = assign(ms, p, policy.gpu_less_roles)
+    return RoleDecision(roles, flips, None, f"ratio {policy.prefill}:{policy.decode} of {len(ms)}", (p, d))
+
+
+def plan_roles_load(
+    members: Iterable[MemberInfo],
+    policy: LoadPolicy,
+    *,
+    previous_action_at: float | None,
+    now: float,
+) -> RoleDecision:
+    """One +/-1 step at most, and only on load reported after the previous step settled."""
+    ms = list(members)
+    n = len(ms)
+    current = {m.name: m.role for m in ms if m.role is not None}
+    p = sum(1 for r in current.values() if r == "prefill")
+    newcomers = n - len(current)
+    if newcomers:  # new members go where the floor needs them, else to decode
+        p = max(p, min(policy.min_prefill, n))
+    p = max(min(p, n - min(policy.min_decode, n)), min(policy.min_prefill, n))
+    action = None
+    reason = f"load floor {policy.min_prefill}/{policy.min_decode}"
+    settled = previous_action_at is None or now - previous_action_at >= policy.settle_s
+    fresh = [m for m in ms if previous_action_at is None or m.load_at > previous_action_at]
+    if settled and fresh and n >= 2:
+        q = {role: [m.queue_depth for m in fresh if current.get(m.name) == role] for role in ROLES}
+        mean = {role: (sum(v) / len(v)) if v else 0.0 for role, v in q.items()}
+        if (
+            mean["prefill"] > policy.high_queue
+            and mean["decode"] < policy.low_queue
+            and n - p > policy.min_decode
+        ):
+            p, action = p + 1, "prefill+1"
+        elif (
+            mean["decode"] > policy.high_queue
+            and mean["prefill"] < policy.low_queue
+            and p > policy.min_prefill
+        ):
+            p, action = p - 1, "decode+1"
+        if action:
+            reason = f"queue depth prefill {mean['prefill']:.1f}, decode {mean['decode']:.1f}: {action}"
+    roles, flips = assign(ms, p, policy.gpu_less_roles)
+    return RoleDecision(roles, flips, action, reason, (p, n - p))
+
+
+def role_counts(roles: Mapping[str, Role]) -> tuple[int, int]:
+    p = sum(1 for r in roles.values() if r == "prefill")
+    return p, len(roles) - p
