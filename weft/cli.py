@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from weft.api.agent_settings import GroupClientSettings
-    from weft.api.records import LeaderRecord, MemberRecord
+    from weft.api.records import AckRecord, LeaderRecord, MemberRecord, PlanRecord
     from weft.membership._etcd import Etcd
 
-R = TypeVar("R", "MemberRecord", "LeaderRecord")
+R = TypeVar("R", "MemberRecord", "LeaderRecord", "PlanRecord", "AckRecord")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -33,7 +33,10 @@ STATUS_JSON_HELP = """\
   {"group": str, "namespace": str,
    "revision": int,                  etcd revision the read is consistent at
    "leader": str | null,             from the `leader` key (verified when a token is given)
-   "plan_epoch": int | null,         `epoch` of the `plan` key when it is JSON with one
+   "plan_epoch": int | null,         epoch of the group's plan (null: none yet)
+   "plan": null | {"epoch": int, "leader": str, "roles": {member: "prefill|decode"},
+            "experts": {"<expert id>": [member, ...]}, "under_replicated": [int],
+            "verified": bool, "acked": [member, ...]},      members that acked this epoch
    "members": [{"name": str, "generation": int, "state": "joining|active|draining",
                 "node": str, "lease_ttl_left": int | null,   seconds, null: no lease
                 "role": str | null, "verified": bool,        signed with the join token
@@ -104,6 +107,14 @@ def _parser() -> argparse.ArgumentParser:
         "--join-timeout", metavar="SECONDS", help="longest wait for etcd when joining (WEFT_JOIN_TIMEOUT)"
     )
     agent.add_argument("--node", help="node name shown to others (WEFT_NODE; default: the host name)")
+    agent.add_argument("--ratio", metavar="P:D", help="prefill:decode members, e.g. 1:3 (WEFT_RATIO)")
+    agent.add_argument("--min-prefill", metavar="N", help="at least N prefill members (WEFT_MIN_PREFILL)")
+    agent.add_argument("--min-decode", metavar="N", help="at least N decode members (WEFT_MIN_DECODE)")
+    agent.add_argument("--experts", metavar="E", help="MoE experts to place, 0: none (WEFT_EXPERTS)")
+    agent.add_argument("--replication", metavar="R", help="replicas per expert (WEFT_REPLICATION)")
+    agent.add_argument(
+        "--redundant-slots", metavar="S", help="extra replicas for the hottest experts (WEFT_REDUNDANT_SLOTS)"
+    )
     agent.add_argument(
         "--ready-file", type=Path, metavar="F", help="write JSON (pid, ports, generation) here once active"
     )
@@ -172,6 +183,14 @@ def _agent(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "drain_timeout": args.drain_timeout,
         "join_timeout": args.join_timeout,
         "node": args.node,
+        "planning": {
+            "ratio": args.ratio,
+            "min_prefill": args.min_prefill,
+            "min_decode": args.min_decode,
+            "experts": args.experts,
+            "replication": args.replication,
+            "redundant_slots": args.redundant_slots,
+        },
     }
     try:
         settings = daemon.load_agent_settings(args.config, env, overrides)
@@ -219,6 +238,9 @@ async def read_group_status(settings: GroupClientSettings, secret: bytes | None)
 
         {"group": str, "namespace": str, "revision": int, "leader": str | None,
          "plan_epoch": int | None,
+         "plan": None | {"epoch": int, "leader": str, "roles": {member: "prefill" | "decode"},
+                         "experts": {expert id (str): [member, ...]}, "under_replicated": [int],
+                         "verified": bool, "acked": [member, ...] (acked this epoch)},
          "members": [{"name", "generation", "state", "node", "lease_ttl_left", "role",
                       "verified", "incarnation", "capabilities", "http"}],
          "invalid": [{"key", "error"}]}
@@ -253,6 +275,8 @@ async def read_group_status(settings: GroupClientSettings, secret: bytes | None)
         invalid: list[dict[str, str]] = []
         leader: str | None = None
         plan_epoch: int | None = None
+        plan: dict[str, Any] | None = None
+        acks: dict[str, int] = {}
         for kv in kvs:
             key = kv.key.decode("utf-8", "replace")
             rest = key[len(prefix) :]
@@ -272,7 +296,27 @@ async def read_group_status(settings: GroupClientSettings, secret: bytes | None)
                 if verified or secret is None:
                     leader = leader_record.name
             elif rest == "plan":
-                plan_epoch = _plan_epoch(kv.value)
+                try:
+                    plan_record, plan_verified = _unseal(records.PlanRecord, kv.value, key, secret)
+                except records.RecordError as exc:
+                    invalid.append({"key": key, "error": str(exc)})
+                    continue
+                plan_epoch = plan_record.epoch
+                plan = {
+                    "epoch": plan_record.epoch,
+                    "leader": plan_record.leader,
+                    "roles": dict(sorted(plan_record.roles.items())),
+                    "experts": {e: plan_record.experts[e] for e in sorted(plan_record.experts, key=int)},
+                    "under_replicated": plan_record.under_replicated,
+                    "verified": plan_verified,
+                }
+            elif rest.startswith("acks/"):
+                try:
+                    ack, _ = _unseal(records.AckRecord, kv.value, key, secret)
+                except records.RecordError as exc:
+                    invalid.append({"key": key, "error": str(exc)})
+                    continue
+                acks[ack.name] = ack.epoch
         ttls = await asyncio.gather(*(_ttl_left(etcd, lease) for _, lease, _ in members))
     finally:
         await etcd.close()
@@ -298,6 +342,9 @@ async def read_group_status(settings: GroupClientSettings, secret: bytes | None)
         "revision": revision,
         "leader": leader,
         "plan_epoch": plan_epoch,
+        "plan": None
+        if plan is None
+        else plan | {"acked": sorted(n for n, e in acks.items() if e == plan_epoch)},
         "members": rows,
         "invalid": invalid,
     }
@@ -322,15 +369,6 @@ async def _ttl_left(etcd: Etcd, lease: int) -> int | None:
     return ttl if ttl >= 0 else None
 
 
-def _plan_epoch(value: bytes) -> int | None:
-    try:
-        plan = json.loads(value)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    epoch = plan.get("epoch") if isinstance(plan, dict) else None
-    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
-
-
 def _print_status(report: Mapping[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -353,6 +391,15 @@ def _print_status(report: Mapping[str, Any]) -> None:
         table.add_row(name, m["state"], str(m["generation"]), m["node"], lease, show(m["role"]), verified)
     console = Console()
     console.print(table)
+    plan = report.get("plan")
+    if plan is not None:
+        roles = list(plan["roles"].values())
+        console.print(
+            f"plan {plan['epoch']} by {plan['leader']}: {roles.count('prefill')} prefill, "
+            f"{roles.count('decode')} decode, {len(plan['experts'])} experts, under-replicated "
+            f"{plan['under_replicated'] or 'none'}, acked by {len(plan['acked'])}/{len(plan['roles'])}",
+            highlight=False,
+        )
     for bad in report["invalid"]:
         console.print(f"[red]invalid record[/red] {bad['key']}: {bad['error']}", markup=True, highlight=False)
 

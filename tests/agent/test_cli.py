@@ -164,42 +164,49 @@ def test_two_agents_see_each_other_and_weft_status_lists_both(
     done = weft("status", "--etcd", etcd.endpoint, "--group", "g", "--secret-file", str(token_file), "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert list(report) == ["group", "namespace", "revision", "leader", "plan_epoch", "members", "invalid"]
-    assert (report["group"], report["namespace"], report["leader"], report["plan_epoch"]) == (
-        "g",
-        "default",
-        leader,
-        None,
-    )
+    keys = ["group", "namespace", "revision", "leader", "plan_epoch", "plan", "members", "invalid"]
+    assert list(report) == keys
+    assert (report["group"], report["namespace"], report["leader"]) == ("g", "default", leader)
     assert report["revision"] > 0 and report["invalid"] == []
     assert [m["name"] for m in report["members"]] == ["a", "b"]
     for m, agent in zip(report["members"], (a, b), strict=True):
         assert {"name", "generation", "state", "node", "lease_ttl_left", "role"} <= set(m)
         assert {"verified", "incarnation", "capabilities"} <= set(m)
         assert m["generation"] == agent.info["generation"]
-        assert (m["state"], m["node"], m["verified"], m["incarnation"], m["role"]) == (
+        assert (m["state"], m["node"], m["verified"], m["incarnation"]) == (
             "active",
             socket.gethostname(),
             True,
             0,
-            None,
         )
+        assert m["role"] in (None, "prefill", "decode")  # set once the agent applied a plan
         assert 0 < m["lease_ttl_left"] <= 3
         assert sorted(m["capabilities"]["backends"]) == ["local", "tcp"]
         assert m["http"] == agent.info["http"]
 
-    # without the token: the same members, marked unverified; a plan's epoch when it has one
-    etcd.etcdctl("put", "/weft/v1/default/g/plan", '{"epoch": 7, "roles": {}}')
+    # the leader's plan, acked by both (ratio 1:3 of two members: one prefill, one decode)
+    def planned() -> dict[str, Any] | None:
+        done = weft(
+            "status", "--etcd", etcd.endpoint, "--group", "g", "--secret-file", str(token_file), "--json"
+        )
+        plan = json.loads(done.stdout)["plan"]
+        return plan if plan and plan["acked"] == ["a", "b"] and set(plan["roles"]) == {"a", "b"} else None
+
+    plan = wait_for("a plan acked by both", planned, 10.0)
+    assert sorted(plan["roles"].values()) == ["decode", "prefill"] and plan["verified"]
+    assert plan["experts"] == {} and plan["under_replicated"] == [] and plan["epoch"] >= 1
+
+    # without the token: the same members, marked unverified
     done = weft("status", "--etcd", etcd.endpoint, "--group", "g", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert [(m["name"], m["verified"]) for m in report["members"]] == [("a", False), ("b", False)]
-    assert report["plan_epoch"] == 7
+    assert report["plan"]["verified"] is False and report["plan_epoch"] == report["plan"]["epoch"]
 
     # the table
     done = weft("status", "--etcd", etcd.endpoint, "--group", "g", "--secret-file", str(token_file))
     assert done.returncode == 0, done.stderr
-    for text in ("a", "b", "active", "plan epoch 7", "(leader)"):
+    for text in ("a", "b", "active", "plan epoch ", "acked by 2/2", "(leader)"):
         assert text in done.stdout
 
 

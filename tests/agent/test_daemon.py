@@ -111,6 +111,12 @@ def test_every_environment_variable_lands_in_its_field(tmp_path: Path) -> None:
         "WEFT_DRAIN_TIMEOUT": "9",
         "WEFT_JOIN_TIMEOUT": "4",
         "WEFT_NODE": "node-7",
+        "WEFT_RATIO": "1:2",
+        "WEFT_MIN_PREFILL": "1",
+        "WEFT_MIN_DECODE": "2",
+        "WEFT_EXPERTS": "64",
+        "WEFT_REPLICATION": "2",
+        "WEFT_REDUNDANT_SLOTS": "8",
         "POD_UID": "0b6f0a2e-8c1d-4f3a-9a51-6f7d2c4e9b10",
         "UNRELATED": "ignored",
     }
@@ -123,6 +129,15 @@ def test_every_environment_variable_lands_in_its_field(tmp_path: Path) -> None:
     assert s.etcd.password.get_secret_value() == "pw"
     assert (s.lease_ttl, s.listen_host, s.advertise_host, s.listen_port) == (2.5, "0.0.0.0", "10.0.0.7", 7000)
     assert s.backends == ["tcp", "local"]
+    p = s.planning
+    assert (p.ratio, p.min_prefill, p.min_decode, p.experts, p.replication, p.redundant_slots) == (
+        "1:2",
+        1,
+        2,
+        64,
+        2,
+        8,
+    )
     assert (s.http_host, s.http_port, s.drain_timeout, s.join_timeout) == ("0.0.0.0", 7001, 9.0, 4.0)
     assert (s.node, s.instance) == ("node-7", env["POD_UID"])
     assert s.fabric_host == "10.0.0.7"

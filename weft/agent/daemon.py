@@ -26,6 +26,7 @@ from typing import Any
 
 from weft.agent import http as agent_http
 from weft.agent import metrics as agent_metrics
+from weft.agent.coordinator import Coordinator, PlanningConfig
 from weft.api import agent_settings
 from weft.api.agent_settings import AgentSettings
 from weft.fabric.agent import Agent
@@ -33,6 +34,7 @@ from weft.fabric.config import AgentConfig
 from weft.fabric.errors import ConfigError, WeftError
 from weft.membership import errors as membership_errors
 from weft.membership.member import MemberConfig, Membership
+from weft.planner import ExpertSpec, RatioPolicy
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ async def run_agent(
     signals = _catch_signals(loop, stop, alog)
     agent: Agent | None = None
     membership: Membership | None = None
+    coordinator: Coordinator | None = None
     server = agent_http.HttpServer()
     left = False
     try:
@@ -149,6 +152,8 @@ async def run_agent(
         if not await _unless_stopped(_join(membership), stop):
             alog.info("stopped before it joined")
             return EXIT_OK
+        coordinator = Coordinator(membership, planning_config(settings.planning))
+        await coordinator.start()
         alog.info("active as generation %d", membership.generation)
         if ready_file is not None:
             _write_ready_file(
@@ -163,6 +168,7 @@ async def run_agent(
                 },
             )
         await stop.wait()
+        await coordinator.stop()
         alog.info("draining: %d transfers in flight", agent.in_flight())
         await membership.leave()
         left = True
@@ -182,6 +188,8 @@ async def run_agent(
         alog.error("could not start: %s", exc)
         return EXIT_FAILED
     finally:
+        if coordinator is not None:
+            await coordinator.stop()
         for sig in signals:
             loop.remove_signal_handler(sig)
         if membership is not None and not left:
@@ -192,6 +200,13 @@ async def run_agent(
         await server.close()
         if ready_file is not None:
             _remove_ready_file(ready_file)
+
+
+def planning_config(p: agent_settings.PlanningSettings) -> PlanningConfig:
+    """The planner's policy from the agent's settings."""
+    policy = RatioPolicy.parse(p.ratio, min_prefill=p.min_prefill, min_decode=p.min_decode)
+    experts = ExpertSpec(p.experts, p.replication, p.redundant_slots) if p.experts else None
+    return PlanningConfig(policy, experts, debounce=p.debounce)
 
 
 async def _join(membership: Membership) -> None:

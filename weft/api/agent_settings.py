@@ -31,7 +31,8 @@ The file may not hold ``secret`` itself (use ``secret_file``, or ``WEFT_SECRET``
 ``WEFT_LEASE_TTL``, ``WEFT_SECRET``, ``WEFT_SECRET_FILE``, ``WEFT_LISTEN_HOST``,
 ``WEFT_ADVERTISE_HOST``, ``WEFT_LISTEN_PORT``, ``WEFT_BACKENDS`` (comma-separated),
 ``WEFT_HTTP_HOST``, ``WEFT_HTTP_PORT``, ``WEFT_DRAIN_TIMEOUT``, ``WEFT_JOIN_TIMEOUT``,
-``WEFT_NODE``, and ``POD_UID``
+``WEFT_NODE``, ``WEFT_RATIO``, ``WEFT_MIN_PREFILL``, ``WEFT_MIN_DECODE``, ``WEFT_EXPERTS``,
+``WEFT_REPLICATION``, ``WEFT_REDUNDANT_SLOTS``, and ``POD_UID``
 (the instance id, from the Kubernetes downward API).
 
 Errors are `SettingsError` (a `ValueError` naming the field and its source); `weft.agent`
@@ -56,7 +57,7 @@ MAX_CONFIG_FILE_BYTES = 1 << 20
 _WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
 _SECRET_PATHS = frozenset({("secret",), ("etcd", "password")})
 _PATH_FIELDS = frozenset({("secret_file",), ("etcd", "ca_file"), ("etcd", "cert_file"), ("etcd", "key_file")})
-_SECTIONS = frozenset({"group", "etcd"})
+_SECTIONS = frozenset({"group", "etcd", "planning"})
 
 FieldPath = tuple[str, ...]
 
@@ -82,6 +83,12 @@ ENVIRONMENT: dict[str, FieldPath] = {
     "WEFT_DRAIN_TIMEOUT": ("drain_timeout",),
     "WEFT_JOIN_TIMEOUT": ("join_timeout",),
     "WEFT_NODE": ("node",),
+    "WEFT_RATIO": ("planning", "ratio"),
+    "WEFT_MIN_PREFILL": ("planning", "min_prefill"),
+    "WEFT_MIN_DECODE": ("planning", "min_decode"),
+    "WEFT_EXPERTS": ("planning", "experts"),
+    "WEFT_REPLICATION": ("planning", "replication"),
+    "WEFT_REDUNDANT_SLOTS": ("planning", "redundant_slots"),
     "POD_UID": ("instance",),
 }
 """Environment variable -> settings field (a path into the sections)."""
@@ -161,6 +168,34 @@ class GroupClientSettings(_Settings):
         return token
 
 
+class PlanningSettings(pydantic.BaseModel):
+    """The group's policy (the operator will feed it from the TransferGroup; flags for now).
+
+    Every agent carries it; the elected leader plans with its own copy.
+    """
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    ratio: Annotated[str, pydantic.StringConstraints(pattern=r"^[0-9]{1,3}:[0-9]{1,3}$")] = "1:3"
+    """``PREFILL:DECODE`` members, e.g. ``1:3``."""
+    min_prefill: Annotated[int, pydantic.Field(ge=0, le=100000)] = 0
+    min_decode: Annotated[int, pydantic.Field(ge=0, le=100000)] = 0
+    experts: Annotated[int, pydantic.Field(ge=0, le=1 << 20)] = 0
+    """MoE experts to place (0: no expert placement)."""
+    replication: Annotated[int, pydantic.Field(ge=1, le=64)] = 1
+    """Replicas of every expert (on distinct members)."""
+    redundant_slots: Annotated[int, pydantic.Field(ge=0, le=1 << 20)] = 0
+    """Extra replicas, given to the hottest experts."""
+    debounce: Annotated[float, pydantic.Field(ge=0, le=60)] = 0.1
+    """Seconds of quiet after a change before the leader re-plans."""
+
+    @pydantic.field_validator("ratio")
+    @classmethod
+    def _not_zero(cls, value: str) -> str:
+        if all(int(p) == 0 for p in value.split(":")):
+            raise ValueError("ratio 0:0 has no members in either role")
+        return value
+
+
 class AgentSettings(GroupClientSettings):
     """Everything `weft agent` needs; one frozen object (see the module docstring for sources)."""
 
@@ -194,6 +229,8 @@ class AgentSettings(GroupClientSettings):
         default_factory=lambda: secrets.token_hex(16)
     )
     """Pod uid when run by the operator (``POD_UID``); random per process otherwise."""
+    planning: PlanningSettings = PlanningSettings()
+    """Role policy and expert layout (``--ratio``, ``--experts``, ...)."""
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> AgentSettings:

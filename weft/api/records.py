@@ -35,6 +35,7 @@ class RecordKind(enum.IntEnum):
     LEADER = 2
     ACK = 3
     LOAD = 4
+    PLAN = 5
 
 
 class _Strict(pydantic.BaseModel):
@@ -122,6 +123,32 @@ class LoadRecord(_Record):
         dict[str, Annotated[int, pydantic.Field(ge=0, lt=1 << 62)]], pydantic.Field(max_length=1 << 16)
     ] = {}
     at: Seconds = 0.0
+
+
+Role = Literal["prefill", "decode"]
+
+
+class PlanRecord(_Record):
+    """``plan``: durable, written only by the leader with a compare-and-swap on the previous one."""
+
+    kind: ClassVar[RecordKind] = RecordKind.PLAN
+    epoch: Annotated[int, pydantic.Field(ge=1, lt=1 << 63)]
+    members: Annotated[list[Name], pydantic.Field(max_length=1 << 16)]
+    roles: Annotated[dict[Name, Role], pydantic.Field(max_length=1 << 16)]
+    experts: Annotated[
+        dict[Annotated[str, pydantic.StringConstraints(pattern=r"^[0-9]{1,9}$")], list[Name]],
+        pydantic.Field(max_length=1 << 20),
+    ] = {}
+    """Expert id (decimal, JSON keys are strings) -> the members hosting it."""
+    under_replicated: Annotated[
+        list[Annotated[int, pydantic.Field(ge=0)]], pydantic.Field(max_length=1 << 20)
+    ] = []
+    reason: Annotated[str, pydantic.Field(max_length=2000)] = ""
+    action: Annotated[str, pydantic.Field(max_length=64)] | None = None
+    action_at: Seconds | None = None
+    leader: Name
+    leader_generation: U64
+    written_at: Seconds = 0.0
 
 
 R = TypeVar("R", bound=_Record)

@@ -488,8 +488,8 @@ class Inbound:
         spans, code, message = resolve_descriptors(self.agent, table, write=True)
         if spans is None:
             wire.drain(self.sock, payload)
+            self.refused += 1  # before the answer: the initiator may read stats right after it
             self._error(req_id, code, message)
-            self.refused += 1
             return
         self.served += 1
         self.served_bytes += payload
@@ -512,8 +512,8 @@ class Inbound:
     def _serve_read(self, req_id: int, table: Any, notify: bytes | None, total: int) -> None:
         spans, code, message = resolve_descriptors(self.agent, table, write=False)
         if spans is None:
-            self._error(req_id, code, message)
             self.refused += 1
+            self._error(req_id, code, message)
             return
         self.served += 1
         self.served_bytes += total

@@ -132,7 +132,8 @@ class Member:
 class MembershipEvent:
     """Something that changed in this agent's view (also what tests and benchmarks time).
 
-    kind: added, updated, removed, leader, fenced, rejoined, etcd-lost, etcd-back.
+    kind: added, updated, removed, leader, fenced, rejoined, etcd-lost, etcd-back, plan (for
+    a plan, `name` is the leader that wrote it and `generation` the plan's epoch).
     """
 
     kind: str
@@ -164,6 +165,11 @@ class Membership:
         self.key = f"{self.prefix}members/{config.name}"
         self.members: dict[str, Member] = {}
         self.leader: str | None = None
+        self.plan: records.PlanRecord | None = None
+        self.plan_revision = 0  # mod revision of the `plan` key (0: none yet): the CAS guard
+        self.plan_invalid = False  # the key holds something that is not a plan of this group
+        self.acks: dict[str, int] = {}  # member -> plan epoch it applied
+        self.loads: dict[str, records.LoadRecord] = {}
         self.phase = Phase.STARTING
         self.state: records.State = "joining"
         self.generation = 0
@@ -197,6 +203,7 @@ class Membership:
         self._stopping = False
         self._revision = 0
         self._joined_at = 0.0
+        self._role: str | None = None
         if agent is not None:
             agent.on_peer_lost(self._peer_lost_threadsafe)
 
@@ -366,6 +373,7 @@ class Membership:
             lease_ttl=float(self.lease_ttl),
             joined_at=self._joined_at,
             http=self.config.http,
+            role=self._role,
         )
 
     async def _join(self, deadline: float) -> None:
@@ -464,6 +472,8 @@ class Membership:
         revision, kvs = await self._etcd.get_prefix(self.prefix.encode())
         seen: set[str] = set()
         leader: str | None = None
+        self.acks.clear()
+        self.loads.clear()
         for kv in kvs:
             rest = kv.key.decode("utf-8", "replace")[len(self.prefix) :]
             if rest.startswith("members/"):
@@ -473,6 +483,8 @@ class Membership:
                     self._apply_member(m)
             elif rest == "leader":
                 leader = self._decode_leader(kv)
+            else:
+                self._apply_other(rest, kv, "put")
         for name in list(self.members):
             if name not in seen and name != self.config.name:
                 self._remove(name, None, "not in etcd after a re-read")
@@ -599,6 +611,46 @@ class Membership:
                 del self._silent[name]
         elif rest == "leader":
             self._set_leader(self._decode_leader(ev.kv) if ev.kind == "put" else None)
+        else:
+            self._apply_other(rest, ev.kv, ev.kind)
+
+    def _apply_other(self, rest: str, kv: KeyValue, kind: str) -> None:
+        """``plan``, ``acks/<name>``, ``load/<name>``: kept for the planner and ``weft status``."""
+        key = self.prefix + rest
+        try:
+            if rest == "plan":
+                if kind == "delete":
+                    self.plan, self.plan_revision, self.plan_invalid = None, 0, False
+                    self._emit("plan", "", 0, "plan deleted")
+                    return
+                try:
+                    plan = records.unseal(records.PlanRecord, kv.value, key, self.config.secret)
+                except records.RecordError:
+                    # keep the last good plan; the leader overwrites this one (CAS on its revision)
+                    self.plan_revision, self.plan_invalid = kv.mod_revision, True
+                    self._emit("plan", "", 0, "invalid plan record: the leader replaces it")
+                    raise
+                if self.plan is None or plan.epoch > self.plan.epoch or self.plan_invalid:
+                    self.plan, self.plan_revision, self.plan_invalid = plan, kv.mod_revision, False
+                    self._emit("plan", plan.leader, plan.epoch, plan.reason or "new plan")
+            elif rest.startswith("acks/"):
+                name = rest[len("acks/") :]
+                if kind == "delete":
+                    self.acks.pop(name, None)
+                else:
+                    self.acks[name] = records.unseal(
+                        records.AckRecord, kv.value, key, self.config.secret
+                    ).epoch
+                    self._changed.set()
+            elif rest.startswith("load/"):
+                name = rest[len("load/") :]
+                if kind == "delete":
+                    self.loads.pop(name, None)
+                else:
+                    self.loads[name] = records.unseal(records.LoadRecord, kv.value, key, self.config.secret)
+                    self._changed.set()
+        except records.RecordError as exc:
+            self._warn_once(key, str(exc))
 
     async def _watch_loop(self) -> None:
         backoff = 0.1
@@ -860,6 +912,34 @@ class Membership:
             except errors.EtcdError:
                 pass
             await asyncio.sleep(0.2)
+
+    async def write_plan(self, plan: records.PlanRecord) -> bool:
+        """Write the next plan if this member leads and nobody wrote one since it last looked.
+
+        The write is a compare-and-swap on the ``plan`` key's revision as this member saw it
+        (absent: 0), so a deposed or paused leader working from an old plan fails instead of
+        overwriting; one epoch never gets two plans. Returns True when written.
+        """
+        if not self.is_leader:
+            return False
+        expected = (self.plan.epoch if self.plan is not None else 0) + 1
+        if plan.epoch != expected:
+            raise errors.MembershipError(f"plan epoch {plan.epoch} does not follow {expected - 1}")
+        key = f"{self.prefix}plan"
+        ok, revision = await self._etcd.replace(
+            key.encode(), records.seal(plan, key, self.config.secret), mod_revision=self.plan_revision
+        )
+        if ok:
+            self.plan, self.plan_revision, self.plan_invalid = plan, revision, False
+            self._emit("plan", plan.leader, plan.epoch, f"written: {plan.reason}")
+        return ok
+
+    async def set_role(self, role: str | None) -> None:
+        """Publish the role this member now serves (after it drained the old one)."""
+        if self.phase is not Phase.JOINED or self._record is None:
+            raise errors.MembershipError(f"{self.config.name} is not joined ({self.phase.value})")
+        self._role = role
+        await self._publish(self.state)
 
     async def put_ack(self, epoch: int) -> None:
         """Publish ``acks/<name>``: this member applied plan `epoch`."""

@@ -1,0 +1,184 @@
+"""Plans in motion: the leader re-plans on changes, every agent applies the plan and acks.
+
+This is where membership (etcd) meets the planner (pure functions); the two never import
+each other, so the glue lives here, in the agent layer.
+
+* **Leader.** On every membership or load change, debounced, it turns the live view into
+  `MemberInfo`s (draining members left out: they are leaving), runs `next_plan` on the
+  current plan, and writes the result only if roles or placement changed, with the plan
+  compare-and-swap (`Membership.write_plan`): a deposed or paused leader's write fails.
+* **Everyone.** When a plan with a newer epoch arrives, the agent takes its role: if the role
+  changes it first drains (waits, bounded, until its transfers in flight are done), then
+  publishes the new role in its member record; then it acks the epoch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from weft.api import records
+from weft.membership import errors as membership_errors
+from weft.membership.member import Membership, MembershipEvent, Phase
+from weft.planner import ExpertSpec, LoadPolicy, MemberInfo, Plan, RatioPolicy, next_plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlanningConfig:
+    policy: RatioPolicy | LoadPolicy
+    experts: ExpertSpec | None = None
+    debounce: float = 0.1
+    """Seconds of quiet after a change before the leader re-plans."""
+    drain_timeout: float = 10.0
+    """Bound on draining the old role's work before taking a new one."""
+
+
+def plan_from_record(rec: records.PlanRecord | None) -> Plan | None:
+    if rec is None:
+        return None
+    return Plan(
+        epoch=rec.epoch,
+        members=tuple(rec.members),
+        roles=dict(rec.roles),
+        experts={int(e): tuple(hosts) for e, hosts in rec.experts.items()},
+        under_replicated=tuple(rec.under_replicated),
+        reason=rec.reason,
+        action=rec.action,
+        action_at=rec.action_at,
+    )
+
+
+def record_from_plan(plan: Plan, leader: str, generation: int) -> records.PlanRecord:
+    return records.PlanRecord(
+        epoch=plan.epoch,
+        members=list(plan.members),
+        roles=dict(plan.roles),
+        experts={str(e): list(hosts) for e, hosts in sorted(plan.experts.items())},
+        under_replicated=list(plan.under_replicated),
+        reason=plan.reason[:2000],
+        action=plan.action,
+        action_at=plan.action_at,
+        leader=leader,
+        leader_generation=generation,
+        written_at=time.time(),
+    )
+
+
+class Coordinator:
+    """Runs the leader's planning loop and this agent's plan application."""
+
+    def __init__(self, membership: Membership, config: PlanningConfig) -> None:
+        self.membership = membership
+        self.config = config
+        self.applied_epoch = 0
+        self.role: str | None = None
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        membership.subscribe(self._on_event)
+
+    def _on_event(self, ev: MembershipEvent) -> None:
+        if ev.kind in ("added", "updated", "removed", "leader", "plan", "rejoined"):
+            self._wake.set()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(), name="weft-coordinator")]
+        self._wake.set()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self.config.debounce)  # let a burst of changes settle
+            self._wake.clear()
+            try:
+                if self.membership.is_leader:
+                    await self.replan()
+                await self.apply()
+            except (membership_errors.EtcdError, membership_errors.MembershipError) as exc:
+                log.info("%s: planning step failed, retrying: %s", self.membership.config.name, exc)
+                await asyncio.sleep(0.2)
+                self._wake.set()
+
+    def _live_members(self) -> list[MemberInfo]:
+        m = self.membership
+        out = []
+        for name, member in sorted(m.members.items()):
+            rec = member.record
+            if rec.state == "draining":
+                continue
+            load = m.loads.get(name)
+            role = rec.role if rec.role in ("prefill", "decode") else None
+            out.append(
+                MemberInfo(
+                    name,
+                    gpus=rec.capabilities.gpus if rec.capabilities.gpus else 1,
+                    role=role,  # type: ignore[arg-type]
+                    queue_depth=load.queue_depth if load else 0,
+                    tokens_per_s=load.tokens_per_s if load else 0.0,
+                    load_at=load.at if load else 0.0,
+                )
+            )
+        return out
+
+    async def replan(self) -> bool:
+        """Leader only: compute the next plan and write it if anything changed."""
+        m = self.membership
+        current = plan_from_record(m.plan)
+        members = self._live_members()
+        expert_load: dict[int, float] = {}
+        for load in m.loads.values():
+            for e, hits in load.expert_hits.items():
+                if e.isdigit():
+                    expert_load[int(e)] = expert_load.get(int(e), 0.0) + hits
+        change = next_plan(
+            current, members, self.config.policy, self.config.experts, expert_load or None, now=time.time()
+        )
+        nxt = change.plan
+        unchanged = current is not None and (
+            nxt.members == current.members and nxt.roles == current.roles and nxt.experts == current.experts
+        )
+        if unchanged and not m.plan_invalid:
+            return False
+        written = await m.write_plan(record_from_plan(nxt, m.config.name, m.generation))
+        if written:
+            log.info(
+                "%s: plan %d: %d members, %d flips, %d replicas to pull, under-replicated %s",
+                m.config.name,
+                nxt.epoch,
+                len(nxt.members),
+                change.role_flips,
+                len(change.added),
+                list(nxt.under_replicated),
+            )
+        return written
+
+    async def apply(self) -> None:
+        """Take this agent's role in the newest plan (draining the old one first), then ack."""
+        m = self.membership
+        plan = m.plan
+        if plan is None or plan.epoch <= self.applied_epoch or m.phase is not Phase.JOINED:
+            return
+        role = plan.roles.get(m.config.name)
+        if role is not None and role != self.role:
+            if self.role is not None and m.agent is not None:
+                deadline = time.monotonic() + self.config.drain_timeout
+                # the fabric counts transfers, it does not signal them: poll, bounded
+                while m.agent.in_flight() and time.monotonic() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            self.role = role
+            await m.set_role(role)
+        await m.put_ack(plan.epoch)
+        self.applied_epoch = plan.epoch
