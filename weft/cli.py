@@ -116,6 +116,11 @@ def _parser() -> argparse.ArgumentParser:
         "--redundant-slots", metavar="S", help="extra replicas for the hottest experts (WEFT_REDUNDANT_SLOTS)"
     )
     agent.add_argument(
+        "--expert-source",
+        metavar="SRC",
+        help="expert weights when no replica survived: synthetic:BYTES or dir:PATH (WEFT_EXPERT_SOURCE)",
+    )
+    agent.add_argument(
         "--ready-file", type=Path, metavar="F", help="write JSON (pid, ports, generation) here once active"
     )
     agent.add_argument("--log-level", metavar="L", help="DEBUG, INFO (default), WARNING, ERROR")
@@ -190,6 +195,7 @@ def _agent(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             "experts": args.experts,
             "replication": args.replication,
             "redundant_slots": args.redundant_slots,
+            "expert_source": args.expert_source,
         },
     }
     try:

@@ -85,7 +85,7 @@ async def group(server: EtcdServer, name: str, config: PlanningConfig) -> AsyncI
 
 async def test_eight_then_twelve_members_get_2_6_then_3_9_with_no_flips(etcd_session: EtcdServer) -> None:
     config = PlanningConfig(RatioPolicy.parse("1:3"), ExpertSpec(32, replication=2), debounce=0.05)
-    async with group(etcd_session, "roles", config) as g:
+    async with group(etcd_session, "plan-roles", config) as g:
         for i in range(8):
             await g.join(f"a{i}")
         await g.settled()
@@ -106,7 +106,7 @@ async def test_eight_then_twelve_members_get_2_6_then_3_9_with_no_flips(etcd_ses
 
 async def test_a_crash_gives_a_new_plan_that_every_survivor_acks(etcd_session: EtcdServer) -> None:
     config = PlanningConfig(RatioPolicy.parse("1:3"), ExpertSpec(32, replication=2), debounce=0.05)
-    async with group(etcd_session, "crash", config) as g:
+    async with group(etcd_session, "plan-crash", config) as g:
         for i in range(6):
             await g.join(f"a{i}")
         first = await g.settled()
@@ -122,7 +122,7 @@ async def test_a_crash_gives_a_new_plan_that_every_survivor_acks(etcd_session: E
 
 async def test_a_stale_leader_cannot_write_a_plan(etcd_session: EtcdServer) -> None:
     config = PlanningConfig(RatioPolicy.parse("1:1"), debounce=0.05)
-    async with group(etcd_session, "fence", config) as g:
+    async with group(etcd_session, "plan-fence", config) as g:
         await g.join("a")
         await g.join("b")
         epoch = await g.settled()

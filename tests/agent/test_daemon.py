@@ -117,6 +117,7 @@ def test_every_environment_variable_lands_in_its_field(tmp_path: Path) -> None:
         "WEFT_EXPERTS": "64",
         "WEFT_REPLICATION": "2",
         "WEFT_REDUNDANT_SLOTS": "8",
+        "WEFT_EXPERT_SOURCE": "synthetic:4096",
         "POD_UID": "0b6f0a2e-8c1d-4f3a-9a51-6f7d2c4e9b10",
         "UNRELATED": "ignored",
     }
@@ -130,6 +131,7 @@ def test_every_environment_variable_lands_in_its_field(tmp_path: Path) -> None:
     assert (s.lease_ttl, s.listen_host, s.advertise_host, s.listen_port) == (2.5, "0.0.0.0", "10.0.0.7", 7000)
     assert s.backends == ["tcp", "local"]
     p = s.planning
+    assert p.expert_source == "synthetic:4096"
     assert (p.ratio, p.min_prefill, p.min_decode, p.experts, p.replication, p.redundant_slots) == (
         "1:2",
         1,

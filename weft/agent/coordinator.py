@@ -15,13 +15,13 @@ each other, so the glue lives here, in the agent layer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
 
+from weft.agent.experts import ExpertHolder
 from weft.api import records
-from weft.membership import errors as membership_errors
+from weft.fabric.errors import WeftError
 from weft.membership.member import Membership, MembershipEvent, Phase
 from weft.planner import ExpertSpec, LoadPolicy, MemberInfo, Plan, RatioPolicy, next_plan
 
@@ -72,14 +72,43 @@ def record_from_plan(plan: Plan, leader: str, generation: int) -> records.PlanRe
 class Coordinator:
     """Runs the leader's planning loop and this agent's plan application."""
 
-    def __init__(self, membership: Membership, config: PlanningConfig) -> None:
+    def __init__(
+        self, membership: Membership, config: PlanningConfig, experts: ExpertHolder | None = None
+    ) -> None:
         self.membership = membership
         self.config = config
+        self.experts = experts
+        self.applied: records.PlanRecord | None = None
         self.applied_epoch = 0
         self.role: str | None = None
         self._wake = asyncio.Event()
+        self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         membership.subscribe(self._on_event)
+
+    def status(self) -> dict[str, object]:
+        """For /status: the plan applied, this agent's role, the experts it holds and pulled."""
+        out: dict[str, object] = {"applied_epoch": self.applied_epoch, "role": self.role}
+        plan = self.applied
+        out["members_planned"] = list(plan.members) if plan is not None else []
+        out["plan"] = (
+            None
+            if plan is None
+            else {
+                "epoch": plan.epoch,
+                "roles": plan.roles,
+                "experts": plan.experts,
+                "under_replicated": plan.under_replicated,
+            }
+        )
+        if self.experts is not None:
+            out["experts"] = {str(e): d for e, d in sorted(self.experts.digests().items())}
+            out["pulled"] = [
+                {"expert": p.expert, "source": p.source, "bytes": p.nbytes, "seconds": round(p.seconds, 6)}
+                for p in self.experts.pulled[-200:]
+            ]
+            out["failed_pulls"] = self.experts.failed_pulls
+        return out
 
     def _on_event(self, ev: MembershipEvent) -> None:
         if ev.kind in ("added", "updated", "removed", "leader", "plan", "rejoined"):
@@ -91,25 +120,39 @@ class Coordinator:
         self._wake.set()
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        self._tasks = []
+        self._stopping = True
+        tasks, self._tasks = self._tasks, []
+        # Python 3.11's wait_for can swallow a cancellation that races with its result: cancel
+        # until the task has really ended (the loop also checks _stopping)
+        for _ in range(50):
+            pending = [t for t in tasks if not t.done()]
+            if not pending:
+                break
+            for t in pending:
+                t.cancel()
+            self._wake.set()
+            await asyncio.wait(pending, timeout=0.1)
+        else:
+            log.error("%s: the planning loop did not stop", self.membership.config.name)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await self._wake.wait()
             await asyncio.sleep(self.config.debounce)  # let a burst of changes settle
             self._wake.clear()
+            if self._stopping:
+                return
             try:
                 if self.membership.is_leader:
                     await self.replan()
                 await self.apply()
-            except (membership_errors.EtcdError, membership_errors.MembershipError) as exc:
-                log.info("%s: planning step failed, retrying: %s", self.membership.config.name, exc)
+            except WeftError as exc:  # etcd away, a pull that failed everywhere: try again
+                log.warning("%s: planning step failed, retrying: %s", self.membership.config.name, exc)
                 await asyncio.sleep(0.2)
+                self._wake.set()
+            except Exception:  # a bug: say so loudly, keep the loop alive
+                log.exception("%s: planning step crashed; retrying", self.membership.config.name)
+                await asyncio.sleep(1.0)
                 self._wake.set()
 
     def _live_members(self) -> list[MemberInfo]:
@@ -180,5 +223,33 @@ class Coordinator:
                     await asyncio.sleep(0.01)
             self.role = role
             await m.set_role(role)
+        if self.experts is not None:
+            await self._take_experts(plan)
         await m.put_ack(plan.epoch)
-        self.applied_epoch = plan.epoch
+        self.applied, self.applied_epoch = plan, plan.epoch
+
+    async def _take_experts(self, plan: records.PlanRecord) -> None:
+        """Pull the experts this plan newly gives us (verified), publish, release old ones."""
+        assert self.experts is not None
+        m = self.membership
+        me = m.config.name
+        mine = {int(e) for e, hosts in plan.experts.items() if me in hosts}
+        before = self.applied.experts if self.applied is not None else {}
+        sources: dict[int, list[str]] = {}
+        for e in mine:
+            old = [h for h in before.get(str(e), []) if h != me and h in m.members]
+            staying = [h for h in old if h in plan.experts.get(str(e), [])]
+            sources[e] = staying + [h for h in old if h not in staying]
+        pulled = await self.experts.ensure(mine, sources)
+        kept_one_more = {int(e) for e, hosts in before.items() if me in hosts}
+        self.experts.release(set(self.experts.held) - mine - kept_one_more)
+        if pulled:
+            await m.republish()  # peers learn the new regions from the record
+            log.info(
+                "%s: plan %d: pulled %d experts (%s)",
+                me,
+                plan.epoch,
+                len(pulled),
+                ", ".join(f"{p.expert} from {p.source}" for p in pulled[:8])
+                + (" ..." if len(pulled) > 8 else ""),
+            )

@@ -27,6 +27,7 @@ from typing import Any
 from weft.agent import http as agent_http
 from weft.agent import metrics as agent_metrics
 from weft.agent.coordinator import Coordinator, PlanningConfig
+from weft.agent.experts import ExpertHolder, ExpertSource
 from weft.api import agent_settings
 from weft.api.agent_settings import AgentSettings
 from weft.fabric.agent import Agent
@@ -138,8 +139,14 @@ async def run_agent(
             join_timeout=settings.join_timeout,
         )
         membership = Membership(settings.etcd, config, agent)
+        holder = None
+        if settings.planning.experts and settings.planning.expert_source:
+            holder = ExpertHolder(agent, ExpertSource.parse(settings.planning.expert_source))
+        coordinator = Coordinator(membership, planning_config(settings.planning), holder)
         # no await since the server started: the routes are in place before any request runs
-        server.routes.update(agent_http.agent_routes(membership, agent_metrics.AgentMetrics(membership)))
+        server.routes.update(
+            agent_http.agent_routes(membership, agent_metrics.AgentMetrics(membership), coordinator.status)
+        )
         alog.info(
             "starting: fabric on %s:%d (%s), http on %s:%d, etcd %s",
             settings.fabric_host,
@@ -152,7 +159,6 @@ async def run_agent(
         if not await _unless_stopped(_join(membership), stop):
             alog.info("stopped before it joined")
             return EXIT_OK
-        coordinator = Coordinator(membership, planning_config(settings.planning))
         await coordinator.start()
         alog.info("active as generation %d", membership.generation)
         if ready_file is not None:

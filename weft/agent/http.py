@@ -201,8 +201,12 @@ def status(m: Membership) -> dict[str, Any]:
     }
 
 
-def agent_routes(m: Membership, metrics: agent_metrics.AgentMetrics) -> dict[str, Route]:
-    """The routes of a node agent."""
+def agent_routes(
+    m: Membership,
+    metrics: agent_metrics.AgentMetrics,
+    extra: Callable[[], dict[str, Any]] | None = None,
+) -> dict[str, Route]:
+    """The routes of a node agent; `extra` adds fields to /status (the plan applied, experts held)."""
 
     def healthz() -> Response:
         return Response(200, b"ok\n")
@@ -215,7 +219,10 @@ def agent_routes(m: Membership, metrics: agent_metrics.AgentMetrics) -> dict[str
         return Response(200, metrics.render(), agent_metrics.CONTENT_TYPE)
 
     def status_route() -> Response:
-        body = json.dumps(status(m), separators=(",", ":")).encode()
+        doc = status(m)
+        if extra is not None:
+            doc |= extra()
+        body = json.dumps(doc, separators=(",", ":")).encode()
         return Response(200, body, "application/json")
 
     return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics_route, "/status": status_route}

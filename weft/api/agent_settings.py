@@ -32,7 +32,7 @@ The file may not hold ``secret`` itself (use ``secret_file``, or ``WEFT_SECRET``
 ``WEFT_ADVERTISE_HOST``, ``WEFT_LISTEN_PORT``, ``WEFT_BACKENDS`` (comma-separated),
 ``WEFT_HTTP_HOST``, ``WEFT_HTTP_PORT``, ``WEFT_DRAIN_TIMEOUT``, ``WEFT_JOIN_TIMEOUT``,
 ``WEFT_NODE``, ``WEFT_RATIO``, ``WEFT_MIN_PREFILL``, ``WEFT_MIN_DECODE``, ``WEFT_EXPERTS``,
-``WEFT_REPLICATION``, ``WEFT_REDUNDANT_SLOTS``, and ``POD_UID``
+``WEFT_REPLICATION``, ``WEFT_REDUNDANT_SLOTS``, ``WEFT_EXPERT_SOURCE``, and ``POD_UID``
 (the instance id, from the Kubernetes downward API).
 
 Errors are `SettingsError` (a `ValueError` naming the field and its source); `weft.agent`
@@ -89,6 +89,7 @@ ENVIRONMENT: dict[str, FieldPath] = {
     "WEFT_EXPERTS": ("planning", "experts"),
     "WEFT_REPLICATION": ("planning", "replication"),
     "WEFT_REDUNDANT_SLOTS": ("planning", "redundant_slots"),
+    "WEFT_EXPERT_SOURCE": ("planning", "expert_source"),
     "POD_UID": ("instance",),
 }
 """Environment variable -> settings field (a path into the sections)."""
@@ -187,6 +188,11 @@ class PlanningSettings(pydantic.BaseModel):
     """Extra replicas, given to the hottest experts."""
     debounce: Annotated[float, pydantic.Field(ge=0, le=60)] = 0.1
     """Seconds of quiet after a change before the leader re-plans."""
+    expert_source: (
+        Annotated[str, pydantic.StringConstraints(pattern=r"^(synthetic:[0-9]{1,12}|dir:.+)$")] | None
+    ) = None
+    """Where expert weights come from when no replica survived: ``synthetic:BYTES`` (tests,
+    demos) or ``dir:PATH`` (``expert-<id>.bin`` + ``manifest.json``); None: placement only."""
 
     @pydantic.field_validator("ratio")
     @classmethod
