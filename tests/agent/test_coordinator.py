@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,7 +15,7 @@ from weft.api.settings import EtcdSettings, GroupRef
 from weft.membership._etcd import Etcd
 from weft.membership.etcdserver import EtcdServer
 from weft.membership.member import MemberConfig, Membership
-from weft.planner import ExpertSpec, RatioPolicy, next_plan
+from weft.planner import ExpertSpec, LoadPolicy, RatioPolicy, next_plan
 from weft.planner.roles import role_counts
 
 pytestmark = pytest.mark.integration
@@ -146,3 +147,68 @@ async def test_a_stale_leader_cannot_write_a_plan(etcd_session: EtcdServer) -> N
         assert (
             records.unseal(records.PlanRecord, kv.value, key, SECRET).leader == "newer"
         )  # one plan per epoch
+
+
+async def plan_history(settings: EtcdSettings, prefix: str) -> list[records.PlanRecord]:
+    """Every version the `plan` key ever had (etcd keeps history until compaction)."""
+    key = f"{prefix}plan".encode()
+    out: list[records.PlanRecord] = []
+    async with Etcd(settings) as etcd:
+        last = await etcd.get(key)
+        assert last is not None
+        stream = etcd.watch_prefix(key, 1)
+        try:
+            async with asyncio.timeout(5):
+                async for batch in stream:
+                    for ev in batch:
+                        if ev.kind == "put" and ev.kv.key == key:
+                            out.append(records.unseal(records.PlanRecord, ev.kv.value, key.decode(), SECRET))
+                    if out and batch and batch[-1].kv.mod_revision >= last.mod_revision:
+                        break
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+    return out
+
+
+def assert_one_plan_per_epoch(history: list[records.PlanRecord]) -> None:
+    epochs = [p.epoch for p in history]
+    assert epochs == list(range(1, len(epochs) + 1)), epochs  # each epoch once, in order, no gaps
+
+
+async def test_the_leader_dies_while_re_planning_and_epochs_stay_single(etcd_session: EtcdServer) -> None:
+    config = PlanningConfig(RatioPolicy.parse("1:3"), ExpertSpec(16, replication=2), debounce=0.2)
+    async with group(etcd_session, "plan-leader-dies", config) as g:
+        for i in range(5):
+            await g.join(f"a{i}")
+        first = await g.settled()
+        leader = g.all()[0].leader
+        assert leader is not None
+        await g.join("late")  # a change: the leader waits out its debounce before it re-plans...
+        await g.crash(leader)  # ...and dies inside it
+        await g.settled(first + 1, timeout=TTL + 10)
+        plan = g.all()[0].plan
+        assert plan is not None and plan.leader != leader and leader not in plan.members
+        assert "late" in plan.members
+        assert_one_plan_per_epoch(await plan_history(g.settings, g.all()[0].prefix))
+
+
+async def test_load_policy_moves_one_member_per_signal(etcd_session: EtcdServer) -> None:
+    policy = LoadPolicy(min_prefill=1, min_decode=1, high_queue=8, low_queue=2, settle_s=0.5)
+    config = PlanningConfig(policy, debounce=0.05, tick=0.1)
+    async with group(etcd_session, "plan-load", config) as g:
+        for i in range(6):
+            await g.join(f"a{i}")
+        await g.settled()
+        plan = g.all()[0].plan
+        assert plan is not None and role_counts(plan.roles) == (1, 5)
+        first_epoch = plan.epoch
+        for m in g.all():  # one signal: prefill saturated, decode idle
+            busy = plan.roles[m.config.name] == "prefill"
+            await m.put_load(queue_depth=30 if busy else 0)
+        await g.settled(first_epoch + 1)
+        stepped = g.all()[0].plan
+        assert stepped is not None and role_counts(stepped.roles) == (2, 4) and stepped.action == "prefill+1"
+        await asyncio.sleep(2.5)  # several settle times and ticks pass, with no new load reported
+        later = g.all()[0].plan
+        assert later is not None and role_counts(later.roles) == (2, 4)
+        assert later.epoch == stepped.epoch  # not twice for one signal

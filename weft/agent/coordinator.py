@@ -15,6 +15,7 @@ each other, so the glue lives here, in the agent layer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ class PlanningConfig:
     """Seconds of quiet after a change before the leader re-plans."""
     drain_timeout: float = 10.0
     """Bound on draining the old role's work before taking a new one."""
+    tick: float | None = None
+    """Re-plan at least this often (seconds) even without a change; default: 1 s for a load
+    policy (its settle time runs out without an event), never for a ratio."""
 
 
 def plan_from_record(rec: records.PlanRecord | None) -> Plan | None:
@@ -111,7 +115,7 @@ class Coordinator:
         return out
 
     def _on_event(self, ev: MembershipEvent) -> None:
-        if ev.kind in ("added", "updated", "removed", "leader", "plan", "rejoined"):
+        if ev.kind in ("added", "updated", "removed", "leader", "plan", "rejoined", "load"):
             self._wake.set()
 
     async def start(self) -> None:
@@ -136,8 +140,15 @@ class Coordinator:
             log.error("%s: the planning loop did not stop", self.membership.config.name)
 
     async def _run(self) -> None:
+        tick = self.config.tick
+        if tick is None and isinstance(self.config.policy, LoadPolicy):
+            tick = 1.0
         while not self._stopping:
-            await self._wake.wait()
+            if tick is None:
+                await self._wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), tick)
             await asyncio.sleep(self.config.debounce)  # let a burst of changes settle
             self._wake.clear()
             if self._stopping:
@@ -163,12 +174,13 @@ class Coordinator:
             if rec.state == "draining":
                 continue
             load = m.loads.get(name)
-            role = rec.role if rec.role in ("prefill", "decode") else None
             out.append(
                 MemberInfo(
                     name,
                     gpus=rec.capabilities.gpus if rec.capabilities.gpus else 1,
-                    role=role,  # type: ignore[arg-type]
+                    # the role comes from the current plan (what is meant), not from the record,
+                    # which lags until the member has applied it
+                    role=None,
                     queue_depth=load.queue_depth if load else 0,
                     tokens_per_s=load.tokens_per_s if load else 0.0,
                     load_at=load.at if load else 0.0,

@@ -132,8 +132,8 @@ class Member:
 class MembershipEvent:
     """Something that changed in this agent's view (also what tests and benchmarks time).
 
-    kind: added, updated, removed, leader, fenced, rejoined, etcd-lost, etcd-back, plan (for
-    a plan, `name` is the leader that wrote it and `generation` the plan's epoch).
+    kind: added, updated, removed, leader, fenced, rejoined, etcd-lost, etcd-back, load, plan
+    (for a plan, `name` is the leader that wrote it and `generation` the plan's epoch).
     """
 
     kind: str
@@ -647,8 +647,9 @@ class Membership:
                 if kind == "delete":
                     self.loads.pop(name, None)
                 else:
-                    self.loads[name] = records.unseal(records.LoadRecord, kv.value, key, self.config.secret)
-                    self._changed.set()
+                    load = records.unseal(records.LoadRecord, kv.value, key, self.config.secret)
+                    self.loads[name] = load
+                    self._emit("load", name, load.generation, f"queue depth {load.queue_depth}")
         except records.RecordError as exc:
             self._warn_once(key, str(exc))
 
