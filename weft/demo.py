@@ -1,9 +1,10 @@
 """`weft demo`: the data plane and the control plane, live, on this machine.
 
 Act 1: two agents in separate processes move checksummed KV blocks both ways.
-Act 2: an embedded etcd and four `weft agent` daemons form a group; one is killed with
-SIGKILL and the survivors remove it (the table shows who noticed, how fast, and by which
-signal); the leader moves if the leader died. The rebalancing act joins with the planner.
+Act 2: an embedded etcd and four `weft agent` daemons form a group with roles (1:3) and 16
+MoE experts placed twice; the leader is killed with SIGKILL; the survivors remove it (who
+noticed, how fast, by which signal), elect a new leader, re-plan, pull the lost expert
+replicas from surviving ones over the fabric and verify every byte.
 """
 
 from __future__ import annotations
@@ -173,6 +174,8 @@ def run(console: Console | None = None) -> int:
 # -- act 2: membership ---------------------------------------------------------------------
 AGENTS = 4
 TTL = 3
+EXPERTS = 16
+EXPERT_BYTES = 1 << 20
 
 
 def _status(port: int) -> dict[str, Any] | None:
@@ -186,20 +189,24 @@ def _status(port: int) -> dict[str, Any] | None:
 
 def _view_table(names: list[str], ports: dict[str, int], dead: set[str]) -> Table:
     table = Table(title=f"group 'demo' (lease TTL {TTL} s): each agent's own view")
-    for col in ("agent", "generation", "ready", "leader", "sees"):
+    for col in ("agent", "generation", "ready", "leader", "sees", "plan", "role", "experts held"):
         table.add_column(col)
     for name in names:
         st = None if name in dead else _status(ports[name])
         if st is None:
-            table.add_row(name, "-", "[red]killed" if name in dead else "...", "-", "-")
+            table.add_row(name, "-", "[red]killed" if name in dead else "...", *["-"] * 5)
             continue
         sees = sorted(m["name"] for m in st["members"] if m["name"] != name)
+        held = sorted(int(e) for e in st.get("experts", {}))
         table.add_row(
             name,
             str(st["generation"]),
             "[green]yes" if st["ready"] else "[yellow]no",
             str(st["leader"]),
             ", ".join(sees) or "-",
+            str(st.get("applied_epoch") or "-"),
+            str(st.get("role") or "-"),
+            " ".join(map(str, held)) or "-",
         )
     return table
 
@@ -215,6 +222,8 @@ def _membership_act(console: Console) -> bool:
             for name in names:
                 cmd = [sys.executable, "-m", "weft.cli", "agent", "--etcd", etcd.endpoint, "--group", "demo"]
                 cmd += ["--name", name, "--lease-ttl", str(TTL), "--ready-file", f"{tmp}/{name}.ready"]
+                cmd += ["--ratio", "1:3", "--experts", str(EXPERTS), "--replication", "2"]
+                cmd += ["--expert-source", f"synthetic:{EXPERT_BYTES}"]
                 with open(f"{tmp}/{name}.log", "wb") as log_file:
                     procs[name] = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
             ports = _wait_ready(names, Path(tmp), procs, deadline=time.monotonic() + 30)
@@ -224,13 +233,17 @@ def _membership_act(console: Console) -> bool:
             dead: set[str] = set()
             with Live(_view_table(names, ports, dead), console=console, refresh_per_second=10) as live:
                 deadline = time.monotonic() + 15
-                while time.monotonic() < deadline and not _all_see(names, ports, dead):
+                while time.monotonic() < deadline and not (
+                    _all_see(names, ports, dead) and _plan_applied(names, ports, dead) is not None
+                ):
                     live.update(_view_table(names, ports, dead))
                     time.sleep(0.1)
+                first_epoch = _plan_applied(names, ports, dead) or 0
                 time.sleep(0.5)
                 leader = (_status(ports[names[0]]) or {}).get("leader") or names[-1]
                 victim = leader  # kill the leader: the survivors also elect a new one
                 victim_gen = (_status(ports[victim]) or {}).get("generation")
+                pulled_before = {n: len((_status(ports[n]) or {}).get("pulled", [])) for n in names}
                 t_kill = time.time()
                 procs[victim].send_signal(signal.SIGKILL)
                 dead.add(victim)
@@ -259,6 +272,14 @@ def _membership_act(console: Console) -> bool:
                         new_leader = (str(leaders.pop()), time.time() - t_kill)
                     live.update(_view_table(names, ports, dead))
                     time.sleep(0.05)
+                replanned: float | None = None
+                deadline = time.monotonic() + TTL + 10
+                while time.monotonic() < deadline and replanned is None:
+                    epoch = _plan_applied(names, ports, dead)
+                    if epoch is not None and epoch > first_epoch:
+                        replanned = time.time() - t_kill
+                    live.update(_view_table(names, ports, dead))
+                    time.sleep(0.05)
             table = Table(title=f"SIGKILL of {victim} (the leader): when each survivor removed it")
             for col in ("survivor", "after", "signal"):
                 table.add_column(col)
@@ -279,7 +300,8 @@ def _membership_act(console: Console) -> bool:
                 "listens at its address any more; lease: etcd expired the dead agent's lease "
                 f"(TTL {TTL} s) and the watch delivered the DELETE"
             )
-            return len(removed) == AGENTS - 1 and new_leader is not None
+            verified = _show_moves(console, names, ports, dead, pulled_before, replanned)
+            return len(removed) == AGENTS - 1 and new_leader is not None and verified
         finally:
             for proc in procs.values():
                 if proc.poll() is None:
@@ -292,6 +314,57 @@ def _membership_act(console: Console) -> bool:
                     code = proc.wait()
                 if code not in (0, -signal.SIGKILL):
                     console.print(f"[yellow]{name} exited with {code}")
+
+
+def _plan_applied(names: list[str], ports: dict[str, int], dead: set[str]) -> int | None:
+    """The epoch every live agent has applied, if they agree and it lists exactly them."""
+    alive = {n for n in names if n not in dead}
+    views = [_status(ports[n]) for n in alive]
+    if any(v is None for v in views):
+        return None
+    epochs = {v["applied_epoch"] for v in views if v is not None}
+    planned = [set(v.get("members_planned", [])) for v in views if v is not None]
+    if len(epochs) != 1 or 0 in epochs or any(p != alive for p in planned):
+        return None
+    return int(epochs.pop())
+
+
+def _show_moves(
+    console: Console,
+    names: list[str],
+    ports: dict[str, int],
+    dead: set[str],
+    pulled_before: dict[str, int],
+    took: float | None,
+) -> bool:
+    """The re-plan: which experts each survivor pulled after the kill, from where, verified."""
+    from weft.agent.experts import SyntheticExperts
+
+    if took is None:
+        console.print("[red]no new plan was applied by every survivor")
+        return False
+    truth = SyntheticExperts(EXPERT_BYTES)
+    table = Table(title=f"re-plan applied by every survivor {took:.2f} s after the kill: experts moved")
+    for col in ("survivor", "role", "experts held", "pulled after the kill", "bytes verified"):
+        table.add_column(col)
+    ok = True
+    for name in names:
+        if name in dead:
+            continue
+        st = _status(ports[name]) or {}
+        held = st.get("experts", {})
+        good = all(d == truth.digest(int(e)) for e, d in held.items())
+        ok = ok and good and bool(held)
+        fresh = st.get("pulled", [])[pulled_before.get(name, 0) :]
+        table.add_row(
+            name,
+            str(st.get("role")),
+            str(len(held)),
+            ", ".join(f"{p['expert']}<-{p['source']}" for p in fresh[-6:]) or "-",
+            "[green]all BLAKE2 match" if good else "[red]MISMATCH",
+        )
+    console.print(table)
+    return ok
 
 
 def _wait_ready(
