@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +11,10 @@ import pytest
 
 from tests.agent.test_cli import AgentProcess, wait_for
 from weft.agent.experts import SyntheticExperts
+from weft.api import records
+from weft.api.settings import EtcdSettings
+from weft.membership._etcd import Etcd
+from weft.membership.etcdserver import EtcdServer
 
 pytestmark = pytest.mark.integration
 
@@ -61,3 +66,64 @@ def test_a_killed_agent_s_experts_are_pulled_from_survivors_and_verified(
                 moved += 1
                 assert p["source"] != victim.name
     assert moved >= len(lost)  # every lost replica was re-created from a surviving one, over the fabric
+
+
+def roles_of(doc: dict[str, Any]) -> tuple[int, int]:
+    roles = list(doc["plan"]["roles"].values())
+    return roles.count("prefill"), roles.count("decode")
+
+
+def test_eight_then_twelve_agents_at_1_to_3_with_no_flips(start_agent: Callable[..., AgentProcess]) -> None:
+    agents = [start_agent(f"a{i}", "--ratio", "1:3") for i in range(8)]
+    eight = wait_for("eight agents on one plan", lambda: settled(agents), 30.0)
+    assert roles_of(eight["a0"]) == (2, 6)
+    before = eight["a0"]["plan"]["roles"]
+    agents += [start_agent(f"b{i}", "--ratio", "1:3") for i in range(4)]
+    twelve = wait_for("twelve agents on one plan", lambda: settled(agents), 30.0)
+    after = twelve["a0"]["plan"]["roles"]
+    assert roles_of(twelve["a0"]) == (3, 9)
+    assert all(after[name] == role for name, role in before.items())  # the fewest flips: none
+    assert all(doc["role"] == after[name] for name, doc in twelve.items())  # each serves its role
+
+
+def test_a_stopped_leader_cannot_write_and_each_epoch_has_one_plan(
+    etcd: EtcdServer, start_agent: Callable[..., AgentProcess]
+) -> None:
+    agents = [start_agent(f"a{i}", "--ratio", "1:1", "--lease-ttl", "2") for i in range(4)]
+    first = wait_for("four agents on one plan", lambda: settled(agents), 30.0)
+    leader_name = first["a0"]["leader"]
+    leader = next(a for a in agents if a.name == leader_name)
+    leader.proc.send_signal(signal.SIGSTOP)  # paused in the middle of its work
+    try:
+        agents.append(start_agent("late", "--ratio", "1:1", "--lease-ttl", "2"))  # a change to plan
+        others = [a for a in agents if a is not leader]
+        after = wait_for("a new leader's plan without the paused one", lambda: settled(others), 30.0)
+        assert after["late"]["plan"]["epoch"] > first["a0"]["plan"]["epoch"]
+    finally:
+        leader.proc.send_signal(signal.SIGCONT)
+    # it notices it was fenced, rejoins, and the group plans it back in: never two plans an epoch
+    wait_for("everyone on one plan again", lambda: settled(agents), 30.0)
+    history = asyncio.run(_plan_history(etcd.endpoint))
+    epochs = [epoch for epoch, _ in history]
+    assert epochs == list(range(1, len(epochs) + 1)), history
+
+
+async def _plan_history(endpoint: str) -> list[tuple[int, str]]:
+    key = b"/weft/v1/default/g/plan"
+    out: list[tuple[int, str]] = []
+    async with Etcd(EtcdSettings(endpoints=[endpoint])) as etcd:
+        last = await etcd.get(key)
+        assert last is not None
+        stream = etcd.watch_prefix(key, 1)
+        try:
+            async with asyncio.timeout(5):
+                async for batch in stream:
+                    for ev in batch:
+                        if ev.kind == "put" and ev.kv.key == key:
+                            plan = records.unseal(records.PlanRecord, ev.kv.value, key.decode(), None)
+                            out.append((plan.epoch, plan.leader))
+                    if out and batch and batch[-1].kv.mod_revision >= last.mod_revision:
+                        break
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+    return out
