@@ -116,6 +116,11 @@ def _parser() -> argparse.ArgumentParser:
         "--redundant-slots", metavar="S", help="extra replicas for the hottest experts (WEFT_REDUNDANT_SLOTS)"
     )
     agent.add_argument(
+        "--gpu-less-roles",
+        metavar="R[,R]",
+        help="roles a member without a GPU may take (default prefill,decode)",
+    )
+    agent.add_argument(
         "--expert-source",
         metavar="SRC",
         help="expert weights when no replica survived: synthetic:BYTES or dir:PATH (WEFT_EXPERT_SOURCE)",
@@ -196,6 +201,7 @@ def _agent(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             "replication": args.replication,
             "redundant_slots": args.redundant_slots,
             "expert_source": args.expert_source,
+            "gpu_less_roles": _split(args.gpu_less_roles),
         },
     }
     try:

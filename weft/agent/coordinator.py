@@ -177,7 +177,7 @@ class Coordinator:
             out.append(
                 MemberInfo(
                     name,
-                    gpus=rec.capabilities.gpus if rec.capabilities.gpus else 1,
+                    gpus=rec.capabilities.gpus,
                     # the role comes from the current plan (what is meant), not from the record,
                     # which lags until the member has applied it
                     role=None,

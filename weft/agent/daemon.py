@@ -210,7 +210,12 @@ async def run_agent(
 
 def planning_config(p: agent_settings.PlanningSettings) -> PlanningConfig:
     """The planner's policy from the agent's settings."""
-    policy = RatioPolicy.parse(p.ratio, min_prefill=p.min_prefill, min_decode=p.min_decode)
+    policy = RatioPolicy.parse(
+        p.ratio,
+        min_prefill=p.min_prefill,
+        min_decode=p.min_decode,
+        gpu_less_roles=frozenset(p.gpu_less_roles),
+    )
     experts = ExpertSpec(p.experts, p.replication, p.redundant_slots) if p.experts else None
     return PlanningConfig(policy, experts, debounce=p.debounce)
 

@@ -186,6 +186,11 @@ class PlanningSettings(pydantic.BaseModel):
     """Replicas of every expert (on distinct members)."""
     redundant_slots: Annotated[int, pydantic.Field(ge=0, le=1 << 20)] = 0
     """Extra replicas, given to the hottest experts."""
+    gpu_less_roles: Annotated[list[Literal["prefill", "decode"]], pydantic.Field(max_length=2)] = [
+        "prefill",
+        "decode",
+    ]
+    """Roles a member without a GPU may take (e.g. only ``decode``)."""
     debounce: Annotated[float, pydantic.Field(ge=0, le=60)] = 0.1
     """Seconds of quiet after a change before the leader re-plans."""
     expert_source: (

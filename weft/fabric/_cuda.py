@@ -38,6 +38,16 @@ def gpu_available() -> bool:
     return _probe()[0]
 
 
+@functools.cache
+def gpu_count() -> int:
+    """CUDA devices CuPy can use (0 without CuPy or a GPU)."""
+    if not _probe()[0]:
+        return 0
+    import cupy
+
+    return int(cupy.cuda.runtime.getDeviceCount())
+
+
 def require_gpu(what: str) -> None:
     """Raise `DeviceUnavailableError` naming `what` when no GPU can be used."""
     ok, why = _probe()

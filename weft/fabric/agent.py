@@ -258,6 +258,11 @@ class Agent:
 
     # -- metadata and peers --------------------------------------------------------------
     @property
+    def gpus(self) -> int:
+        """CUDA devices this process can register VRAM on (0: host memory only)."""
+        return _cuda.gpu_count()
+
+    @property
     def backends(self) -> list[Backend]:
         """The backends that loaded, in order of preference."""
         return [b.kind for b in self._backends]

@@ -360,7 +360,15 @@ class Membership:
             fabric = MemberRecord.encode_fabric(self.agent.metadata())
         caps = self.config.capabilities
         if self.agent is not None and not caps.backends:
-            caps = caps.model_copy(update={"backends": [b.value for b in self.agent.backends]})
+            gpus = self.agent.gpus
+            kinds: list[str] = ["DRAM", "VRAM"] if gpus else ["DRAM"]
+            caps = caps.model_copy(
+                update={
+                    "backends": [b.value for b in self.agent.backends],
+                    "gpus": gpus,
+                    "memory_kinds": kinds,
+                }
+            )
         return MemberRecord(
             name=self.config.name,
             generation=self.generation,
