@@ -115,6 +115,8 @@ class Coordinator:
         return out
 
     def _on_event(self, ev: MembershipEvent) -> None:
+        if ev.kind == "rejoined":
+            self.applied_epoch = 0  # its ack went with the old lease: apply (and ack) again
         if ev.kind in ("added", "updated", "removed", "leader", "plan", "rejoined", "load"):
             self._wake.set()
 
