@@ -324,6 +324,20 @@ def resolve_settings(
         raise _explain(exc, merged, origin) from None
 
 
+def parse_yaml(text: str) -> Any:
+    """YAML -> Python data, safely (no tags that build objects). The one place PyYAML is used.
+
+    Raises:
+        ImportError: PyYAML is not installed. ValueError: not valid YAML.
+    """
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
@@ -334,20 +348,14 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise SettingsError("config", f"config file {path}: larger than {MAX_CONFIG_FILE_BYTES} bytes")
     try:
         text = raw.decode("utf-8")
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else parse_yaml(text)
     except ImportError:
         raise SettingsError(
             "config", f"config file {path}: PyYAML is not installed; use a .json file"
         ) from None
     except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
-        raise SettingsError("config", f"config file {path}: not valid JSON: {exc}") from None
-    except Exception as exc:  # yaml.YAMLError: PyYAML is imported lazily
-        raise SettingsError("config", f"config file {path}: not valid YAML: {exc}") from None
+        kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+        raise SettingsError("config", f"config file {path}: not valid {kind}: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):

@@ -4,6 +4,7 @@ from weft import Agent, AgentConfig, Op
 agent = Agent("a", AgentConfig(backends=["local", "tcp"], secret=b"..."))
 """
 
+from weft.fabric._cuda import gpu_available
 from weft.fabric.agent import Agent
 from weft.fabric.config import AgentConfig
 from weft.fabric.errors import (
@@ -70,4 +71,5 @@ __all__ = [
     "UnknownPeerError",
     "UnknownRegionError",
     "WeftError",
+    "gpu_available",
 ]

@@ -1,0 +1,5 @@
+"""weft.kvstore: LMCache-compatible KV-cache offload to storage tiers (issue 5, in progress)."""
+
+from weft.kvstore.config import LMCacheConfig, NixlBackend, ObjParams, load_lmcache_config
+
+__all__ = ["LMCacheConfig", "NixlBackend", "ObjParams", "load_lmcache_config"]
