@@ -1,5 +1,6 @@
 """weft.kvstore: LMCache-compatible KV-cache offload to storage tiers (issue 5, in progress)."""
 
 from weft.kvstore.config import LMCacheConfig, NixlBackend, ObjParams, load_lmcache_config
+from weft.kvstore.store import KVStore
 
-__all__ = ["LMCacheConfig", "NixlBackend", "ObjParams", "load_lmcache_config"]
+__all__ = ["KVStore", "LMCacheConfig", "NixlBackend", "ObjParams", "load_lmcache_config"]

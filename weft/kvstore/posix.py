@@ -1,0 +1,174 @@
+"""The POSIX tier: one file per KV chunk under ``nixl_path``, written atomically, checksummed.
+
+A chunk file is ``header | key | data | footer``: the header (magic, format, key length, data
+length) lets a reader size everything before reading; the footer is a BLAKE2b-128 of header,
+key and data. A writer writes a temporary name in the same directory, (optionally) fsyncs,
+then renames over the final name, so a writer killed at any point leaves either the old chunk,
+no chunk, or a temporary file that no reader opens; a torn or flipped chunk fails its checksum
+and reads as a miss with a warning, never as data. Files are spread over 256 sub-directories
+by the first byte of the key's SHA-256 (the key itself is stored inside and compared).
+
+I/O runs on a pool of ``nixl_pool_size`` threads with ``pread``/``pwrite`` straight from and
+into the caller's buffer (no copy for host memory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+import uuid
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"WEFTKV"
+FORMAT = 1
+_HEADER = struct.Struct("<6sBxIQ")  # magic, format, pad, key length, data length
+_FOOTER = 16
+MAX_KEY_BYTES = 4096
+
+FsyncPolicy = Literal["always", "never"]
+
+
+def _path(root: Path, key: str) -> Path:
+    h = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return root / h[:2] / f"{h}.kv"
+
+
+class PosixTier:
+    """Chunks as files under `root`.
+
+    Args:
+        root: ``nixl_path``; created if missing.
+        workers: I/O threads (``nixl_pool_size``).
+        fsync: ``always`` (durable before `put` returns) or ``never`` (page cache; a crash of
+            the host, not of the process, may lose recent chunks, never tear one).
+    """
+
+    def __init__(self, root: Path, workers: int = 8, fsync: FsyncPolicy = "never") -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="weft-kv-posix")
+        self.corrupt = 0
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # -- one chunk -------------------------------------------------------------------------
+    def put(self, key: str, data: memoryview) -> None:
+        kb = key.encode("utf-8", "surrogatepass")
+        if len(kb) > MAX_KEY_BYTES:
+            raise ValueError(f"key of {len(kb)} bytes is longer than {MAX_KEY_BYTES}")
+        final = _path(self.root, key)
+        final.parent.mkdir(exist_ok=True)
+        tmp = final.with_name(f".tmp-{uuid.uuid4().hex}")
+        header = _HEADER.pack(MAGIC, FORMAT, len(kb), data.nbytes)
+        digest = hashlib.blake2b(header, digest_size=_FOOTER)
+        digest.update(kb)
+        digest.update(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _write_all(fd, [header, kb, data, digest.digest()])
+            if self.fsync == "always":
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, final)  # atomic: readers see the old chunk or the new one, whole
+
+    def get(self, key: str, into: memoryview | None) -> bytes | int | None:
+        """Read a chunk: into `into` (returns its length) or as bytes; None on a miss.
+
+        A chunk that fails its checks counts as a miss (with a warning) and is removed.
+        """
+        path = _path(self.root, key)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            head = os.pread(fd, _HEADER.size, 0)
+            if len(head) != _HEADER.size:
+                self._bad(path, key, "truncated header")
+                return None
+            magic, fmt, klen, dlen = _HEADER.unpack(head)
+            if magic != MAGIC or fmt != FORMAT or klen > MAX_KEY_BYTES:
+                self._bad(path, key, "not a weft chunk")
+                return None
+            kb = os.pread(fd, klen, _HEADER.size)
+            if kb != key.encode("utf-8", "surrogatepass"):
+                return None  # another key with the same hash prefix... (never seen with SHA-256)
+            if into is not None and into.nbytes < dlen:
+                raise ValueError(f"buffer of {into.nbytes} bytes is smaller than the chunk ({dlen})")
+            target = into[:dlen] if into is not None else memoryview(bytearray(dlen))
+            off = _HEADER.size + klen
+            got = _read_all(fd, target, off)
+            footer = os.pread(fd, _FOOTER, off + dlen)
+            if got != dlen or len(footer) != _FOOTER:
+                self._bad(path, key, "truncated")
+                return None
+            digest = hashlib.blake2b(head, digest_size=_FOOTER)
+            digest.update(kb)
+            digest.update(target)
+            if digest.digest() != footer:
+                self._bad(path, key, "checksum mismatch")
+                return None
+            return dlen if into is not None else bytes(target)
+        finally:
+            os.close(fd)
+
+    def _bad(self, path: Path, key: str, why: str) -> None:
+        self.corrupt += 1
+        log.warning("kvstore: chunk %r at %s is corrupt (%s): treated as a miss and removed", key, path, why)
+        path.unlink(missing_ok=True)
+
+    def contains(self, key: str) -> bool:
+        return _path(self.root, key).exists()
+
+    def delete(self, key: str) -> bool:
+        try:
+            _path(self.root, key).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    # -- many chunks -----------------------------------------------------------------------
+    def put_many(self, items: Sequence[tuple[str, memoryview]]) -> None:
+        for f in [self._pool.submit(self.put, k, d) for k, d in items]:
+            f.result()
+
+    def get_many(self, keys: Iterable[str], intos: Sequence[memoryview | None]) -> list[Any]:
+        futures = [self._pool.submit(self.get, k, b) for k, b in zip(keys, intos, strict=True)]
+        return [f.result() for f in futures]
+
+
+def _write_all(fd: int, parts: list[Any]) -> None:
+    views = [memoryview(p).cast("B") for p in parts]
+    offset = 0
+    while views:
+        n = os.pwritev(fd, views, offset)
+        offset += n
+        while views and n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def _read_all(fd: int, target: memoryview, offset: int) -> int:
+    view = target.cast("B")
+    done = 0
+    while done < view.nbytes:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
