@@ -1,12 +1,13 @@
 """The POSIX tier: one file per KV chunk under ``nixl_path``, written atomically, checksummed.
 
 A chunk file is ``header | key | data | footer``: the header (magic, format, key length, data
-length) lets a reader size everything before reading; the footer is a BLAKE2b-128 of header,
-key and data. A writer writes a temporary name in the same directory, (optionally) fsyncs,
-then renames over the final name, so a writer killed at any point leaves either the old chunk,
-no chunk, or a temporary file that no reader opens; a torn or flipped chunk fails its checksum
-and reads as a miss with a warning, never as data. Files are spread over 256 sub-directories
-by the first byte of the key's SHA-256 (the key itself is stored inside and compared).
+length) lets a reader size everything before reading; the footer is an XXH3-128 of header, key
+and data (`weft.kvstore._hash`). A writer writes a temporary name in the same directory,
+(optionally) fsyncs, then renames over the final name, so a writer killed at any point leaves
+either the old chunk, no chunk, or a temporary file that no reader opens; a torn or flipped
+chunk fails its checksum and reads as a miss with a warning, never as data. Files are spread
+over 256 sub-directories by the first byte of the key's SHA-256 (the key is stored inside and
+compared).
 
 I/O runs on a pool of ``nixl_pool_size`` threads with ``pread``/``pwrite`` straight from and
 into the caller's buffer (no copy for host memory).
@@ -24,12 +25,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
+from weft.kvstore import _hash
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"WEFTKV"
 FORMAT = 1
 _HEADER = struct.Struct("<6sBxIQ")  # magic, format, pad, key length, data length
-_FOOTER = 16
+_FOOTER = _hash.DIGEST_BYTES
 MAX_KEY_BYTES = 4096
 
 FsyncPolicy = Literal["always", "never"]
@@ -69,7 +72,7 @@ class PosixTier:
         final.parent.mkdir(exist_ok=True)
         tmp = final.with_name(f".tmp-{uuid.uuid4().hex}")
         header = _HEADER.pack(MAGIC, FORMAT, len(kb), data.nbytes)
-        digest = hashlib.blake2b(header, digest_size=_FOOTER)
+        digest = _hash.Checksum(header)
         digest.update(kb)
         digest.update(data)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -115,7 +118,7 @@ class PosixTier:
             if got != dlen or len(footer) != _FOOTER:
                 self._bad(path, key, "truncated")
                 return None
-            digest = hashlib.blake2b(head, digest_size=_FOOTER)
+            digest = _hash.Checksum(head)
             digest.update(kb)
             digest.update(target)
             if digest.digest() != footer:
