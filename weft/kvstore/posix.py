@@ -18,7 +18,7 @@ import hashlib
 import logging
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -150,11 +150,26 @@ class PosixTier:
             return False
 
     # -- many chunks -----------------------------------------------------------------------
+    # Below this average chunk size the pool costs more than it gives: page-cache copies of
+    # small chunks ran at 6-9 GB/s in the calling thread against 3.7-4.6 GB/s through the
+    # pool here (GIL hand-offs and futures per chunk). Large chunks use the threads.
+    POOL_MIN_AVG_BYTES = 4 << 20
+
+    def _pooled(self, total: int, count: int) -> bool:
+        return count > 1 and total >= self.POOL_MIN_AVG_BYTES * count
+
     def put_many(self, items: Sequence[tuple[str, memoryview]]) -> None:
+        if not self._pooled(sum(d.nbytes for _, d in items), len(items)):
+            for k, d in items:
+                self.put(k, d)
+            return
         for f in [self._pool.submit(self.put, k, d) for k, d in items]:
             f.result()
 
-    def get_many(self, keys: Iterable[str], intos: Sequence[memoryview | None]) -> list[Any]:
+    def get_many(self, keys: Sequence[str], intos: Sequence[memoryview | None]) -> list[Any]:
+        sized = [b for b in intos if b is not None]
+        if len(sized) == len(intos) and not self._pooled(sum(b.nbytes for b in sized), len(sized)):
+            return [self.get(k, b) for k, b in zip(keys, intos, strict=True)]
         futures = [self._pool.submit(self.get, k, b) for k, b in zip(keys, intos, strict=True)]
         return [f.result() for f in futures]
 
