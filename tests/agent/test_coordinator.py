@@ -149,8 +149,13 @@ async def test_a_stale_leader_cannot_write_a_plan(etcd_session: EtcdServer) -> N
         )  # one plan per epoch
 
 
-async def plan_history(settings: EtcdSettings, prefix: str) -> list[records.PlanRecord]:
-    """Every version the `plan` key ever had (etcd keeps history until compaction)."""
+async def plan_history(
+    settings: EtcdSettings, prefix: str, secret: bytes | None = SECRET
+) -> list[records.PlanRecord]:
+    """Every version the `plan` key ever had (etcd keeps history until compaction).
+
+    `secret` None: read the records unchecked (the agents' token is not the tests' here).
+    """
     key = f"{prefix}plan".encode()
     out: list[records.PlanRecord] = []
     async with Etcd(settings) as etcd:
@@ -162,7 +167,7 @@ async def plan_history(settings: EtcdSettings, prefix: str) -> list[records.Plan
                 async for batch in stream:
                     for ev in batch:
                         if ev.kind == "put" and ev.kv.key == key:
-                            out.append(records.unseal(records.PlanRecord, ev.kv.value, key.decode(), SECRET))
+                            out.append(records.unseal(records.PlanRecord, ev.kv.value, key.decode(), secret))
                     if out and batch and batch[-1].kv.mod_revision >= last.mod_revision:
                         break
         finally:

@@ -10,10 +10,9 @@ from typing import Any
 import pytest
 
 from tests.agent.test_cli import AgentProcess, wait_for
+from tests.agent.test_coordinator import assert_one_plan_per_epoch, plan_history
 from weft.agent.experts import SyntheticExperts
-from weft.api import records
 from weft.api.settings import EtcdSettings
-from weft.membership._etcd import Etcd
 from weft.membership.etcdserver import EtcdServer
 
 pytestmark = pytest.mark.integration
@@ -103,27 +102,5 @@ def test_a_stopped_leader_cannot_write_and_each_epoch_has_one_plan(
         leader.proc.send_signal(signal.SIGCONT)
     # it notices it was fenced, rejoins, and the group plans it back in: never two plans an epoch
     wait_for("everyone on one plan again", lambda: settled(agents), 30.0)
-    history = asyncio.run(_plan_history(etcd.endpoint))
-    epochs = [epoch for epoch, _ in history]
-    assert epochs == list(range(1, len(epochs) + 1)), history
-
-
-async def _plan_history(endpoint: str) -> list[tuple[int, str]]:
-    key = b"/weft/v1/default/g/plan"
-    out: list[tuple[int, str]] = []
-    async with Etcd(EtcdSettings(endpoints=[endpoint])) as etcd:
-        last = await etcd.get(key)
-        assert last is not None
-        stream = etcd.watch_prefix(key, 1)
-        try:
-            async with asyncio.timeout(5):
-                async for batch in stream:
-                    for ev in batch:
-                        if ev.kind == "put" and ev.kv.key == key:
-                            plan = records.unseal(records.PlanRecord, ev.kv.value, key.decode(), None)
-                            out.append((plan.epoch, plan.leader))
-                    if out and batch and batch[-1].kv.mod_revision >= last.mod_revision:
-                        break
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]
-    return out
+    settings = EtcdSettings(endpoints=[etcd.endpoint])
+    assert_one_plan_per_epoch(asyncio.run(plan_history(settings, "/weft/v1/default/g/", secret=None)))

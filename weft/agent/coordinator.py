@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from weft.agent.experts import ExpertHolder
 from weft.api import records
 from weft.fabric.errors import WeftError
-from weft.membership.member import Membership, MembershipEvent, Phase
+from weft.membership.member import Membership, MembershipEvent, Phase, stop_tasks
 from weft.planner import ExpertSpec, LoadPolicy, MemberInfo, Plan, RatioPolicy, next_plan
 
 log = logging.getLogger(__name__)
@@ -126,20 +126,10 @@ class Coordinator:
         self._wake.set()
 
     async def stop(self) -> None:
-        self._stopping = True
+        self._stopping = True  # the loop checks it too
+        self._wake.set()
         tasks, self._tasks = self._tasks, []
-        # Python 3.11's wait_for can swallow a cancellation that races with its result: cancel
-        # until the task has really ended (the loop also checks _stopping)
-        for _ in range(50):
-            pending = [t for t in tasks if not t.done()]
-            if not pending:
-                break
-            for t in pending:
-                t.cancel()
-            self._wake.set()
-            await asyncio.wait(pending, timeout=0.1)
-        else:
-            log.error("%s: the planning loop did not stop", self.membership.config.name)
+        await stop_tasks(tasks, f"{self.membership.config.name}: planning")
 
     async def _run(self) -> None:
         tick = self.config.tick

@@ -54,6 +54,26 @@ _TICK = 0.05  # watchdog period, seconds
 _NO_CAPABILITIES = Capabilities()
 
 
+async def stop_tasks(tasks: list[asyncio.Task[None]], owner: str) -> None:
+    """Cancel `tasks` and wait until every one has ended; log the ones that failed.
+
+    Python 3.11's wait_for can swallow a cancellation that races with its result, so the
+    cancel is repeated until each task is really done (bounded: 50 rounds of 0.1 s).
+    """
+    for _ in range(50):
+        pending = [t for t in tasks if not t.done()]
+        if not pending:
+            break
+        for t in pending:
+            t.cancel()
+        await asyncio.wait(pending, timeout=0.1)
+    else:
+        log.error("%s tasks did not stop: %s", owner, pending)
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            log.error("%s task failed: %r", owner, t.exception())
+
+
 class Phase(enum.Enum):
     """Where this member is in its life (not the published `state`)."""
 
@@ -336,22 +356,9 @@ class Membership:
         await self._etcd.close()
 
     async def _stop_tasks(self) -> None:
-        self._stopping = True
+        self._stopping = True  # the loops check it too
         tasks, self._tasks = self._tasks, []
-        # Python 3.11's wait_for can swallow a cancellation that races with its result, so
-        # cancel again until every task has ended (the loops also check _stopping).
-        for _ in range(50):
-            pending = [t for t in tasks if not t.done()]
-            if not pending:
-                break
-            for t in pending:
-                t.cancel()
-            await asyncio.wait(pending, timeout=0.1)
-        else:
-            log.error("%s: membership tasks did not stop: %s", self.config.name, pending)
-        for t in tasks:
-            if t.done() and not t.cancelled() and t.exception() is not None:
-                log.error("%s: membership task failed: %r", self.config.name, t.exception())
+        await stop_tasks(tasks, f"{self.config.name}: membership")
 
     # -- join and publish ------------------------------------------------------------------
     def _make_record(self, state: records.State) -> MemberRecord:
