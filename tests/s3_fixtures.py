@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,7 +82,22 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             proc.wait(10)
 
 
+def s3_client(server: S3Server) -> Any:
+    """boto3 on the test server: the tests' own view of the bucket (create, corrupt, list)."""
+    import boto3  # comes with moto[server] in the dev extra
+
+    return boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        region_name=server.region,
+    )
+
+
 @pytest.fixture
 def s3_bucket(s3_server: S3Server) -> str:
-    """A fresh, empty bucket name on the shared server (created by the tier under test)."""
-    return f"weft-{uuid.uuid4().hex[:12]}"
+    """A fresh, empty bucket on the shared server (weft never creates buckets: users do)."""
+    name = f"weft-{uuid.uuid4().hex[:12]}"
+    s3_client(s3_server).create_bucket(Bucket=name)
+    return name

@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 
+from weft import fabric
+from weft.fabric.errors import DeviceUnavailableError
 from weft.kvstore import KVStore
 from weft.kvstore.posix import _path
 
@@ -86,10 +88,23 @@ WRITER = """
 import sys, numpy as np
 from weft.kvstore import KVStore
 kv = KVStore.from_lmcache_config({cfg!r})
+bases = [np.random.default_rng(p).integers(0, 256, 16 << 20, dtype=np.uint8) for p in (0, 1)]
 for i in range(10**6):
-    kv.put(f"w{{i % 8}}", np.random.default_rng(i % 8).integers(0, 256, 16 << 20, dtype=np.uint8))
+    data = bases[i % 2]  # made once: the loop's time goes to writing, where the kill lands
+    data[::4096] = i & 0xFF  # every page differs from the version before under this key
+    data[:8] = np.frombuffer(i.to_bytes(8, "little"), np.uint8)  # which version this is
+    kv.put(f"w{{i % 8}}", data)
     print(i, flush=True)
 """
+
+
+def version_of(got: bytes) -> int:
+    """The writer's iteration a chunk came from, checked against its whole content."""
+    i = int.from_bytes(got[:8], "little")
+    expected = pattern(16 << 20, i % 2)
+    expected[::4096] = i & 0xFF
+    assert got[8:] == expected.tobytes()[8:], f"chunk of version {i} has wrong bytes"
+    return i
 
 
 @pytest.mark.integration
@@ -97,7 +112,7 @@ def test_a_writer_killed_mid_write_never_leaves_a_torn_chunk(tmp_path: Path) -> 
     cfg = config(tmp_path / "kv")
     code = WRITER.format(cfg=cfg)
     torn = 0
-    for delay in (0.3, 0.55, 0.8, 1.1):
+    for delay in (0.1, 0.35, 0.2, 0.5, 0.15, 0.3, 0.45, 0.25, 0.4, 0.6):  # about half land mid-put
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=dict(os.environ))
         assert proc.stdout is not None
         proc.stdout.readline()  # at least one chunk is whole on disk
@@ -108,6 +123,80 @@ def test_a_writer_killed_mid_write_never_leaves_a_torn_chunk(tmp_path: Path) -> 
         with KVStore.from_lmcache_config(cfg) as kv:
             for i in range(8):
                 got = kv.get(f"w{i}")
-                assert got is None or got == pattern(16 << 20, i).tobytes()
+                assert got is None or version_of(got) % 8 == i
             torn += kv.corrupt_chunks  # a chunk cut mid-write: caught by its checksum
     assert torn >= 1  # the kills did land inside writes, and what they left never read as data
+
+
+def test_a_large_chunk_over_two_lanes_and_a_flip_in_a_late_segment(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    size = (17 << 20) + 5  # five segments, the last one short
+    with KVStore.from_lmcache_config(config(tmp_path), lanes=2) as kv:
+        data = pattern(size, 7)
+        kv.put("big", data)
+        into = np.empty(size, np.uint8)
+        assert kv.get("big", into=into) and np.array_equal(into, data)
+        path = _path(tmp_path, "big")
+        with path.open("r+b") as f:
+            f.seek(4096 + (13 << 20) + 11)  # inside segment 3
+            b = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([b[0] ^ 0x80]))
+        with caplog.at_level(logging.WARNING, logger="weft.kvstore"):
+            assert kv.get("big", into=into) is False
+        assert any("segment 3" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("size", [4096, 1 << 20, (9 << 20) + 4096, (9 << 20) + 7])
+def test_o_direct_round_trips(tmp_path: Path, size: int) -> None:
+    """Aligned buffers move with O_DIRECT (where the filesystem has it), the rest buffered."""
+    with KVStore.from_lmcache_config(config(tmp_path), direct=True) as kv:
+        data = pattern(size, size)
+        kv.put("d", data)
+        into = np.empty(size, np.uint8)
+        assert kv.get("d", into=into) and np.array_equal(into, data)
+        assert kv.get("d") == data.tobytes()
+        assert kv._tier.direct == _has_o_direct(tmp_path)  # not quietly dropped where it works
+
+
+def _has_o_direct(where: Path) -> bool:
+    try:
+        os.close(os.open(where / "probe", os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600))
+        return True
+    except OSError:
+        return False
+
+
+def test_a_kept_handle_sees_another_writer_and_handles_do_not_leak(tmp_path: Path) -> None:
+    open_fds = len(os.listdir("/proc/self/fd"))
+    with (
+        KVStore.from_lmcache_config(config(tmp_path, pool=2)) as a,
+        KVStore.from_lmcache_config(config(tmp_path)) as b,
+    ):
+        a.put("k", pattern(1 << 20, 1))
+        assert a.get("k") == pattern(1 << 20, 1).tobytes()  # a keeps k's file open
+        b.put("k", b"short now")  # rewritten in place and shortened by another store
+        assert a.get("k") == b"short now"
+        for i in range(10):  # more keys than a keeps open: the oldest are closed
+            a.put(f"e{i}", pattern(1000, i))
+        assert [a.get(f"e{i}") for i in range(10)] == [pattern(1000, i).tobytes() for i in range(10)]
+        assert b.delete("e9") and not a.contains("e9")
+    assert len(os.listdir("/proc/self/fd")) == open_fds
+
+
+@pytest.mark.skipif(fabric.gpu_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_device_buffer_without_a_gpu_is_refused_typed(tmp_path: Path) -> None:
+    class FakeDevice:
+        __cuda_array_interface__: ClassVar[dict[str, Any]] = {
+            "shape": (16,),
+            "typestr": "|u1",
+            "data": (1 << 40, False),
+            "version": 3,
+        }
+
+    with KVStore.from_lmcache_config(config(tmp_path)) as kv:
+        with pytest.raises(DeviceUnavailableError):
+            kv.put("dev", FakeDevice())
+        with pytest.raises(DeviceUnavailableError):
+            kv.get("dev", into=FakeDevice())

@@ -65,6 +65,11 @@ class BackendUnavailableError(WeftError):
     """No configured backend can move data between these two memory kinds for this peer."""
 
 
+class StorageError(WeftError):
+    """A storage tier (KV store) failed an operation after its retries; nothing was stored
+    half-way and nothing wrong was returned."""
+
+
 class AgentClosedError(WeftError):
     """The agent was closed; nothing can be posted any more."""
 

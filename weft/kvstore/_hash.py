@@ -28,3 +28,8 @@ class Checksum:
 
     def digest(self) -> bytes:
         return bytes(self._h.digest())
+
+
+def digest(data: Any) -> bytes:
+    """XXH3-128 of one buffer, at once (the GIL is released while it hashes)."""
+    return xxhash.xxh3_128_digest(data)

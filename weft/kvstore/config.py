@@ -43,6 +43,7 @@ _OBJ_KEYS = (
     "endpoint",
     "scheme",
     "ca_bundle",
+    "prefix",
 )
 
 
@@ -69,7 +70,17 @@ class ObjParams(pydantic.BaseModel):
     endpoint_override: Annotated[str, pydantic.Field(max_length=2048)] | None = None
     """URL of an S3-compatible store (MinIO, Ceph, a local test server); None: AWS."""
     scheme: Literal["http", "https"] | None = None
+    """For an `endpoint_override` given as a bare host[:port]."""
     ca_bundle: str | None = None
+    prefix: Annotated[str, pydantic.Field(max_length=512)] = ""
+    """Object names start with it (several stores can share a bucket)."""
+
+    @property
+    def endpoint_url(self) -> str | None:
+        e = self.endpoint_override
+        if e is None or "://" in e:
+            return e
+        return f"{self.scheme or 'https'}://{e}"
 
     @pydantic.model_validator(mode="before")
     @classmethod
@@ -192,6 +203,8 @@ def _require_client(backend: NixlBackend, where: str) -> None:
         raise ConfigError(
             f"{where}: the {backend.value} backend needs kvikio (GPUDirect Storage), not installed"
         )
+    if backend is NixlBackend.OBJ and importlib.util.find_spec("obstore") is None:
+        raise ConfigError(f"{where}: the OBJ backend needs obstore (pip install obstore), not installed")
     if backend is NixlBackend.HF3FS:
         raise ConfigError(
             f"{where}: the HF3FS backend needs a 3FS client (hf3fs usrbio), not available to weft"
