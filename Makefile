@@ -7,13 +7,14 @@ STAMP := $(VENV)/.weft-setup
 BENCH_STAMP := $(VENV)/.weft-bench
 PYTEST_ARGS ?=
 
-.PHONY: setup etcd test test-unit test-integration lint demo bench clean help
+.PHONY: setup etcd test test-unit test-integration lint demo bench bench-kv clean help
 
 help:
 	@echo "make demo     run the local demo (installs what it needs)"
 	@echo "make test     lint, then the whole test suite (installs what it needs)"
 	@echo "make lint     ruff + mypy --strict + import-linter"
 	@echo "make bench    weft against NIXL, DRAM to DRAM, two processes"
+	@echo "make bench-kv the KV store against NIXL's POSIX backend (and OBJ on a local S3)"
 
 setup: etcd $(STAMP)
 
@@ -59,6 +60,10 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/fabric.py $(BENCH_ARGS)
+
+# the KV store's POSIX tier against NIXL's POSIX backend and os.pwrite/preadv; OBJ on moto
+bench-kv: $(BENCH_STAMP)
+	$(BIN)/python bench/kvstore.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -74,7 +74,7 @@ class _Handles:
     def __init__(self, size: int) -> None:
         self.size = max(0, size)
         self._lock = threading.Lock()
-        self._open: OrderedDict[str, list[int]] = OrderedDict()  # key -> [fd, users]
+        self._open: OrderedDict[str, list[int]] = OrderedDict()  # key -> [fd, users, size]
         self._doomed: dict[int, int] = {}  # fd -> users, evicted while in use
 
     def acquire(self, key: str, opener: Callable[[], int]) -> int:
@@ -93,9 +93,9 @@ class _Handles:
                 entry[1] += 1
                 os.close(fd)
                 return entry[0]
-            self._open[key] = [fd, 1]
+            self._open[key] = [fd, 1, -1]
             while len(self._open) > self.size:
-                _, (old, users) = self._open.popitem(last=False)
+                _, (old, users, _) = self._open.popitem(last=False)
                 self._retire(old, users)
             return fd
 
@@ -115,11 +115,22 @@ class _Handles:
             del self._doomed[fd]
         os.close(fd)
 
+    def size_of(self, key: str) -> int:
+        """The file size last seen through this key's kept handle (-1: none). A hint: the
+        reader checks it against the header and the digests, and asks fstat when it fails."""
+        entry = self._open.get(key)
+        return entry[2] if entry is not None else -1
+
+    def remember(self, key: str, size: int) -> None:
+        entry = self._open.get(key)
+        if entry is not None:
+            entry[2] = size
+
     def drop(self, key: str) -> None:
         with self._lock:
             entry = self._open.pop(key, None)
             if entry is not None:
-                self._retire(*entry)
+                self._retire(entry[0], entry[1])
 
     def _retire(self, fd: int, users: int) -> None:
         if users:
@@ -129,7 +140,7 @@ class _Handles:
 
     def close(self) -> None:
         with self._lock:
-            for fd, users in self._open.values():
+            for fd, users, _ in self._open.values():
                 self._retire(fd, users)
             self._open.clear()
 
@@ -224,6 +235,7 @@ class PosixTier:
             end = off + dlen + len(seg) + DIGEST
             if os.fstat(fd).st_size > end:
                 os.ftruncate(fd, end)  # the old chunk was longer
+            self._handles.remember(key, end)
             if self.fsync == "always":
                 os.fsync(fd)
         finally:
@@ -263,7 +275,9 @@ class PosixTier:
         A chunk that fails its checks counts as a miss (with a warning). A chunk of one
         segment is read with one ``preadv`` (header, key, data and digests land in their
         places at once, the data straight in the caller's buffer); larger ones are read
-        segment by segment over the lanes, each segment checked as it arrives.
+        segment by segment over the lanes, each segment checked as it arrives. A kept handle
+        remembers the file's size, which saves an fstat per read; a stale size (another
+        writer) fails the checks and the read is made once more with a fresh one.
         """
         kb = chunk.key_bytes(key)
         try:
@@ -271,37 +285,52 @@ class PosixTier:
         except FileNotFoundError:
             return None
         try:
-            klen = len(kb)
-            off = chunk.data_offset(klen)
-            size = os.fstat(fd).st_size
-            dlen = chunk.data_len(size, klen)
-            if dlen is None:
-                raise Corrupt("truncated: no chunk has this file's length")
-            if into is None:
-                target = memoryview(bytearray(dlen))
-            elif into.nbytes < dlen:
-                raise ValueError(f"buffer of {into.nbytes} bytes is smaller than the chunk ({dlen})")
-            else:
-                target = into[:dlen]
-            nseg = chunk.segments(dlen)
-            head = bytearray(off)
-            foot = bytearray(DIGEST * (nseg + 1))
-            if nseg <= 1 and not self.direct:
-                views: list[Any] = [head, target, foot]
-                if os.preadv(fd, views, 0) != size and _preadv_all(fd, views, 0) != size:
-                    raise Corrupt("truncated while reading")
-                chunk.check_head(head, kb, dlen)
-                if nseg and _hash.digest(target) != foot[:DIGEST]:
-                    raise Corrupt("checksum mismatch")
-            else:
-                self._get_segments(key, fd, head, kb, target, foot, lanes)
-            chunk.check_digests(head, kb, foot)
-            return dlen if into is not None else bytes(target)
+            hint = self._handles.size_of(key)
+            try:
+                return self._read(fd, kb, into, lanes, hint)
+            except Corrupt as exc:
+                if hint < 0:
+                    raise
+                log.debug("kvstore: %r changed under its kept handle (%s); reading again", key, exc)
+                return self._read(fd, kb, into, lanes, -1)
         except Corrupt as exc:
             self._bad(key, str(exc))
             return None
         finally:
             self._handles.release(key, fd)
+
+    def _read(self, fd: int, kb: bytes, into: memoryview | None, lanes: int | None, size: int) -> int | bytes:
+        key = kb.decode("utf-8", "surrogatepass")
+        klen = len(kb)
+        off = chunk.data_offset(klen)
+        fresh = size < 0
+        if fresh:
+            size = os.fstat(fd).st_size
+        dlen = chunk.data_len(size, klen)
+        if dlen is None:
+            raise Corrupt("truncated: no chunk has this file's length")
+        if into is None:
+            target = memoryview(bytearray(dlen))
+        elif into.nbytes < dlen:
+            raise ValueError(f"buffer of {into.nbytes} bytes is smaller than the chunk ({dlen})")
+        else:
+            target = into[:dlen]
+        nseg = chunk.segments(dlen)
+        head = bytearray(off)
+        foot = bytearray(DIGEST * (nseg + 1))
+        if nseg <= 1 and not self.direct:
+            views: list[Any] = [head, target, foot]
+            if os.preadv(fd, views, 0) != size and _preadv_all(fd, views, 0) != size:
+                raise Corrupt("truncated while reading")
+            chunk.check_head(head, kb, dlen)
+            if nseg and _hash.digest(target) != foot[:DIGEST]:
+                raise Corrupt("checksum mismatch")
+        else:
+            self._get_segments(key, fd, head, kb, target, foot, lanes)
+        chunk.check_digests(head, kb, foot)
+        if fresh:
+            self._handles.remember(key, size)
+        return dlen if into is not None else bytes(target)
 
     def _get_segments(
         self,
