@@ -123,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--expert-source",
         metavar="SRC",
-        help="expert weights when no replica survived: synthetic:BYTES or dir:PATH (WEFT_EXPERT_SOURCE)",
+        help="expert weights when no replica survived: synthetic:BYTES, dir:PATH or "
+        "kv:LMCACHE_CONFIG (the KV store, shared by the group) (WEFT_EXPERT_SOURCE)",
     )
     agent.add_argument(
         "--ready-file", type=Path, metavar="F", help="write JSON (pid, ports, generation) here once active"

@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.agent.test_cli import AgentProcess, wait_for
 from tests.agent.test_coordinator import assert_one_plan_per_epoch, plan_history
-from weft.agent.experts import SyntheticExperts
+from tests.s3_fixtures import S3Server
+from weft.agent.experts import SyntheticExperts, publish_experts
 from weft.api.settings import EtcdSettings
+from weft.kvstore import KVStore
 from weft.membership.etcdserver import EtcdServer
 
 pytestmark = pytest.mark.integration
@@ -104,3 +108,46 @@ def test_a_stopped_leader_cannot_write_and_each_epoch_has_one_plan(
     wait_for("everyone on one plan again", lambda: settled(agents), 30.0)
     settings = EtcdSettings(endpoints=[etcd.endpoint])
     assert_one_plan_per_epoch(asyncio.run(plan_history(settings, "/weft/v1/default/g/", secret=None)))
+
+
+def test_experts_with_no_surviving_replica_come_back_from_the_kv_store_on_s3(
+    start_agent: Callable[..., AgentProcess], s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """The tier is shared: this process stores the experts in S3, the agents (other processes)
+    load them from there, and when the only holder of some experts is killed (replication 1),
+    their new hosts restore them from S3, checked against the published digests."""
+    config = tmp_path / "lmcache-config.yaml"
+    config.write_text(
+        "chunk_size: 256\nnixl_buffer_size: 1073741824\nnixl_buffer_device: cpu\n"
+        "extra_config:\n  enable_nixl_storage: true\n  nixl_backend: OBJ\n  nixl_pool_size: 8\n"
+        f"  nixl_backend_params:\n    bucket: {s3_bucket}\n    access_key: {s3_server.access_key}\n"
+        f"    secret_key: {s3_server.secret_key}\n    region: {s3_server.region}\n"
+        f"    endpoint_override: {s3_server.endpoint}\n"
+    )
+    weights = {e: np.random.default_rng(e).integers(0, 256, EXPERT_BYTES, dtype=np.uint8) for e in range(16)}
+    with KVStore.from_lmcache_config(config) as kv:
+        published = publish_experts(kv, weights)
+    flags = ("--experts", "16", "--replication", "1", "--expert-source", f"kv:{config}", "--lease-ttl", "2")
+    agents = [start_agent(f"a{i}", *flags) for i in range(4)]
+    before = wait_for("four agents on one plan", lambda: settled(agents), 30.0)
+    placement = before["a0"]["plan"]["experts"]
+    for name, doc in before.items():
+        mine = {e for e, hosts in placement.items() if name in hosts}
+        assert mine and all(doc["experts"][e] == published[int(e)] for e in mine)
+        assert {p["source"] for p in doc["pulled"]} == {"storage"}  # nobody held them before
+    victim = agents[1]
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(10)
+    survivors = [a for a in agents if a is not victim]
+    after = wait_for("a new plan applied by every survivor", lambda: settled(survivors), 30.0)
+    plan = after["a0"]["plan"]
+    lost = {e for e, hosts in placement.items() if victim.name in hosts}
+    assert lost and not plan["under_replicated"]
+    restored = set()
+    for name, doc in after.items():
+        mine = {e for e, hosts in plan["experts"].items() if name in hosts}
+        assert all(doc["experts"][e] == published[int(e)] for e in mine)
+        restored |= {
+            str(p["expert"]) for p in doc["pulled"] if p["source"] == "storage" and str(p["expert"]) in lost
+        }
+    assert restored == lost  # no replica survived: every one came back from the shared tier

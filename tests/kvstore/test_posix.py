@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -200,3 +201,61 @@ def test_a_device_buffer_without_a_gpu_is_refused_typed(tmp_path: Path) -> None:
             kv.put("dev", FakeDevice())
         with pytest.raises(DeviceUnavailableError):
             kv.get("dev", into=FakeDevice())
+
+
+READER = """
+import json, sys, time, numpy as np
+from weft.kvstore import KVStore
+kv = KVStore.from_lmcache_config({cfg!r})
+sizes = {sizes!r}
+bases = {{k: np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8) for k, n in sizes.items()}}
+hits = misses = wrong = 0
+print("ready", flush=True)
+deadline = time.monotonic() + 2.0
+while time.monotonic() < deadline:
+    for k, n in sizes.items():
+        got = kv.get(k)
+        if got is None:
+            misses += 1
+            continue
+        v = int.from_bytes(got[:8], "little")
+        expected = bases[k].copy()
+        expected[::4096] = v & 0xFF
+        expected[:8] = np.frombuffer(v.to_bytes(8, "little"), np.uint8)
+        hits += 1
+        wrong += got != expected.tobytes()
+out = {{"hits": hits, "misses": misses, "wrong": wrong, "corrupt": kv.corrupt_chunks}}
+print(json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.integration
+def test_another_process_reads_what_this_one_stores_never_a_mix_of_versions(tmp_path: Path) -> None:
+    """The tier is shared: a reader in another process sees whole versions of chunks this
+    process keeps overwriting (a read that meets a write in progress is a miss, not data)."""
+    cfg = config(tmp_path / "kv")
+    sizes = {"small-a": 1 << 20, "small-b": 1 << 20, "large-a": 6 << 20, "large-b": 6 << 20}
+    bases = {k: pattern(n, n) for k, n in sizes.items()}
+    with KVStore.from_lmcache_config(cfg) as kv:
+        for k, b in bases.items():
+            kv.put(k, b)
+        reader = subprocess.Popen(
+            [sys.executable, "-c", READER.format(cfg=cfg, sizes=sizes)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ),
+        )
+        assert reader.stdout is not None
+        assert reader.stdout.readline().strip() == b"ready"
+        v = 0
+        while reader.poll() is None:
+            v += 1
+            for k, b in bases.items():
+                b[::4096] = v & 0xFF
+                b[:8] = np.frombuffer(v.to_bytes(8, "little"), np.uint8)
+                kv.put(k, b)
+        with reader.stdout:
+            result = json.loads(reader.stdout.read().decode().strip().splitlines()[-1])
+    assert reader.wait(10) == 0
+    assert result["wrong"] == 0 and result["hits"] > 0 and v > 10
+    assert result["misses"] == result["corrupt"]  # every miss was a read that met a write

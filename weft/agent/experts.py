@@ -12,7 +12,11 @@ Storage tiers (``--expert-source``):
 * ``synthetic:BYTES``: deterministic pseudo-random weights per expert id, for tests, demos and
   benchmarks (the digest is known without a copy anywhere);
 * ``dir:PATH``: ``PATH/expert-<id>.bin`` files with ``PATH/manifest.json`` mapping each expert
-  id to its BLAKE2b-128 hex digest. (The KV-store issue brings object storage.)
+  id to its BLAKE2b-128 hex digest;
+* ``kv:CONFIG``: the KV store (`weft.kvstore`) an ``lmcache-config.yaml`` names, POSIX files on
+  a shared filesystem or S3 objects: chunks ``weft-experts/<id>`` and a manifest chunk
+  ``weft-experts/manifest`` (JSON: id -> digest and size), written by `publish_experts`.
+  Every agent of the group reads what another stored.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from weft.fabric import errors as fabric_errors
 from weft.fabric.agent import Agent
 from weft.fabric.memory import Registration, RemoteRegion
 from weft.fabric.types import Op
+from weft.kvstore import KVStore
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,11 @@ class ExpertSource:
             return SyntheticExperts(int(arg))
         if kind == "dir" and arg:
             return DirectoryExperts(Path(arg))
-        raise fabric_errors.ConfigError(f"expert source {spec!r} is not synthetic:BYTES or dir:PATH")
+        if kind == "kv" and arg:
+            return KVStoreExperts(Path(arg))
+        raise fabric_errors.ConfigError(
+            f"expert source {spec!r} is not synthetic:BYTES, dir:PATH or kv:LMCACHE_CONFIG"
+        )
 
 
 @dataclass
@@ -111,6 +120,76 @@ class DirectoryExperts(ExpertSource):
 
     def load(self, expert: int) -> np.ndarray:
         return np.fromfile(self.path / f"expert-{expert}.bin", dtype=np.uint8)
+
+
+MANIFEST_KEY = "weft-experts/manifest"
+
+
+def expert_key(expert: int) -> str:
+    return f"weft-experts/{expert}"
+
+
+def publish_experts(store: KVStore, experts: Mapping[int, Any]) -> dict[int, str]:
+    """Write expert weights and their manifest into a KV store; returns id -> digest."""
+    digests = {e: digest(w) for e, w in experts.items()}
+    store.put_many([(expert_key(e), w) for e, w in experts.items()])
+    manifest = {str(e): {"digest": digests[e], "size": memoryview(w).nbytes} for e, w in experts.items()}
+    store.put(MANIFEST_KEY, json.dumps(manifest, sort_keys=True).encode())  # last: it names what is there
+    return digests
+
+
+class KVStoreExperts(ExpertSource):
+    """Expert weights in a KV store (``kv:LMCACHE_CONFIG``), shared by the group's agents."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self._store: KVStore | None = None
+        self._manifest: dict[str, dict[str, Any]] | None = None
+
+    def _open(self) -> KVStore:
+        if self._store is None:
+            self._store = KVStore.from_lmcache_config(self.config)
+        return self._store
+
+    def _entry(self, expert: int) -> dict[str, Any]:
+        if self._manifest is None:
+            raw = self._open().get(MANIFEST_KEY)
+            if raw is None:
+                raise fabric_errors.ConfigError(
+                    f"no expert manifest ({MANIFEST_KEY}) in the store of {self.config}"
+                )
+            try:
+                data = json.loads(raw)
+            except ValueError as exc:
+                raise fabric_errors.ConfigError(
+                    f"expert manifest in the store of {self.config}: {exc}"
+                ) from None
+            self._manifest = data if isinstance(data, dict) else {}
+        try:
+            entry = self._manifest[str(expert)]
+            return {"digest": str(entry["digest"]), "size": int(entry["size"])}
+        except (KeyError, TypeError, ValueError):
+            self._manifest = None  # re-read next time: a publisher may have added it since
+            raise fabric_errors.ConfigError(f"expert {expert} is not in the store of {self.config}") from None
+
+    def size(self, expert: int) -> int:
+        return int(self._entry(expert)["size"])
+
+    def digest(self, expert: int) -> str:
+        return str(self._entry(expert)["digest"])
+
+    def load(self, expert: int) -> np.ndarray:
+        out = np.empty(self.size(expert), np.uint8)
+        if not self._open().get(expert_key(expert), into=out):
+            raise fabric_errors.StorageError(
+                f"expert {expert} is missing or corrupt in the store of {self.config}"
+            )
+        return out
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
 
 @dataclass(frozen=True)

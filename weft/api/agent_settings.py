@@ -194,10 +194,11 @@ class PlanningSettings(pydantic.BaseModel):
     debounce: Annotated[float, pydantic.Field(ge=0, le=60)] = 0.1
     """Seconds of quiet after a change before the leader re-plans."""
     expert_source: (
-        Annotated[str, pydantic.StringConstraints(pattern=r"^(synthetic:[0-9]{1,12}|dir:.+)$")] | None
+        Annotated[str, pydantic.StringConstraints(pattern=r"^(synthetic:[0-9]{1,12}|dir:.+|kv:.+)$")] | None
     ) = None
     """Where expert weights come from when no replica survived: ``synthetic:BYTES`` (tests,
-    demos) or ``dir:PATH`` (``expert-<id>.bin`` + ``manifest.json``); None: placement only."""
+    demos), ``dir:PATH`` (``expert-<id>.bin`` + ``manifest.json``) or ``kv:LMCACHE_CONFIG``
+    (the KV store that config names, shared by the group); None: placement only."""
 
     @pydantic.field_validator("ratio")
     @classmethod
