@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from weft import fabric
-from weft.fabric.errors import DeviceUnavailableError
+from weft.fabric.errors import DeviceUnavailableError, InvalidBufferError
 from weft.kvstore import KVStore
 from weft.kvstore.posix import _path
 
@@ -259,3 +259,23 @@ def test_another_process_reads_what_this_one_stores_never_a_mix_of_versions(tmp_
     assert reader.wait(10) == 0
     assert result["wrong"] == 0 and result["hits"] > 0 and v > 10
     assert result["misses"] == result["corrupt"]  # every miss was a read that met a write
+
+
+def test_fsync_always_and_bad_input_is_refused_typed_losing_nothing(tmp_path: Path) -> None:
+    with KVStore.from_lmcache_config(config(tmp_path), fsync="always") as kv:
+        kv.put("durable", pattern(300_000, 4))
+        assert kv.get("durable") == pattern(300_000, 4).tobytes()
+        with pytest.raises(InvalidBufferError, match="C-contiguous"):
+            kv.put("strided", np.arange(100, dtype=np.uint8)[::2])
+        with pytest.raises(InvalidBufferError, match="buffer protocol"):
+            kv.put("text", "not bytes")
+        with pytest.raises(ValueError, match="longer than 4096"):
+            kv.put("k" * 5000, b"x")
+        with pytest.raises(ValueError, match="smaller than the chunk"):
+            kv.get("durable", into=np.empty(10, np.uint8))
+        with pytest.raises(ValueError, match="2 keys but 1 buffers"):
+            kv.get_many(["durable", "x"], into=[np.empty(10, np.uint8)])
+        assert kv.get("durable") == pattern(300_000, 4).tobytes()  # nothing above touched it
+        assert not kv.contains("strided") and not kv.contains("text")
+    with pytest.raises(ValueError, match="fsync must be"):
+        KVStore.from_lmcache_config(config(tmp_path), fsync="sometimes")

@@ -254,11 +254,14 @@ class PosixTier:
 
             def segment(i: int) -> None:
                 lo = i * SEGMENT
+                hi = min(lo + SEGMENT, dlen)
                 h = _hash.Checksum()
-                for p in range(lo, min(lo + SEGMENT, dlen), PIECE):
-                    piece = data[p : min(p + PIECE, lo + SEGMENT, dlen)]
+                for p in range(lo, hi, PIECE):
+                    piece = data[p : min(p + PIECE, hi)]
                     h.update(piece)  # hashed, then copied while it is still in cache
-                    _write_all(_pick(fd, dfd, piece, off + p), [piece], off + p)
+                    out = fd if dfd is None else _pick(fd, dfd, piece, off + p)
+                    if os.pwrite(out, piece, off + p) != piece.nbytes:
+                        _write_all(out, [piece], off + p)
                 digests[DIGEST * i : DIGEST * (i + 1)] = h.digest()
 
             self._spread(nseg, segment, lanes)
@@ -354,10 +357,13 @@ class PosixTier:
 
         def segment(i: int) -> None:
             lo = i * SEGMENT
+            hi = min(lo + SEGMENT, dlen)
             h = _hash.Checksum()
-            for p in range(lo, min(lo + SEGMENT, dlen), PIECE):
-                piece = target[p : min(p + PIECE, lo + SEGMENT, dlen)]
-                if _preadv_all(_pick(fd, dfd, piece, off + p), [piece], off + p) < piece.nbytes:
+            for p in range(lo, hi, PIECE):
+                piece = target[p : min(p + PIECE, hi)]
+                src = fd if dfd is None else _pick(fd, dfd, piece, off + p)
+                n = os.preadv(src, [piece], off + p)
+                if n != piece.nbytes and _preadv_all(src, [piece[n:]], off + p + n) < piece.nbytes - n:
                     bad.append(i)
                     return
                 h.update(piece)  # checked while it is still in cache
