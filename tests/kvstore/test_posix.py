@@ -279,3 +279,31 @@ def test_fsync_always_and_bad_input_is_refused_typed_losing_nothing(tmp_path: Pa
         assert not kv.contains("strided") and not kv.contains("text")
     with pytest.raises(ValueError, match="fsync must be"):
         KVStore.from_lmcache_config(config(tmp_path), fsync="sometimes")
+
+
+def test_batches_through_kept_handles_catch_flips_and_sizes_changed_elsewhere(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lanes' inline path (kept handle, known size) checks as much as the general one."""
+    items = {f"b{i}": pattern(128 << 10, i) for i in range(32)}
+    with (
+        KVStore.from_lmcache_config(config(tmp_path, pool=64), lanes=2) as kv,
+        KVStore.from_lmcache_config(config(tmp_path)) as other,
+    ):
+        kv.put_many(items)
+        kv.put_many(items)  # the second time through kept handles
+        intos = [np.zeros(128 << 10, np.uint8) for _ in items]
+        assert kv.get_many(list(items), into=intos) == [True] * 32
+        assert all(np.array_equal(b, d) for b, d in zip(intos, items.values(), strict=True))
+        path = _path(tmp_path, "b5")
+        raw = bytearray(path.read_bytes())
+        raw[4096 + 1000] ^= 0x10
+        path.write_bytes(raw)  # same inode: the kept handle sees it
+        other.put("b9", pattern(1000, 99))  # shorter now, written by another store
+        other.put("b11", pattern(200 << 10, 11))  # longer now
+        with caplog.at_level(logging.WARNING, logger="weft.kvstore"):
+            got = kv.get_many(list(items), into=[np.zeros(256 << 10, np.uint8) for _ in items])
+        assert got[5] is False and kv.corrupt_chunks == 1
+        assert got[9] is True and got[11] is True and got.count(True) == 31
+        assert kv.get("b9") == pattern(1000, 99).tobytes()
+        assert kv.get("b11") == pattern(200 << 10, 11).tobytes()

@@ -445,7 +445,7 @@ class PosixTier:
             for k, d in items:
                 self.put(k, d)
             return
-        self._spread(len(items), lambda i: self.put(items[i][0], items[i][1], lanes=1), lanes)
+        self._spread_ranges(len(items), lambda lo, hi: self._put_range(items, lo, hi), lanes)
 
     def get_many(self, keys: Sequence[str], intos: Sequence[memoryview | None]) -> list[Any]:
         if len(keys) != len(intos):
@@ -453,12 +453,114 @@ class PosixTier:
         out: list[Any] = [None] * len(keys)
         sized = [b.nbytes for b in intos if b is not None]
         lanes = self._batch_lanes(sized) if len(sized) == len(intos) else min(self.lanes, len(keys))
-
-        def one(i: int) -> None:
-            out[i] = self.get(keys[i], intos[i], lanes=1 if lanes > 1 else None)
-
-        self._spread(len(keys), one, lanes)
+        if lanes == 1:
+            for i, k in enumerate(keys):
+                out[i] = self.get(k, intos[i])
+        else:
+            self._spread_ranges(len(keys), lambda lo, hi: self._get_range(keys, intos, out, lo, hi), lanes)
         return out
+
+    def _spread_ranges(self, count: int, fn: Callable[[int, int], None], lanes: int) -> None:
+        bounds = [count * j // lanes for j in range(lanes + 1)]
+        futures = [self._pool.submit(fn, bounds[j], bounds[j + 1]) for j in range(1, lanes)]
+        try:
+            fn(bounds[0], bounds[1])
+        finally:
+            for f in futures:
+                f.result()
+
+    # The lanes of a batch of small chunks run these loops: the common case (a kept handle of
+    # known size, one segment, page cache) inline, with no call it can spare, because the
+    # Python a lane runs holding the GIL is what bounds two lanes; anything else goes the
+    # general way (`put`, `get`), which also counts and reports corrupt chunks.
+    def _put_range(self, items: Sequence[tuple[str, memoryview]], lo: int, hi: int) -> None:
+        handles, lock = self._handles._open, self._handles._lock
+        digest, pack, header_size = _hash.digest, chunk.HEADER.pack, chunk.HEADER.size
+        for i in range(lo, hi):
+            key, data = items[i]
+            dlen = data.nbytes
+            with lock:
+                entry = handles.get(key)
+                if entry is not None:
+                    entry[1] += 1
+            if entry is None or not 0 < dlen <= SEGMENT or self.direct:
+                if entry is not None:
+                    self._handles.release(key, entry[0])
+                self.put(key, data, lanes=1)
+                continue
+            fd = entry[0]
+            try:
+                kb = key.encode("utf-8", "surrogatepass")
+                klen = len(kb)
+                if klen > chunk.MAX_KEY_BYTES:
+                    raise ValueError(f"key of {klen} bytes is longer than {chunk.MAX_KEY_BYTES}")
+                lead = pack(chunk.MAGIC, chunk.FORMAT, chunk.SEGMENT_SHIFT, klen, dlen) + kb
+                off = -(-(header_size + klen) // ALIGN) * ALIGN
+                seg = digest(data)
+                parts: list[Any] = [lead, _zeros(off - len(lead)), data, seg, digest(lead + seg)]
+                end = off + dlen + 2 * DIGEST
+                if os.pwritev(fd, parts, 0) != end:
+                    _write_all(fd, parts, 0)
+                if os.fstat(fd).st_size > end:
+                    os.ftruncate(fd, end)
+                entry[2] = end
+                if self.fsync == "always":
+                    os.fsync(fd)
+            finally:
+                self._handles.release(key, fd)
+
+    def _get_range(
+        self, keys: Sequence[str], intos: Sequence[memoryview | None], out: list[Any], lo: int, hi: int
+    ) -> None:
+        handles, lock = self._handles._open, self._handles._lock
+        digest, unpack, header_size = _hash.digest, chunk.HEADER.unpack_from, chunk.HEADER.size
+        expect = (chunk.MAGIC, chunk.FORMAT, chunk.SEGMENT_SHIFT)
+        for i in range(lo, hi):
+            key, into = keys[i], intos[i]
+            with lock:
+                entry = handles.get(key)
+                if entry is not None:
+                    entry[1] += 1
+            if entry is None or entry[2] < 0 or into is None or self.direct:
+                if entry is not None:
+                    self._handles.release(key, entry[0])
+                out[i] = self.get(key, into, lanes=1)
+                continue
+            fd, size = entry[0], entry[2]
+            try:
+                kb = key.encode("utf-8", "surrogatepass")
+                klen = len(kb)
+                off = -(-(header_size + klen) // ALIGN) * ALIGN
+                dlen = size - off - 2 * DIGEST
+                if 0 < dlen <= SEGMENT and into.nbytes >= dlen:
+                    head, foot = bytearray(off), bytearray(2 * DIGEST)
+                    target = into if into.nbytes == dlen else into[:dlen]
+                    if os.preadv(fd, [head, target, foot], 0) == size:
+                        magic, fmt, shift, hk, hd = unpack(head)
+                        lead = head[: header_size + klen]
+                        if (
+                            (magic, fmt, shift) == expect
+                            and hk == klen
+                            and hd == dlen
+                            and lead[header_size:] == kb
+                            and (seg := digest(target)) == foot[:DIGEST]
+                            and digest(lead + seg) == foot[DIGEST:]
+                        ):
+                            out[i] = dlen
+                            continue
+            finally:
+                self._handles.release(key, fd)
+            out[i] = self.get(key, into, lanes=1)  # anything unusual: the general way
+
+
+_ZEROS: dict[int, bytes] = {}
+
+
+def _zeros(n: int) -> bytes:
+    z = _ZEROS.get(n)
+    if z is None:
+        z = _ZEROS[n] = bytes(n)
+    return z
 
 
 def _pick(fd: int, dfd: int | None, piece: memoryview, offset: int) -> int:

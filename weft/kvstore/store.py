@@ -77,6 +77,8 @@ class KVStore:
         fsync: POSIX durability (``never``: page cache; a process crash never tears a chunk).
         lanes: POSIX threads sharing a batch or a large chunk (default: the CPU count).
         direct: POSIX ``O_DIRECT`` for aligned buffers.
+        handles: POSIX chunk files kept open (default: ``nixl_pool_size``); a working set of
+            chunks larger than this pays an open and a close per access.
         timeout_s: OBJ deadline per request.
     """
 
@@ -87,6 +89,7 @@ class KVStore:
         fsync: FsyncPolicy = "never",
         lanes: int | None = None,
         direct: bool = False,
+        handles: int | None = None,
         timeout_s: float = 30.0,
     ) -> None:
         self.config = config
