@@ -98,6 +98,8 @@ def test_sigkill_mid_transfer_gives_peer_lost_fast(make_agent, make_peer, backen
     h.post().wait(timeout=30)  # warm: a first write page-faults the target, which delays its death
     transfers = [h.post() for _ in range(8)]  # 2 GiB queued: still in flight when the kill lands
     time.sleep(0.02)
+    if transfers[-1].done():  # this thread was held up longer than 2 GiB takes: queue more
+        transfers += [h.post() for _ in range(16)]
     peer.kill(signal.SIGKILL)
     killed = time.monotonic()
     errors = []
