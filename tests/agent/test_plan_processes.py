@@ -134,7 +134,8 @@ def test_experts_with_no_surviving_replica_come_back_from_the_kv_store_on_s3(
     for name, doc in before.items():
         mine = {e for e, hosts in placement.items() if name in hosts}
         assert mine and all(doc["experts"][e] == published[int(e)] for e in mine)
-        assert {p["source"] for p in doc["pulled"]} == {"storage"}  # nobody held them before
+    first_loads = [p for doc in before.values() for p in doc["pulled"] if p["source"] == "storage"]
+    assert first_loads  # the agents read what this process stored (later joiners pull from peers)
     victim = agents[1]
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait(10)
