@@ -15,6 +15,7 @@ releases the GIL for the whole request).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -43,6 +44,7 @@ class ObjTier:
         self.client = client
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="weft-kv-obj")
         self.corrupt = 0
+        self._count_lock = threading.Lock()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -101,7 +103,8 @@ class ObjTier:
             chunk.check_digests(head, kb, foot)
             return dlen if into is not None else bytes(target)
         except Corrupt as exc:
-            self.corrupt += 1
+            with self._count_lock:  # pool threads may find two at once
+                self.corrupt += 1
             log.warning("kvstore: object %s for chunk %r is corrupt (%s): a miss", name, key, exc)
             return None
 

@@ -1,14 +1,7 @@
 """The POSIX tier: one file per KV chunk under ``nixl_path``, checksummed, never read torn.
 
-A chunk file (format 2) is::
-
-    header | key | zero pad to 4096 | data | segment digests | final digest
-
-The header (magic, format, segment shift, key length, data length) sizes everything. The
-data starts on a 4096-byte boundary, so it can move with ``O_DIRECT``. It is hashed in
-segments of 4 MiB (XXH3-128 each, `weft.kvstore._hash`), and the final digest covers
-header, key and every segment digest. Segments let several threads read or write one large
-chunk and check each part while it is still in cache.
+A file holds one chunk in the format of every tier (`weft.kvstore.chunk`: header, key, pad to
+4096, data, 4 MiB segment digests, final digest).
 
 A writer overwrites the file in place: header, data, then the digests last. It shortens the
 file if the old chunk was longer and, with ``fsync="always"``, syncs it. A writer killed at
@@ -19,11 +12,11 @@ pages: truncating or renaming first cost 3-6x per chunk here (`bench/kvstore.py`
 
 Files are spread over 256 sub-directories by the first byte of the key's SHA-256 (the key is
 stored inside and compared). The 256 directories are opened once, at init, and every file is
-opened relative to its directory's handle.
+opened relative to its directory's handle; up to ``nixl_pool_size`` chunk files stay open for
+reuse (`_Handles`).
 
-Parallelism: I/O runs on a pool of ``nixl_pool_size`` threads, but page-cache copies are
-bound by CPU, so a batch or a large chunk is split into at most ``lanes`` parts (default:
-the pool size or the CPU count, whichever is smaller); one part runs in the calling thread.
+Parallelism: page-cache copies are bound by CPU, so a batch or a large chunk is split into
+at most ``lanes`` parts (default: the CPU count), one of them in the calling thread.
 """
 
 from __future__ import annotations
@@ -379,7 +372,8 @@ class PosixTier:
             raise Corrupt(f"checksum mismatch in segment {min(bad)}")
 
     def _bad(self, key: str, why: str) -> None:
-        self.corrupt += 1
+        with self._handles._lock:  # lanes may find two at once
+            self.corrupt += 1
         log.warning(
             "kvstore: chunk %r at %s is corrupt or incomplete (%s): a miss", key, _path(self.root, key), why
         )

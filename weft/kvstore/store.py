@@ -14,8 +14,9 @@ on the host tiers (POSIX, OBJ) pass through the staging buffer: ``nixl_buffer_si
 ``nixl_buffer_device``, allocated once, at the first device buffer (most callers pass host
 memory, and 1 GiB per store is not free); a chunk larger than it is refused.
 
-``nixl_pool_size``: on POSIX, the chunk files kept open for reuse (least recently used closed
-first); on OBJ, the requests in flight at once. Both are made at init and reused.
+``nixl_pool_size``: on POSIX, how many chunk files stay open after their first use (least
+recently used closed first; the 256 shard directories are opened at init); on OBJ, how many
+requests are in flight at once (one client and its connection pool, made at init).
 """
 
 from __future__ import annotations
