@@ -7,12 +7,13 @@ STAMP := $(VENV)/.weft-setup
 BENCH_STAMP := $(VENV)/.weft-bench
 PYTEST_ARGS ?=
 
-.PHONY: setup etcd test test-unit test-integration lint demo bench bench-kv clean help
+.PHONY: setup etcd k8s cluster-up cluster-down test test-unit test-integration lint demo bench bench-kv clean help
 
 help:
 	@echo "make demo     run the local demo (installs what it needs)"
 	@echo "make test     lint, then the whole test suite (installs what it needs)"
 	@echo "make lint     ruff + mypy --strict + import-linter"
+	@echo "make cluster-up / cluster-down   a real kube-apiserver 1.20 on loopback, by hand"
 	@echo "make bench    weft against NIXL, DRAM to DRAM, two processes"
 	@echo "make bench-kv the KV store against NIXL's POSIX backend (and OBJ on a local S3)"
 
@@ -34,13 +35,24 @@ $(STAMP): pyproject.toml | etcd
 	$(BIN)/python -m pip install --quiet -e '.[dev,ucx]'
 	touch $@
 
-test: lint
+test: lint k8s
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# kube-apiserver, kube-controller-manager and kubectl 1.20.2 from Debian's source, built once
+# (~8 min) and cached in ~/.cache/weft/k8s (the operator's tests run against them)
+k8s:
+	@scripts/k8s-build.sh >/dev/null
+
+cluster-up: setup k8s
+	$(BIN)/python -m weft.operator.controlplane up
+
+cluster-down: setup
+	$(BIN)/python -m weft.operator.controlplane down
 
 test-unit: setup
 	$(BIN)/python -m pytest -m 'not integration' $(PYTEST_ARGS)
 
-test-integration: setup
+test-integration: setup k8s
 	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
 
 lint: setup

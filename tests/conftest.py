@@ -8,7 +8,7 @@ import pytest
 from tests.peerproc import PeerProcess
 from weft import Agent, AgentConfig
 
-pytest_plugins = ["tests.etcd_fixtures", "tests.s3_fixtures"]
+pytest_plugins = ["tests.etcd_fixtures", "tests.s3_fixtures", "tests.k8s_fixtures"]
 
 SECRET = b"weft-test-secret-0123456789abcdef"
 

@@ -59,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _logging("DEBUG" if args.verbose else "WARNING", "%(levelname)s %(name)s: %(message)s")
     if args.command == "status":
         return _status(args, os.environ)
+    if args.command == "crds":
+        return _crds(args)
     if args.command == "version":
         from weft import __version__
 
@@ -67,6 +69,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from weft import demo
 
     return demo.run()
+
+
+def _crds(args: argparse.Namespace) -> int:
+    from weft.api.transfergroup import crd_yaml
+
+    text = crd_yaml()
+    if args.output == "-":
+        sys.stdout.write(text)
+        return EXIT_OK
+    path = Path(args.output)
+    if args.check:
+        current = path.read_text() if path.exists() else ""
+        if current != text:
+            print(f"{path} is not what `weft crds` generates: run `weft crds -o {path}`", file=sys.stderr)
+            return 1
+        return EXIT_OK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path}")
+    return EXIT_OK
 
 
 def _logging(level: str, fmt: str) -> None:
@@ -79,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run the local demo")
     sub.add_parser("version", help="print the version")
+    crds = sub.add_parser("crds", help="write the TransferGroup CRD generated from weft.api")
+    crds.add_argument("--output", "-o", default="crds/transfergroup.yaml", help="file to write, - for stdout")
+    crds.add_argument(
+        "--check", action="store_true", help="exit 1 if the file differs from what would be written"
+    )
 
     agent = sub.add_parser(
         "agent",

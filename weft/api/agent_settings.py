@@ -339,6 +339,13 @@ def parse_yaml(text: str) -> Any:
         raise ValueError(str(exc)) from None
 
 
+def dump_yaml(data: Any) -> str:
+    """Python data -> YAML, keys in the order given (generated manifests such as the CRD)."""
+    import yaml
+
+    return str(yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100))
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:

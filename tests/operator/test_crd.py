@@ -1,0 +1,218 @@
+"""The TransferGroup CRD: generated from weft.api, accepted by a real kube-apiserver 1.20, which
+applies its defaults, serves its subresources and rejects bad objects with the field named."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import time
+from typing import Any
+
+import pytest
+
+from tests.k8s_fixtures import CRD_FILE
+from weft.api.agent_settings import dump_yaml
+from weft.api.transfergroup import TransferGroupSpec, crd_yaml, cross_field_problems
+from weft.operator.controlplane import ControlPlane
+
+
+def test_the_crd_file_is_what_weft_crds_generates() -> None:
+    assert CRD_FILE.read_text() == crd_yaml(), "crds/transfergroup.yaml drifted: run `weft crds`"
+
+
+def tg(name: str, **spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "etcd": {"endpoints": ["http://127.0.0.1:2379"], "joinTokenSecretRef": {"name": "tg-token"}},
+    }
+    base.update(spec)
+    return {
+        "apiVersion": "weft.dev/v1alpha1",
+        "kind": "TransferGroup",
+        "metadata": {"name": name},
+        "spec": base,
+    }
+
+
+def apply(
+    plane: ControlPlane, obj: dict[str, Any], *, server_only: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """kubectl apply; `server_only`: without kubectl's own schema check, so the API server judges."""
+    validate = ["--validate=false"] if server_only else []
+    return subprocess.run(
+        [str(plane.bin / "kubectl"), "--kubeconfig", str(plane.kubeconfig), "apply", *validate, "-f", "-"],
+        input=json.dumps(obj),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.integration
+def test_a_minimal_group_gets_the_defaults_and_the_columns(tg_crd: ControlPlane) -> None:
+    done = apply(tg_crd, tg("minimal"))
+    assert done.returncode == 0, done.stderr
+    stored = json.loads(tg_crd.kubectl("get", "tg", "minimal", "-o", "json"))
+    spec = stored["spec"]
+    assert spec["replicas"] == 2 and spec["maxReplicas"] == 64
+    assert spec["roles"]["ratio"] == "1:1" and spec["failureDetection"]["leaseTtlSeconds"] == 3
+    TransferGroupSpec.model_validate(spec)  # what the server stores, the operator reads
+    header = tg_crd.kubectl("get", "transfergroups.weft.dev").splitlines()[0].split()
+    assert header == ["NAME", "READY", "MEMBERS", "PREFILL", "DECODE", "EPOCH", "AGE"]
+    tg_crd.kubectl("delete", "tg", "minimal")
+
+
+@pytest.mark.integration
+def test_kubectl_scale_goes_through_the_scale_subresource(tg_crd: ControlPlane) -> None:
+    assert apply(tg_crd, tg("scaled", replicas=2)).returncode == 0
+    tg_crd.kubectl("scale", "tg", "scaled", "--replicas=5")
+    assert json.loads(tg_crd.kubectl("get", "tg", "scaled", "-o", "json"))["spec"]["replicas"] == 5
+    scale = json.loads(
+        tg_crd.kubectl(
+            "get", "--raw", "/apis/weft.dev/v1alpha1/namespaces/default/transfergroups/scaled/scale"
+        )
+    )
+    assert scale["kind"] == "Scale" and scale["spec"]["replicas"] == 5
+    tg_crd.kubectl("delete", "tg", "scaled")
+
+
+def _spec_with(path: str, value: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = tg("x")["spec"]
+    spec = copy.deepcopy(spec)
+    node = spec
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return spec
+
+
+INVALID = [
+    ("replicas", -1, "spec.replicas", "should be greater than or equal to 0"),
+    ("replicas", "three", "spec.replicas", "must be of type integer"),
+    ("roles.ratio", "3-1", "spec.roles.ratio", "should match"),
+    ("roles.ratio", "0:1", "spec.roles.ratio", "should match"),
+    ("roles.policy", "random", "spec.roles.policy", 'supported values: "ratio", "load"'),
+    ("experts.replication", 0, "spec.experts.replication", "should be greater than or equal to 1"),
+    (
+        "fabric.backends",
+        ["tcp", "rdma"],
+        "spec.fabric.backends",
+        'supported values: "local", "tcp", "ucx"',
+    ),
+    ("fabric.backends", [], "spec.fabric.backends", "should have at least 1 items"),
+    ("fabric.bufferDevice", "tpu", "spec.fabric.bufferDevice", 'supported values: "cpu", "cuda"'),
+    ("fabric.bufferSize", 100, "spec.fabric.bufferSize", "should be greater than or equal to 4096"),
+    ("storage", {"path": "/kv"}, "spec.storage.backend", "Required value"),
+    ("storage.backend", "NVME", "spec.storage.backend", "supported values"),
+    ("storage.path", "relative/dir", "spec.storage.path", "should match '^/'"),
+    (
+        "failureDetection.leaseTtlSeconds",
+        0,
+        "spec.failureDetection.leaseTtlSeconds",
+        "greater than or equal to 1",
+    ),
+    ("etcd.endpoints", ["etcd:2379"], "spec.etcd.endpoints", "should match '^https?://"),
+    ("etcd.joinTokenSecretRef", {"name": "Bad_Name"}, "spec.etcd.joinTokenSecretRef.name", "should match"),
+    ("template.imagePullPolicy", "Sometimes", "spec.template.imagePullPolicy", "supported values"),
+    (
+        "template.resources.limits",
+        {"nvidia.com/gpu": "lots"},
+        "spec.template.resources.limits.nvidia.com/gpu",
+        "should match",
+    ),
+]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("path", "value", "field", "message"), INVALID, ids=[f"{p}={v}" for p, v, _, _ in INVALID]
+)
+def test_the_api_server_rejects_bad_groups_naming_the_field(
+    tg_crd: ControlPlane, path: str, value: Any, field: str, message: str
+) -> None:
+    obj = tg("bad")
+    obj["spec"] = _spec_with(path, value)
+    done = apply(tg_crd, obj, server_only=True)
+    assert done.returncode != 0, f"accepted: {dump_yaml(obj['spec'])}"
+    assert field in done.stderr and message in done.stderr, done.stderr
+
+
+@pytest.mark.integration
+def test_a_group_without_etcd_is_rejected(tg_crd: ControlPlane) -> None:
+    obj = tg("noetcd")
+    del obj["spec"]["etcd"]
+    done = apply(tg_crd, obj, server_only=True)
+    assert done.returncode != 0 and "spec.etcd" in done.stderr and "Required value" in done.stderr
+    client = apply(tg_crd, obj)  # kubectl checks the published schema first, and says so too
+    assert client.returncode != 0 and 'missing required field "etcd"' in client.stderr
+
+
+@pytest.mark.integration
+def test_kubectl_flags_unknown_fields_the_server_would_prune(tg_crd: ControlPlane) -> None:
+    obj = tg("typo", replica=3)
+    done = apply(tg_crd, obj)
+    assert done.returncode != 0 and 'unknown field "replica"' in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ({"replicas": 10, "maxReplicas": 4}, "spec.replicas (10) must be between"),
+        ({"replicas": 1, "minReplicas": 2}, "spec.replicas (1) must be between"),
+        ({"replicas": 2, "experts": {"count": 8, "replication": 3}}, "spec.experts.replication (3)"),
+        ({"replicas": 2, "roles": {"minPrefill": 2, "minDecode": 1}}, "minPrefill + minDecode (3)"),
+        ({"fabric": {"bufferDevice": "cuda"}}, "bufferDevice is cuda but"),
+        ({"storage": {"backend": "POSIX"}}, "spec.storage.path is needed"),
+        ({"storage": {"backend": "OBJ", "params": {"region": "x"}}}, "params.bucket is needed"),
+        ({"storage": {"backend": "OBJ", "params": {"bucket": "b", "secret_key": "s"}}}, "put it in a Secret"),
+        ({"storage": {"backend": "GDS", "path": "/kv"}}, "the GDS backend needs GPUs"),
+    ],
+)
+def test_cross_field_problems_are_sentences_naming_the_fields(spec: dict[str, Any], problem: str) -> None:
+    full = {"etcd": {"endpoints": ["http://e:2379"], "joinTokenSecretRef": {"name": "t"}}, **spec}
+    problems = cross_field_problems(TransferGroupSpec.model_validate(full))
+    assert any(problem in p for p in problems), problems
+
+
+def test_a_sound_spec_has_no_cross_field_problems() -> None:
+    spec = TransferGroupSpec.model_validate(
+        {
+            "replicas": 4,
+            "experts": {"count": 16, "replication": 2},
+            "fabric": {"bufferDevice": "cuda"},
+            "template": {"resources": {"limits": {"nvidia.com/gpu": 1}}},
+            "storage": {"backend": "OBJ", "params": {"bucket": "kv"}, "credentialsSecretRef": {"name": "s3"}},
+            "etcd": {
+                "endpoints": ["https://etcd-0:2379"],
+                "joinTokenSecretRef": {"name": "t", "key": "token"},
+            },
+        }
+    )
+    assert cross_field_problems(spec) == []
+
+
+@pytest.mark.integration
+def test_objects_a_group_owns_are_garbage_collected_with_it(tg_crd: ControlPlane) -> None:
+    """The fixture's controller-manager collects owned children (what the operator relies on)."""
+    assert apply(tg_crd, tg("owner")).returncode == 0
+    uid = tg_crd.kubectl("get", "tg", "owner", "-o", "jsonpath={.metadata.uid}")
+    owned = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "owner-config",
+            "ownerReferences": [
+                {"apiVersion": "weft.dev/v1alpha1", "kind": "TransferGroup", "name": "owner", "uid": uid,
+                 "controller": True, "blockOwnerDeletion": True}
+            ],
+        },
+        "data": {"k": "v"},
+    }  # fmt: skip
+    assert apply(tg_crd, owned).returncode == 0
+    tg_crd.kubectl("delete", "tg", "owner", "--wait=true", "--timeout=30s")
+    deadline = time.monotonic() + 30
+    while "owner-config" in tg_crd.kubectl("get", "configmaps", "-o", "name"):
+        assert time.monotonic() < deadline, "the owned ConfigMap outlived its TransferGroup"
+        time.sleep(0.2)

@@ -1,0 +1,416 @@
+"""The `TransferGroup` custom resource (``weft.dev/v1alpha1``, short name ``tg``).
+
+These pydantic models are the source of truth: `weft crds` turns them into the structural
+OpenAPI schema of ``crds/transfergroup.yaml`` (`crd_manifest`), and the operator reads
+objects through them. Field names are the camelCase the API server stores.
+
+Per-field rules (types, ranges, enums, patterns, required fields, defaults) are in the
+schema, so the API server itself rejects bad input with the field named. Kubernetes 1.20 has
+no CEL rules, so the checks that span fields are `cross_field_problems`, which the operator
+reports as the ``Valid`` condition (reason ``InvalidSpec``) and acts on nothing until fixed.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic.alias_generators import to_camel
+
+GROUP = "weft.dev"
+VERSION = "v1alpha1"
+KIND = "TransferGroup"
+PLURAL = "transfergroups"
+SINGULAR = "transfergroup"
+SHORT_NAMES = ["tg"]
+RATIO_PATTERN = r"^[1-9][0-9]{0,3}:[1-9][0-9]{0,3}$"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+# an object's default in the schema: the API server then fills the defaults inside it too
+_EMPTY: dict[str, Any] = {"default": {}}
+
+
+class _Model(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class RolePolicy(enum.StrEnum):
+    RATIO = "ratio"
+    LOAD = "load"
+
+
+class Role(enum.StrEnum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class Roles(_Model):
+    """How members are split between prefill and decode."""
+
+    policy: RolePolicy = pydantic.Field(
+        RolePolicy.RATIO, description="ratio: a fixed prefill:decode ratio; load: by measured load"
+    )
+    ratio: Annotated[str, pydantic.Field(pattern=RATIO_PATTERN)] = pydantic.Field(
+        "1:1", description="prefill:decode, such as 1:3"
+    )
+    min_prefill: Annotated[int, pydantic.Field(ge=0, le=4096)] = pydantic.Field(
+        1, description="members kept in prefill whatever the ratio"
+    )
+    min_decode: Annotated[int, pydantic.Field(ge=0, le=4096)] = pydantic.Field(
+        1, description="members kept in decode whatever the ratio"
+    )
+    gpu_less_roles: list[Role] = pydantic.Field(
+        default_factory=lambda: [Role.PREFILL, Role.DECODE],
+        json_schema_extra={"default": ["prefill", "decode"]},
+        description="roles a member without a GPU may take",
+        max_length=2,
+    )
+
+
+class Experts(_Model):
+    """Expert placement (wide expert parallelism); count 0 turns it off."""
+
+    count: Annotated[int, pydantic.Field(ge=0, le=65536)] = pydantic.Field(
+        0, description="experts per layer to place"
+    )
+    replication: Annotated[int, pydantic.Field(ge=1, le=16)] = pydantic.Field(
+        1, description="replicas of every expert"
+    )
+    redundant_slots: Annotated[int, pydantic.Field(ge=0, le=4096)] = pydantic.Field(
+        0, description="extra slots for the hottest experts"
+    )
+
+
+class FabricBackend(enum.StrEnum):
+    LOCAL = "local"
+    TCP = "tcp"
+    UCX = "ucx"
+
+
+class Fabric(_Model):
+    """The data plane of every agent."""
+
+    backends: list[FabricBackend] = pydantic.Field(
+        default_factory=lambda: [FabricBackend.LOCAL, FabricBackend.TCP],
+        json_schema_extra={"default": ["local", "tcp"]},
+        description="data paths in order of preference",
+        min_length=1,
+        max_length=3,
+    )
+    buffer_device: Literal["cpu", "cuda"] = pydantic.Field("cpu", description="where staging buffers live")
+    buffer_size: Annotated[int, pydantic.Field(ge=4096, le=1 << 40)] = pydantic.Field(
+        1 << 30, description="bytes of the staging buffer"
+    )
+    pool_size: Annotated[int, pydantic.Field(ge=1, le=65536)] = pydantic.Field(
+        64, description="descriptors or handles kept open"
+    )
+
+
+class StorageBackend(enum.StrEnum):
+    POSIX = "POSIX"
+    GDS = "GDS"
+    GDS_MT = "GDS_MT"
+    OBJ = "OBJ"
+    HF3FS = "HF3FS"
+
+
+class SecretRef(_Model):
+    """A Secret in the group's namespace (never the secret itself)."""
+
+    name: Annotated[str, pydantic.Field(pattern=DNS_LABEL, max_length=253)]
+    key: Annotated[str, pydantic.Field(min_length=1, max_length=253)] | None = None
+
+
+class Storage(_Model):
+    """The KV store's tier (weft.kvstore); credentials come from a Secret by reference."""
+
+    backend: StorageBackend = pydantic.Field(description="POSIX, GDS, GDS_MT, OBJ or HF3FS")
+    path: Annotated[str, pydantic.Field(max_length=4096, pattern=r"^/")] | None = pydantic.Field(
+        None, description="directory of the files (file backends)"
+    )
+    params: dict[str, Annotated[str, pydantic.Field(max_length=2048)]] = pydantic.Field(
+        default_factory=dict,
+        description="backend parameters that are not secret (bucket, region, endpoint...)",
+    )
+    credentials_secret_ref: SecretRef | None = pydantic.Field(
+        None, description="Secret with access_key and secret_key (OBJ)"
+    )
+
+
+class FailureDetection(_Model):
+    lease_ttl_seconds: Annotated[int, pydantic.Field(ge=1, le=60)] = pydantic.Field(
+        3, description="etcd lease of each member"
+    )
+
+
+class Etcd(_Model):
+    """Where the group's membership and plans live."""
+
+    endpoints: list[Annotated[str, pydantic.Field(pattern=r"^https?://[^\s/]+(:[0-9]{1,5})?/?$")]] = (
+        pydantic.Field(min_length=1, max_length=16, description="etcd client URLs")
+    )
+    tls_secret_ref: SecretRef | None = pydantic.Field(
+        None, description="Secret with ca.crt, tls.crt and tls.key"
+    )
+    join_token_secret_ref: SecretRef = pydantic.Field(description="Secret holding the group's join token")
+
+
+class Toleration(_Model):
+    key: Annotated[str, pydantic.Field(max_length=317)] | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: Annotated[str, pydantic.Field(max_length=63)] | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+Quantity = Annotated[
+    int | Annotated[str, pydantic.Field(pattern=r"^[0-9]+(\.[0-9]+)?([eE][0-9]+|[numkKMGTPE]i?)?$")],
+    "quantity",
+]
+
+
+class Resources(_Model):
+    limits: dict[str, Quantity] = pydantic.Field(
+        default_factory=dict, description="such as nvidia.com/gpu: 1"
+    )
+    requests: dict[str, Quantity] = pydantic.Field(default_factory=dict)
+
+
+class Template(_Model):
+    """Overrides of the agent pods."""
+
+    image: Annotated[str, pydantic.Field(min_length=1, max_length=1024)] = "weft-agent:latest"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    resources: Resources = pydantic.Field(
+        default_factory=lambda: Resources.model_validate({}), json_schema_extra=_EMPTY
+    )
+    node_selector: dict[str, Annotated[str, pydantic.Field(max_length=63)]] = pydantic.Field(
+        default_factory=dict
+    )
+    tolerations: list[Toleration] = pydantic.Field(default_factory=list, max_length=64)
+
+
+class TransferGroupSpec(_Model):
+    replicas: Annotated[int, pydantic.Field(ge=0, le=4096)] = pydantic.Field(2, description="agent pods")
+    min_replicas: Annotated[int, pydantic.Field(ge=0, le=4096)] = pydantic.Field(
+        0, description="scale-down floor"
+    )
+    max_replicas: Annotated[int, pydantic.Field(ge=1, le=4096)] = pydantic.Field(
+        64, description="scale-up ceiling"
+    )
+    roles: Roles = pydantic.Field(default_factory=lambda: Roles.model_validate({}), json_schema_extra=_EMPTY)
+    experts: Experts = pydantic.Field(
+        default_factory=lambda: Experts.model_validate({}), json_schema_extra=_EMPTY
+    )
+    fabric: Fabric = pydantic.Field(
+        default_factory=lambda: Fabric.model_validate({}), json_schema_extra=_EMPTY
+    )
+    storage: Storage | None = None
+    failure_detection: FailureDetection = pydantic.Field(
+        default_factory=lambda: FailureDetection.model_validate({}), json_schema_extra=_EMPTY
+    )
+    etcd: Etcd
+    template: Template = pydantic.Field(
+        default_factory=lambda: Template.model_validate({}), json_schema_extra=_EMPTY
+    )
+
+
+class ConditionType(enum.StrEnum):
+    READY = "Ready"
+    DEGRADED = "Degraded"
+    REBALANCING = "Rebalancing"
+    VALID = "Valid"
+
+
+class Condition(_Model):
+    type: ConditionType
+    status: Literal["True", "False", "Unknown"]
+    reason: Annotated[
+        str, pydantic.Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
+    ]
+    message: Annotated[str, pydantic.Field(max_length=32768)] = ""
+    last_transition_time: str | None = None
+
+
+class TransferGroupStatus(_Model):
+    phase: Literal["Pending", "Running", "Degraded", "Invalid", "Deleting"] | None = None
+    conditions: list[Condition] = pydantic.Field(default_factory=list)
+    observed_generation: int | None = None
+    replicas: int | None = pydantic.Field(None, description="agent pods that exist (the scale subresource)")
+    ready_replicas: int | None = None
+    selector: str | None = pydantic.Field(None, description="label selector of the agent pods")
+    members: int | None = pydantic.Field(None, description="members in the group's etcd")
+    prefill: int | None = None
+    decode: int | None = None
+    plan_epoch: int | None = None
+    under_replicated: list[int] = pydantic.Field(default_factory=list)
+
+
+def cross_field_problems(spec: TransferGroupSpec) -> list[str]:
+    """Rules between fields the 1.20 schema cannot say; each a sentence a user can act on."""
+    problems = []
+    if not spec.min_replicas <= spec.replicas <= spec.max_replicas:
+        problems.append(
+            f"spec.replicas ({spec.replicas}) must be between spec.minReplicas ({spec.min_replicas}) "
+            f"and spec.maxReplicas ({spec.max_replicas})"
+        )
+    if spec.experts.count and spec.experts.replication > max(spec.replicas, 1):
+        problems.append(
+            f"spec.experts.replication ({spec.experts.replication}) needs at least that many replicas "
+            f"(spec.replicas is {spec.replicas})"
+        )
+    if (
+        spec.roles.policy is RolePolicy.RATIO
+        and spec.replicas
+        and spec.roles.min_prefill + spec.roles.min_decode > spec.replicas
+    ):
+        problems.append(
+            f"spec.roles.minPrefill + minDecode ({spec.roles.min_prefill + spec.roles.min_decode}) "
+            f"is more than spec.replicas ({spec.replicas})"
+        )
+    gpus = any(k.endswith("/gpu") for k in spec.template.resources.limits)
+    if spec.fabric.buffer_device == "cuda" and not gpus:
+        problems.append("spec.fabric.bufferDevice is cuda but spec.template.resources.limits asks for no GPU")
+    s = spec.storage
+    if s is not None:
+        if s.backend is not StorageBackend.OBJ and not s.path:
+            problems.append(f"spec.storage.path is needed for the {s.backend.value} backend")
+        if s.backend is StorageBackend.OBJ and not s.params.get("bucket"):
+            problems.append("spec.storage.params.bucket is needed for the OBJ backend")
+        if s.backend in (StorageBackend.GDS, StorageBackend.GDS_MT) and not gpus:
+            problems.append(f"the {s.backend.value} backend needs GPUs (spec.template.resources.limits)")
+        for secret_word in ("access_key", "secret_key", "password", "token"):
+            if secret_word in s.params:
+                problems.append(
+                    f"spec.storage.params.{secret_word} is a secret: put it in a Secret and name it in "
+                    "spec.storage.credentialsSecretRef"
+                )
+    return problems
+
+
+# -- the CRD ------------------------------------------------------------------------------------
+PRINTER_COLUMNS = [
+    {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+    {"name": "Members", "type": "integer", "jsonPath": ".status.members"},
+    {"name": "Prefill", "type": "integer", "jsonPath": ".status.prefill"},
+    {"name": "Decode", "type": "integer", "jsonPath": ".status.decode"},
+    {"name": "Epoch", "type": "integer", "jsonPath": ".status.planEpoch"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def crd_manifest() -> dict[str, Any]:
+    """The CustomResourceDefinition (apiextensions.k8s.io/v1), structural, from the models."""
+    spec = _structural(TransferGroupSpec.model_json_schema(by_alias=True))
+    status = _structural(TransferGroupStatus.model_json_schema(by_alias=True), defaults=False)
+    spec["description"] = "The desired group: agent pods, role policy, experts, fabric, storage, etcd."
+    status["description"] = "What the operator observed, mirrored from the group's etcd plan."
+    root = {
+        "type": "object",
+        "description": "A group of weft agents that move KV cache, activations and weights.",
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+        "required": ["spec"],
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": SHORT_NAMES,
+                "categories": ["weft"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": root},
+                    "subresources": {
+                        "status": {},
+                        "scale": {
+                            "specReplicasPath": ".spec.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                            "labelSelectorPath": ".status.selector",
+                        },
+                    },
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                }
+            ],
+        },
+    }
+
+
+_DROP = ("title",)
+
+
+def _structural(schema: dict[str, Any], *, defaults: bool = True) -> dict[str, Any]:
+    """pydantic's JSON schema as a Kubernetes structural schema: references inlined, nullable
+    instead of ``anyOf [X, null]``, int-or-string for quantities, no titles (and no defaults
+    for the status: the operator writes it whole)."""
+    defs = schema.get("$defs", {})
+
+    def walk(node: dict[str, Any]) -> dict[str, Any]:
+        if "$ref" in node:
+            target = defs[node["$ref"].rsplit("/", 1)[-1]]
+            merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+            return walk(merged)
+        if "anyOf" in node:
+            branches = [b for b in node["anyOf"] if b.get("type") != "null"]
+            nullable = len(branches) != len(node["anyOf"])
+            rest = {k: v for k, v in node.items() if k != "anyOf"}
+            types = sorted(b.get("type", "") for b in branches)
+            if types == ["integer", "string"]:
+                out = {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}
+                pattern = next((b["pattern"] for b in branches if "pattern" in b), None)
+                if pattern:
+                    out["pattern"] = pattern
+                out.update({k: v for k, v in rest.items() if k not in _DROP and k != "default"})
+                return out
+            if len(branches) != 1:
+                raise ValueError(f"cannot express {node} in a structural schema")
+            out = walk({**branches[0], **rest})
+            if nullable:
+                out["nullable"] = True
+                if out.get("default") is None:
+                    out.pop("default", None)
+            return out
+        out = {}
+        for key, value in node.items():
+            if key in _DROP or key == "$defs" or (key == "default" and not defaults):
+                continue
+            if key == "additionalProperties" and value is False:
+                continue  # structural schemas forbid it: unknown fields are pruned (and kubectl flags them)
+            if key == "properties":
+                out[key] = {name: walk(sub) for name, sub in value.items()}
+            elif key in ("items", "additionalProperties") and isinstance(value, dict):
+                out[key] = walk(value)
+            else:
+                out[key] = value
+        if "enum" in out and "type" not in out:
+            out["type"] = "string"
+        return out
+
+    return walk(schema)
+
+
+def crd_yaml() -> str:
+    """``crds/transfergroup.yaml`` as `weft crds` writes it."""
+    from weft.api.agent_settings import dump_yaml
+
+    header = "# Generated by `weft crds` from weft/api/transfergroup.py. Do not edit.\n"
+    return header + dump_yaml(crd_manifest())
