@@ -238,6 +238,8 @@ def test_another_process_reads_what_this_one_stores_never_a_mix_of_versions(tmp_
     bases = {k: pattern(n, n) for k, n in sizes.items()}
     with KVStore.from_lmcache_config(cfg) as kv:
         for k, b in bases.items():
+            b[::4096] = 0  # version 0, stamped like every later one
+            b[:8] = 0
             kv.put(k, b)
         reader = subprocess.Popen(
             [sys.executable, "-c", READER.format(cfg=cfg, sizes=sizes)],
