@@ -61,6 +61,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _status(args, os.environ)
     if args.command == "crds":
         return _crds(args)
+    if args.command == "operator":
+        from weft.operator import handlers
+
+        return handlers.run(
+            debug=args.log_level == "DEBUG",
+            namespaces=args.namespace or [],
+            clusterwide=args.all_namespaces,
+            standalone=args.standalone,
+            peering=args.peering,
+        )
     if args.command == "version":
         from weft import __version__
 
@@ -101,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run the local demo")
     sub.add_parser("version", help="print the version")
+    op = sub.add_parser("operator", help="run the TransferGroup operator (kopf; KUBECONFIG or in-cluster)")
+    where = op.add_mutually_exclusive_group(required=True)
+    where.add_argument("--namespace", "-n", action="append", help="watch this namespace (repeatable)")
+    where.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    op.add_argument("--standalone", action="store_true", help="no peering: the only operator replica")
+    op.add_argument("--peering", help="kopf peering object for leader election (default weft-operator)")
+    op.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     crds = sub.add_parser("crds", help="write the TransferGroup CRD generated from weft.api")
     crds.add_argument("--output", "-o", default="crds/transfergroup.yaml", help="file to write, - for stdout")
     crds.add_argument(

@@ -263,7 +263,7 @@ def cross_field_problems(spec: TransferGroupSpec) -> list[str]:
         )
     if (
         spec.roles.policy is RolePolicy.RATIO
-        and spec.replicas
+        and spec.replicas >= 2  # one agent is a legitimate small group: it takes one role
         and spec.roles.min_prefill + spec.roles.min_decode > spec.replicas
     ):
         problems.append(

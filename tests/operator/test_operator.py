@@ -1,0 +1,206 @@
+"""`weft operator` (a separate process) against the real kube-apiserver and a real etcd."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from weft.api.agent_settings import parse_yaml
+from weft.membership.etcdserver import EtcdServer
+from weft.operator.controlplane import ControlPlane
+
+pytestmark = pytest.mark.integration
+NS = "weft-op"
+T = TypeVar("T")
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30.0) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+class Operator:
+    def __init__(self, plane: ControlPlane, log: Path) -> None:
+        self.plane, self.log = plane, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "KUBECONFIG": str(self.plane.kubeconfig)}
+        with self.log.open("ab") as sink:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "weft.cli", "operator", "--namespace", NS, "--standalone"],
+                stdout=sink,
+                stderr=sink,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def operator(tg_crd: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    tg_crd.kubectl("create", "namespace", NS, check=False)
+    tg_crd.kubectl(
+        "-n",
+        NS,
+        "create",
+        "secret",
+        "generic",
+        "join",
+        "--from-literal=token=0123456789abcdef0123",
+        check=False,
+    )
+    op = Operator(tg_crd, tmp_path_factory.mktemp("operator") / "operator.log")
+    op.start()
+    yield op
+    op.stop()
+
+
+def kget(plane: ControlPlane, *args: str) -> dict[str, Any] | None:
+    out = plane.kubectl("-n", NS, "get", *args, "-o", "json", check=False)
+    try:
+        return dict(json.loads(out))
+    except ValueError:
+        return None
+
+
+def apply_tg(plane: ControlPlane, name: str, etcd: str, **spec: Any) -> dict[str, Any]:
+    body = {
+        "apiVersion": "weft.dev/v1alpha1",
+        "kind": "TransferGroup",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"etcd": {"endpoints": [etcd], "joinTokenSecretRef": {"name": "join"}}, **spec},
+    }
+    plane.kubectl("apply", "-f", "-", input=json.dumps(body))
+    got = kget(plane, "tg", name)
+    assert got is not None
+    return got
+
+
+def condition(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any] | None:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == ctype:
+            return dict(c)
+    return None
+
+
+def test_a_group_gets_its_children_owned_and_an_honest_status(operator: Operator, etcd: EtcdServer) -> None:
+    plane = operator.plane
+    tg = apply_tg(plane, "alpha", etcd.endpoint, replicas=3, roles={"ratio": "1:3"})
+    uid = tg["metadata"]["uid"]
+    for kind, name in (
+        ("statefulset", "alpha"),
+        ("service", "alpha"),
+        ("configmap", "alpha-agent"),
+        ("pdb", "alpha"),
+    ):
+        obj = wait_for(f"{kind} {name}", lambda k=kind, n=name: kget(plane, k, n), 30)  # type: ignore[misc]
+        owners = obj["metadata"].get("ownerReferences") or []
+        assert [(o["kind"], o["uid"], o.get("controller")) for o in owners] == [("TransferGroup", uid, True)]
+    sts = kget(plane, "statefulset", "alpha")
+    assert sts is not None
+    assert sts["spec"]["replicas"] == 3 and sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert not sts["spec"]["template"]["spec"]["containers"][0].get("resources")  # no GPU asked: GPU-less
+    config = parse_yaml((kget(plane, "configmap", "alpha-agent") or {})["data"]["agent.yaml"])
+    assert config["group"] == {"namespace": NS, "group": "alpha"} and config["planning"]["ratio"] == "1:3"
+    assert config["etcd"]["endpoints"] == [etcd.endpoint]
+    ready = wait_for("the Ready condition", lambda: condition(kget(plane, "tg", "alpha"), "Ready"), 30)
+    status = (kget(plane, "tg", "alpha") or {})["status"]
+    assert (
+        ready["status"] == "False" and ready["reason"] == "AgentsNotReady"
+    )  # no kubelet here: pods never run
+    assert condition(kget(plane, "tg", "alpha"), "Valid") == {
+        **condition(kget(plane, "tg", "alpha"), "Valid"),
+        "status": "True",
+    }  # type: ignore[dict-item]
+    assert status["observedGeneration"] == tg["metadata"]["generation"] and status["phase"] == "Pending"
+    assert status["selector"] == "app.kubernetes.io/name=weft-agent,weft.dev/group=alpha"
+
+
+def test_spec_changes_and_kubectl_scale_reach_the_children(operator: Operator, etcd: EtcdServer) -> None:
+    plane = operator.plane
+    apply_tg(plane, "beta", etcd.endpoint, replicas=2)
+    first = wait_for("the StatefulSet", lambda: kget(plane, "statefulset", "beta"))
+    hash_before = first["spec"]["template"]["metadata"]["annotations"]["weft.dev/config-hash"]
+    apply_tg(plane, "beta", etcd.endpoint, replicas=4, roles={"ratio": "1:3"},
+             template={"resources": {"limits": {"nvidia.com/gpu": 1}}})  # fmt: skip
+    sts = wait_for(
+        "replicas 4 and a GPU limit",
+        lambda: (
+            (s := kget(plane, "statefulset", "beta"))
+            and s["spec"]["replicas"] == 4
+            and s["spec"]["template"]["spec"]["containers"][0].get("resources")
+            and s
+        ),
+    )
+    assert sts["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert sts["spec"]["template"]["metadata"]["annotations"]["weft.dev/config-hash"] != hash_before
+    plane.kubectl("-n", NS, "scale", "tg", "beta", "--replicas=6")
+    wait_for(
+        "replicas 6 after kubectl scale",
+        lambda: (kget(plane, "statefulset", "beta") or {})["spec"]["replicas"] == 6,
+    )
+
+
+def test_children_that_drift_are_repaired(operator: Operator, etcd: EtcdServer) -> None:
+    plane = operator.plane
+    apply_tg(plane, "gamma", etcd.endpoint, replicas=2)
+    wait_for("the Service", lambda: kget(plane, "service", "gamma"))
+    plane.kubectl("-n", NS, "delete", "service", "gamma")
+    plane.kubectl(
+        "-n", NS, "patch", "statefulset", "gamma", "--type=merge", "-p", '{"spec": {"replicas": 9}}'
+    )
+    wait_for("the Service back", lambda: kget(plane, "service", "gamma"), 40)
+    wait_for(
+        "replicas back to 2", lambda: (kget(plane, "statefulset", "gamma") or {})["spec"]["replicas"] == 2, 40
+    )
+
+
+def test_a_spec_that_cannot_work_is_reported_and_nothing_is_built(
+    operator: Operator, etcd: EtcdServer
+) -> None:
+    plane = operator.plane
+    apply_tg(plane, "delta", etcd.endpoint, replicas=2, experts={"count": 8, "replication": 3})
+    valid = wait_for("the Valid condition", lambda: condition(kget(plane, "tg", "delta"), "Valid"))
+    assert valid["status"] == "False" and valid["reason"] == "InvalidSpec"
+    assert "spec.experts.replication (3)" in valid["message"]
+    assert (kget(plane, "tg", "delta") or {})["status"]["phase"] == "Invalid"
+    assert kget(plane, "statefulset", "delta") is None
+    events = plane.kubectl("-n", NS, "get", "events", "--field-selector", "involvedObject.name=delta")
+    assert "InvalidSpec" in events
+
+
+def test_delete_clears_the_group_s_etcd_prefix_and_the_children_go(
+    operator: Operator, etcd: EtcdServer
+) -> None:
+    plane = operator.plane
+    apply_tg(plane, "omega", etcd.endpoint, replicas=1)
+    wait_for("the StatefulSet", lambda: kget(plane, "statefulset", "omega"))
+    etcd.etcdctl("put", f"/weft/v1/{NS}/omega/members/a0", "x")
+    etcd.etcdctl("put", f"/weft/v1/{NS}/omega/plan", "y")
+    etcd.etcdctl("put", f"/weft/v1/{NS}/omega-other/plan", "kept")  # a neighbour's prefix
+    plane.kubectl("-n", NS, "delete", "tg", "omega", "--timeout=60s")
+    assert etcd.etcdctl("get", "--prefix", f"/weft/v1/{NS}/omega/", "--keys-only").strip() == ""
+    assert "kept" in etcd.etcdctl("get", f"/weft/v1/{NS}/omega-other/plan")
+    wait_for("children collected", lambda: kget(plane, "statefulset", "omega") is None, 40)
