@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,11 +14,13 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.agent.test_cli import TOKEN, AgentProcess, start_agent, token_file
 from weft.api.agent_settings import parse_yaml
 from weft.membership.etcdserver import EtcdServer
 from weft.operator.controlplane import ControlPlane
 
 pytestmark = pytest.mark.integration
+__all__ = ["start_agent", "token_file"]  # the agent-process fixtures, shared
 NS = "weft-op"
 T = TypeVar("T")
 
@@ -204,3 +207,50 @@ def test_delete_clears_the_group_s_etcd_prefix_and_the_children_go(
     assert etcd.etcdctl("get", "--prefix", f"/weft/v1/{NS}/omega/", "--keys-only").strip() == ""
     assert "kept" in etcd.etcdctl("get", f"/weft/v1/{NS}/omega-other/plan")
     wait_for("children collected", lambda: kget(plane, "statefulset", "omega") is None, 40)
+
+
+def test_status_mirrors_the_plan_of_agents_running_as_processes(
+    operator: Operator, etcd: EtcdServer, start_agent: Callable[..., AgentProcess]
+) -> None:
+    """Agents as local processes join the group in etcd; the status shows members, roles and
+    the epoch; a SIGKILLed agent is gone from the status within seconds."""
+    plane = operator.plane
+    plane.kubectl(
+        "-n", NS, "create", "secret", "generic", "join-m", f"--from-literal=token={TOKEN}", check=False
+    )
+    body = {
+        "apiVersion": "weft.dev/v1alpha1",
+        "kind": "TransferGroup",
+        "metadata": {"name": "mirror", "namespace": NS},
+        "spec": {
+            "replicas": 3,
+            "roles": {"ratio": "1:2"},
+            "etcd": {"endpoints": [etcd.endpoint], "joinTokenSecretRef": {"name": "join-m"}},
+        },
+    }
+    plane.kubectl("apply", "-f", "-", input=json.dumps(body))
+    flags = ("--group", "mirror", "--namespace", NS, "--ratio", "1:2", "--lease-ttl", "2")
+    agents = [start_agent(f"m{i}", *flags) for i in range(3)]
+
+    def mirrored(members: int) -> dict[str, Any] | None:
+        st = (kget(plane, "tg", "mirror") or {}).get("status") or {}
+        ok = (
+            st.get("members") == members
+            and st.get("planEpoch")
+            and st.get("prefill", 0) + st.get("decode", 0) == members
+        )
+        rebalancing = condition({"status": st}, "Rebalancing")
+        return st if ok and rebalancing and rebalancing["status"] == "False" else None
+
+    first = wait_for("three members, their roles and a settled epoch in the status", lambda: mirrored(3), 30)
+    assert (first["prefill"], first["decode"]) == (1, 2)
+    columns = plane.kubectl("-n", NS, "get", "tg", "mirror").splitlines()[1].split()
+    assert columns[2:5] == ["3", "1", "2"] and columns[5] == str(
+        first["planEpoch"]
+    )  # Members Prefill Decode Epoch
+    agents[1].proc.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    second = wait_for("the killed agent gone from the status", lambda: mirrored(2), 20)
+    seen = time.monotonic() - killed
+    print(f"SIGKILL to status without it: {seen * 1e3:.0f} ms")
+    assert second["planEpoch"] > first["planEpoch"] and seen < 10

@@ -236,26 +236,160 @@ async def cleanup(name: str, namespace: str | None, spec: kopf.Spec, body: kopf.
     )
 
 
+async def _etcd_settings(spec: TransferGroupSpec, namespace: str, tmp: str) -> EtcdSettings:
+    """The group's etcd; TLS material comes from its Secret, written under `tmp` (0600)."""
+    extra: dict[str, Any] = {}
+    if spec.etcd.tls_secret_ref is not None:
+        files = await asyncio.to_thread(kube().read_secret, spec.etcd.tls_secret_ref.name, namespace)
+        for key, field in (("ca.crt", "ca_file"), ("tls.crt", "cert_file"), ("tls.key", "key_file")):
+            if key in files:
+                path = Path(tmp) / key
+                path.write_bytes(files[key])
+                path.chmod(0o600)
+                extra[field] = path
+    return EtcdSettings(endpoints=list(spec.etcd.endpoints), **extra)
+
+
 async def _delete_prefix(spec: TransferGroupSpec, namespace: str, prefix: str) -> int:
     from weft.membership._etcd import Etcd
 
     with tempfile.TemporaryDirectory(prefix="weft-etcd-tls-") as tmp:
-        extra: dict[str, Any] = {}
-        if spec.etcd.tls_secret_ref is not None:
-            files = await asyncio.to_thread(kube().read_secret, spec.etcd.tls_secret_ref.name, namespace)
-            for key, field in (("ca.crt", "ca_file"), ("tls.crt", "cert_file"), ("tls.key", "key_file")):
-                if key in files:
-                    path = Path(tmp) / key
-                    path.write_bytes(files[key])
-                    path.chmod(0o600)
-                    extra[field] = path
-        settings = EtcdSettings(endpoints=list(spec.etcd.endpoints), **extra)
-        etcd = Etcd(settings)
+        etcd = Etcd(await _etcd_settings(spec, namespace, tmp))
         try:
             return await etcd.delete_prefix(prefix.encode())
         finally:
             with contextlib.suppress(Exception):
                 await etcd.close()
+
+
+# -- the plan mirror ---------------------------------------------------------------------------
+MIRROR_MIN_INTERVAL = 0.25  # seconds between two status patches of one group
+MIRROR_IDLE_RECHECK = 5.0  # re-read at least this often, changes or not
+
+
+def mirror_fields(doc: dict[str, Any], old_conditions: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Status fields from a group's etcd state (`read_group_status`): members and roles count
+    only signed members that are live; Rebalancing while some have not applied the plan."""
+    live = {m["name"] for m in doc["members"] if m["verified"]}
+    plan = doc.get("plan")
+    roles = {n: r for n, r in (plan or {}).get("roles", {}).items() if n in live}
+    acked = set((plan or {}).get("acked", []))
+    under = sorted(int(e) for e in (plan or {}).get("under_replicated", []))
+    waiting = sorted(live - acked)
+    epoch = plan["epoch"] if plan else None
+    return {
+        "members": len(live),
+        "prefill": sum(1 for r in roles.values() if r == "prefill"),
+        "decode": sum(1 for r in roles.values() if r == "decode"),
+        "planEpoch": epoch,
+        "underReplicated": under,
+        "conditions": _conditions(
+            old_conditions,
+            {
+                ConditionType.REBALANCING: (
+                    (
+                        "True",
+                        "PlanNotApplied",
+                        f"{len(waiting)} of {len(live)} members still applying epoch {epoch}",
+                    )
+                    if plan and waiting
+                    else (
+                        "False",
+                        "PlanApplied",
+                        f"every member applied epoch {epoch}" if plan else "no plan yet",
+                    )
+                ),
+                ConditionType.DEGRADED: (
+                    ("True", "UnderReplicatedExperts", f"experts below their replication: {under[:20]}")
+                    if under
+                    else (
+                        "False",
+                        "FullyReplicated",
+                        "every expert has its replicas" if plan else "no plan yet",
+                    )
+                ),
+            },
+        ),
+    }
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
+async def mirror(
+    name: str,
+    namespace: str | None,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    stopped: kopf.DaemonStopped,
+    **_: Any,
+) -> None:
+    """Mirror the group's etcd plan into its status, for as long as the group exists: a
+    watch on the group's prefix wakes it, and patches are rate-limited per group."""
+    from weft.api.agent_settings import GroupClientSettings
+    from weft.api.settings import GroupRef
+    from weft.membership.status import read_group_status
+
+    namespace = namespace or "default"
+    last: dict[str, Any] | None = None
+    last_patch = 0.0
+    loop = asyncio.get_running_loop()
+    while not stopped:
+        try:
+            parsed = TransferGroupSpec.model_validate(dict(spec))  # a live view: follows updates
+        except pydantic.ValidationError:
+            await stopped.wait(MIRROR_IDLE_RECHECK)
+            continue
+        try:
+            with tempfile.TemporaryDirectory(prefix="weft-etcd-tls-") as tmp:
+                settings = await _etcd_settings(parsed, namespace, tmp)
+                token_ref = parsed.etcd.join_token_secret_ref
+                token = (await asyncio.to_thread(kube().read_secret, token_ref.name, namespace)).get(
+                    token_ref.key or "token", b""
+                )
+                client = GroupClientSettings(group=GroupRef(namespace=namespace, group=name), etcd=settings)
+                doc = await read_group_status(client, token.strip() or None)
+                fields = mirror_fields(doc, list(dict(status).get("conditions") or []))
+                comparable = {k: v for k, v in fields.items() if k != "conditions"} | {
+                    "c": [(c["type"], c["status"], c["message"]) for c in fields["conditions"]]
+                }
+                if comparable != last:
+                    await asyncio.sleep(max(0.0, last_patch + MIRROR_MIN_INTERVAL - loop.time()))
+                    await asyncio.to_thread(
+                        kube().patch_status, f"{GROUP}/{VERSION}", "TransferGroup", name, namespace, fields
+                    )
+                    last, last_patch = comparable, loop.time()
+                await _next_change(settings, f"/weft/v1/{namespace}/{name}/", int(doc["revision"]), stopped)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # etcd down, Secret missing, API hiccup: say so, keep going
+            log.warning("status mirror of %s/%s: %s", namespace, name, exc)
+            await stopped.wait(2.0)
+
+
+async def _next_change(
+    settings: EtcdSettings, prefix: str, revision: int, stopped: kopf.DaemonStopped
+) -> None:
+    """Return at the group's next change in etcd, after `MIRROR_IDLE_RECHECK`, or when stopped."""
+    from weft.membership._etcd import Etcd
+
+    etcd = Etcd(settings)
+    try:
+        changes = etcd.watch_prefix(prefix.encode(), revision + 1)
+        try:
+            await anext(changes)  # the watch is confirmed from here on
+            waiter = asyncio.ensure_future(anext(changes))
+            stop = asyncio.ensure_future(stopped.wait())
+            await asyncio.wait(
+                {waiter, stop}, timeout=MIRROR_IDLE_RECHECK, return_when=asyncio.FIRST_COMPLETED
+            )
+            for f in (waiter, stop):
+                f.cancel()
+                with contextlib.suppress(BaseException):
+                    await f
+        finally:
+            await changes.aclose()  # type: ignore[attr-defined]
+    finally:
+        with contextlib.suppress(Exception):
+            await etcd.close()
 
 
 def run(

@@ -155,6 +155,22 @@ class Kube:
         )
         return "repaired"
 
+    def patch_status(
+        self, api_version: str, kind: str, name: str, namespace: str | None, status: dict[str, Any]
+    ) -> None:
+        """Merge-patch the status subresource."""
+        res = self._resource(api_version, kind)
+        self._call(
+            "patch status of",
+            f"{kind} {namespace}/{name}",
+            lambda: res.status.patch(
+                body={"status": status},
+                name=name,
+                namespace=namespace,
+                content_type="application/merge-patch+json",
+            ),
+        )
+
     def delete(self, api_version: str, kind: str, name: str, namespace: str | None) -> bool:
         res = self._resource(api_version, kind)
         try:
