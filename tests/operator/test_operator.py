@@ -37,15 +37,15 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30.0) ->
 
 
 class Operator:
-    def __init__(self, plane: ControlPlane, log: Path) -> None:
-        self.plane, self.log = plane, log
+    def __init__(self, plane: ControlPlane, log: Path, namespace: str = NS) -> None:
+        self.plane, self.log, self.namespace = plane, log, namespace
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         env = {**os.environ, "KUBECONFIG": str(self.plane.kubeconfig)}
         with self.log.open("ab") as sink:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "weft.cli", "operator", "--namespace", NS, "--standalone"],
+                [sys.executable, "-m", "weft.cli", "operator", "--namespace", self.namespace, "--standalone"],
                 stdout=sink,
                 stderr=sink,
                 stdin=subprocess.DEVNULL,
@@ -254,3 +254,116 @@ def test_status_mirrors_the_plan_of_agents_running_as_processes(
     seen = time.monotonic() - killed
     print(f"SIGKILL to status without it: {seen * 1e3:.0f} ms")
     assert second["planEpoch"] > first["planEpoch"] and seen < 10
+
+
+def test_an_operator_killed_mid_reconcile_converges_when_started_again(
+    tg_crd: ControlPlane, etcd: EtcdServer, tmp_path: Path
+) -> None:
+    ns = "weft-op-restart"
+    plane = tg_crd
+    plane.kubectl("create", "namespace", ns)
+    op = Operator(plane, tmp_path / "operator.log", namespace=ns)
+    op.start()
+    try:
+        body = {
+            "apiVersion": "weft.dev/v1alpha1",
+            "kind": "TransferGroup",
+            "metadata": {"name": "phoenix", "namespace": ns},
+            "spec": {
+                "replicas": 2,
+                "etcd": {"endpoints": [etcd.endpoint], "joinTokenSecretRef": {"name": "join"}},
+            },
+        }
+        plane.kubectl("apply", "-f", "-", input=json.dumps(body))
+
+        def children_started() -> bool:  # the first child is there: the reconcile is under way
+            return "phoenix-agent" in plane.kubectl("-n", ns, "get", "configmaps", "-o", "name", check=False)
+
+        wait_for("the reconcile to begin", children_started, 30)
+        op.stop()  # SIGKILL, between two children or just after the last
+        body["spec"]["replicas"] = 3  # changed while no operator runs
+        plane.kubectl("apply", "-f", "-", input=json.dumps(body))
+        op.start()
+
+        def converged() -> dict[str, Any] | None:
+            tg = json.loads(plane.kubectl("-n", ns, "get", "tg", "phoenix", "-o", "json"))
+            st = tg.get("status") or {}
+            ok = (
+                st.get("observedGeneration") == tg["metadata"]["generation"]
+                and st.get("replicas") is not None
+            )
+            return tg if ok and condition(tg, "Valid") else None
+
+        tg = wait_for("the group to converge after the restart", converged, 40)
+        selector = "weft.dev/group=phoenix"
+        for kind in ("statefulsets", "services", "configmaps", "poddisruptionbudgets"):
+            names = plane.kubectl("-n", ns, "get", kind, "-l", selector, "-o", "name").split()
+            assert len(names) == 1, f"{kind}: {names}"  # one of each, owned by the group
+        sts = json.loads(plane.kubectl("-n", ns, "get", "statefulset", "phoenix", "-o", "json"))
+        assert sts["spec"]["replicas"] == 3
+        assert sts["metadata"]["ownerReferences"][0]["uid"] == tg["metadata"]["uid"]
+    finally:
+        plane.kubectl(
+            "-n", ns, "delete", "tg", "phoenix", "--timeout=60s", check=False
+        )  # its finalizer needs the operator
+        op.stop()
+
+
+def test_scale_down_drains_the_leaving_member_before_its_pod_goes(
+    operator: Operator, etcd: EtcdServer, start_agent: Callable[..., AgentProcess]
+) -> None:
+    """kubectl scale 3 -> 2: the operator asks the planner to plan drainy-2 out (its experts move
+    to the others), waits until every remaining member applied that plan, and only then lowers
+    the StatefulSet's replicas."""
+    plane = operator.plane
+    plane.kubectl(
+        "-n", NS, "create", "secret", "generic", "join-d", f"--from-literal=token={TOKEN}", check=False
+    )
+    body = {
+        "apiVersion": "weft.dev/v1alpha1",
+        "kind": "TransferGroup",
+        "metadata": {"name": "drainy", "namespace": NS},
+        "spec": {
+            "replicas": 3,
+            "experts": {"count": 8, "replication": 2},
+            "etcd": {"endpoints": [etcd.endpoint], "joinTokenSecretRef": {"name": "join-d"}},
+        },
+    }
+    plane.kubectl("apply", "-f", "-", input=json.dumps(body))
+    flags = ("--group", "drainy", "--namespace", NS, "--experts", "8", "--replication", "2")
+    flags += ("--expert-source", "synthetic:4096", "--lease-ttl", "2")
+    agents = [start_agent(f"drainy-{i}", *flags) for i in range(3)]
+
+    def settled(n: int) -> dict[str, Any] | None:
+        st = (kget(plane, "tg", "drainy") or {}).get("status") or {}
+        reb = condition({"status": st}, "Rebalancing")
+        ok = (
+            st.get("members") == n
+            and reb is not None
+            and reb["status"] == "False"
+            and not st.get("underReplicated")
+        )
+        return st if ok else None
+
+    wait_for("three agents planned and settled", lambda: settled(3), 30)
+    plane.kubectl("-n", NS, "scale", "tg", "drainy", "--replicas=2")
+    # while the StatefulSet still has 3, drainy-2 is asked to drain; the STS shrinks only after
+    saw_hold = False
+    deadline = time.monotonic() + 60
+    while True:
+        sts = (kget(plane, "statefulset", "drainy") or {})["spec"]["replicas"]
+        plan = agents[0].status().get("plan") or {}
+        if sts == 3 and "drainy-2" in ((kget(plane, "tg", "drainy") or {}).get("status") or {}).get(
+            "draining", []
+        ):
+            saw_hold = True
+        if sts == 2:
+            assert set(plan["roles"]) == {"drainy-0", "drainy-1"}, "the pod went before the plan let it go"
+            assert all("drainy-2" not in hosts for hosts in plan.get("experts", {}).values())
+            assert not plan.get("under_replicated")
+            break
+        assert time.monotonic() < deadline, "the StatefulSet never scaled down"
+        time.sleep(0.05)
+    assert saw_hold  # the operator held the pod while the plan moved its work
+    events = plane.kubectl("-n", NS, "get", "events", "--field-selector", "involvedObject.name=drainy")
+    assert "Draining" in events

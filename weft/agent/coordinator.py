@@ -117,7 +117,7 @@ class Coordinator:
     def _on_event(self, ev: MembershipEvent) -> None:
         if ev.kind == "rejoined":
             self.applied_epoch = 0  # its ack went with the old lease: apply (and ack) again
-        if ev.kind in ("added", "updated", "removed", "leader", "plan", "rejoined", "load"):
+        if ev.kind in ("added", "updated", "removed", "leader", "plan", "rejoined", "load", "drain"):
             self._wake.set()
 
     async def start(self) -> None:
@@ -163,7 +163,7 @@ class Coordinator:
         out = []
         for name, member in sorted(m.members.items()):
             rec = member.record
-            if rec.state == "draining":
+            if rec.state == "draining" or name in m.drains:  # leaving, or asked to (scale-down)
                 continue
             load = m.loads.get(name)
             out.append(

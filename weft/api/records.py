@@ -36,6 +36,7 @@ class RecordKind(enum.IntEnum):
     ACK = 3
     LOAD = 4
     PLAN = 5
+    DRAIN = 6
 
 
 class _Strict(pydantic.BaseModel):
@@ -122,6 +123,16 @@ class LoadRecord(_Record):
     expert_hits: Annotated[
         dict[str, Annotated[int, pydantic.Field(ge=0, lt=1 << 62)]], pydantic.Field(max_length=1 << 16)
     ] = {}
+    at: Seconds = 0.0
+
+
+class DrainRecord(_Record):
+    """``drain/<name>``: the operator asks the planner to plan `name` out before its pod goes
+    (scale-down); the member keeps serving until then. Deleted when the pod is gone."""
+
+    kind: ClassVar[RecordKind] = RecordKind.DRAIN
+    name: Name
+    reason: Text = ""
     at: Seconds = 0.0
 
 

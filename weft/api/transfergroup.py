@@ -246,6 +246,10 @@ class TransferGroupStatus(_Model):
     decode: int | None = None
     plan_epoch: int | None = None
     under_replicated: list[int] = pydantic.Field(default_factory=list)
+    draining: list[str] = pydantic.Field(
+        default_factory=list, description="members being planned out before a scale-down removes their pods"
+    )
+    draining_since: str | None = None
 
 
 def cross_field_problems(spec: TransferGroupSpec) -> list[str]:

@@ -152,7 +152,7 @@ class Member:
 class MembershipEvent:
     """Something that changed in this agent's view (also what tests and benchmarks time).
 
-    kind: added, updated, removed, leader, fenced, rejoined, etcd-lost, etcd-back, load, plan
+    kind: added, updated, removed, leader, fenced, rejoined, etcd-lost, etcd-back, load, plan, drain
     (for a plan, `name` is the leader that wrote it and `generation` the plan's epoch).
     """
 
@@ -190,6 +190,7 @@ class Membership:
         self.plan_invalid = False  # the key holds something that is not a plan of this group
         self.acks: dict[str, int] = {}  # member -> plan epoch it applied
         self.loads: dict[str, records.LoadRecord] = {}
+        self.drains: set[str] = set()  # members the operator asked to plan out (scale-down)
         self.phase = Phase.STARTING
         self.state: records.State = "joining"
         self.generation = 0
@@ -489,6 +490,7 @@ class Membership:
         leader: str | None = None
         self.acks.clear()
         self.loads.clear()
+        self.drains.clear()
         for kv in kvs:
             rest = kv.key.decode("utf-8", "replace")[len(self.prefix) :]
             if rest.startswith("members/"):
@@ -630,7 +632,8 @@ class Membership:
             self._apply_other(rest, ev.kv, ev.kind)
 
     def _apply_other(self, rest: str, kv: KeyValue, kind: str) -> None:
-        """``plan``, ``acks/<name>``, ``load/<name>``: kept for the planner and ``weft status``."""
+        """``plan``, ``acks/<name>``, ``load/<name>``, ``drain/<name>``: kept for the planner and
+        ``weft status``."""
         key = self.prefix + rest
         try:
             if rest == "plan":
@@ -657,6 +660,15 @@ class Membership:
                         records.AckRecord, kv.value, key, self.config.secret
                     ).epoch
                     self._changed.set()
+            elif rest.startswith("drain/"):
+                name = rest[len("drain/") :]
+                if kind == "delete":
+                    self.drains.discard(name)
+                else:
+                    records.unseal(records.DrainRecord, kv.value, key, self.config.secret)
+                    self.drains.add(name)
+                self._changed.set()
+                self._emit("drain", name, 0, "drain requested" if kind != "delete" else "drain withdrawn")
             elif rest.startswith("load/"):
                 name = rest[len("load/") :]
                 if kind == "delete":

@@ -131,8 +131,15 @@ def _field_env(var: str, path: str) -> dict[str, Any]:
 
 
 def stateful_set(
-    name: str, namespace: str, uid: str, spec: TransferGroupSpec, config_hash: str
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: TransferGroupSpec,
+    config_hash: str,
+    *,
+    replicas: int | None = None,
 ) -> dict[str, Any]:
+    """`replicas`: what the StatefulSet runs now (the operator holds pods while they drain)."""
     t = spec.template
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": f"{name}-agent"}},
@@ -188,7 +195,7 @@ def stateful_set(
         "kind": "StatefulSet",
         "metadata": _meta(name, namespace, name, uid),
         "spec": {
-            "replicas": spec.replicas,
+            "replicas": spec.replicas if replicas is None else replicas,
             "serviceName": name,
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": selector(name)},

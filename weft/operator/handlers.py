@@ -24,6 +24,7 @@ import hashlib
 import logging
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -166,17 +167,48 @@ def _reconcile(
     config_yaml = dump_yaml(children.agent_config(name, namespace, spec))
     config_hash = hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
     try:
+        live_sts = k.get("apps/v1", "StatefulSet", name, namespace)
+    except KubeError as exc:
+        raise _retry(exc) from None
+    current = int(((live_sts or {}).get("spec") or {}).get("replicas") or 0)
+    replicas, drain_note = spec.replicas, ""
+    draining: list[str] = []
+    try:
+        draining, drain_note = asyncio.run(_drain_step(spec, namespace, name, current))
+    except Exception as exc:  # etcd away: do not scale down blind, try again soon
+        if current > spec.replicas:
+            draining, drain_note = (
+                [f"{name}-{i}" for i in range(spec.replicas, current)],
+                f"etcd unreachable: {exc}",
+            )
+        else:
+            log.warning("drain bookkeeping of %s/%s: %s", namespace, name, exc)
+    since = status.get("drainingSince") or _now()
+    if draining and _age(since) < DRAIN_TIMEOUT_SECONDS:
+        replicas = current  # hold the pods until the plan no longer needs them
+    elif draining:
+        kopf.warn(
+            body,
+            reason="DrainTimedOut",
+            message=f"scaling down after {DRAIN_TIMEOUT_SECONDS:.0f} s: {drain_note}",
+        )
+        draining = []
+    try:
         pdb_version = k.preferred_version("policy", "PodDisruptionBudget", ["policy/v1", "policy/v1beta1"])
         wanted = [
             children.config_map(name, namespace, uid, spec, config_yaml),
             children.service(name, namespace, uid),
-            children.stateful_set(name, namespace, uid, spec, config_hash),
+            children.stateful_set(name, namespace, uid, spec, config_hash, replicas=replicas),
             children.disruption_budget(name, namespace, uid, pdb_version),
         ]
         done = {m["kind"]: k.apply(m) for m in wanted}
         sts = k.get("apps/v1", "StatefulSet", name, namespace) or {}
     except KubeError as exc:
         raise _retry(exc) from None
+    patch.status["draining"] = draining
+    patch.status["drainingSince"] = since if draining else None
+    if draining and not status.get("draining"):
+        kopf.info(body, reason="Draining", message=f"planning out {', '.join(draining)} before scale-down")
     for kind, what in done.items():
         if what != "unchanged":
             kopf.info(body, reason=what.capitalize(), message=f"{kind} {name}: {what}")
@@ -193,9 +225,17 @@ def _reconcile(
     patch.status["replicas"] = current
     patch.status["readyReplicas"] = ready
     patch.status["selector"] = children.selector_string(name)
+    extra: dict[ConditionType, tuple[str, str, str]] = {}
+    if draining:
+        extra[ConditionType.REBALANCING] = (
+            "True",
+            "Draining",
+            drain_note or f"planning out {', '.join(draining)}",
+        )
     patch.status["conditions"] = _conditions(
         status.get("conditions"),
-        {
+        extra
+        | {
             ConditionType.VALID: ("True", "SpecValid", "the spec passed every check"),
             ConditionType.READY: (
                 ("True", "AgentsReady", f"{ready} of {spec.replicas} agents ready")
@@ -260,6 +300,77 @@ async def _delete_prefix(spec: TransferGroupSpec, namespace: str, prefix: str) -
         finally:
             with contextlib.suppress(Exception):
                 await etcd.close()
+
+
+# -- drain before scale-down -----------------------------------------------------------------
+DRAIN_TIMEOUT_SECONDS = 120.0
+
+
+def _age(since: str) -> float:
+    try:
+        at = datetime.datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+    except ValueError:
+        return 0.0
+    return (datetime.datetime.now(datetime.UTC) - at).total_seconds()
+
+
+async def _drain_step(
+    spec: TransferGroupSpec, namespace: str, name: str, current: int
+) -> tuple[list[str], str]:
+    """Members still to be planned out before the StatefulSet may shrink to ``spec.replicas``
+    (empty: go ahead), and why. Writes ``drain/<member>`` for the leaving pods that are members,
+    and removes drain keys nobody needs any more (the member is gone, or scaled back up)."""
+    from weft.api import records
+    from weft.api.agent_settings import GroupClientSettings
+    from weft.api.settings import GroupRef
+    from weft.membership._etcd import Etcd
+    from weft.membership.status import read_group_status
+
+    leaving = {f"{name}-{i}" for i in range(spec.replicas, current)}
+    prefix = f"/weft/v1/{namespace}/{name}/"
+    with tempfile.TemporaryDirectory(prefix="weft-etcd-tls-") as tmp:
+        settings = await _etcd_settings(spec, namespace, tmp)
+        ref = spec.etcd.join_token_secret_ref
+        token = (
+            (await asyncio.to_thread(kube().read_secret, ref.name, namespace))
+            .get(ref.key or "token", b"")
+            .strip()
+        )
+        doc = await read_group_status(
+            GroupClientSettings(group=GroupRef(namespace=namespace, group=name), etcd=settings), token or None
+        )
+        members = {m["name"] for m in doc["members"] if m["verified"]}
+        etcd = Etcd(settings)
+        try:
+            _, kvs = await etcd.get_prefix(f"{prefix}drain/".encode())
+            asked = {kv.key.decode()[len(prefix) + len("drain/") :] for kv in kvs}
+            for gone in asked - (leaving & members):
+                await etcd.delete(f"{prefix}drain/{gone}".encode())
+            to_drain = sorted(leaving & members)
+            if to_drain and not token:
+                return to_drain, "no join token to sign the drain request with"
+            for member in set(to_drain) - asked:
+                key = f"{prefix}drain/{member}"
+                rec = records.DrainRecord(
+                    name=member, reason=f"scale-down to {spec.replicas}", at=time.time()
+                )
+                await etcd.put(key.encode(), records.seal(rec, key, token))
+        finally:
+            with contextlib.suppress(Exception):
+                await etcd.close()
+    if not to_drain:
+        return [], ""
+    plan = doc.get("plan")
+    stay = members - leaving
+    if plan is None:
+        return to_drain, "waiting for a plan"
+    still = sorted(set(plan.get("roles", {})) & set(to_drain))
+    if still:
+        return to_drain, f"plan epoch {plan['epoch']} still gives work to {', '.join(still)}"
+    waiting = sorted(stay - set(plan.get("acked", [])))
+    if waiting:
+        return to_drain, f"waiting for {', '.join(waiting)} to apply epoch {plan['epoch']}"
+    return [], ""
 
 
 # -- the plan mirror ---------------------------------------------------------------------------
