@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             clusterwide=args.all_namespaces,
             standalone=args.standalone,
             peering=args.peering,
+            priority=args.priority,
         )
     if args.command == "version":
         from weft import __version__
@@ -115,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
     op.add_argument("--standalone", action="store_true", help="no peering: the only operator replica")
     op.add_argument("--peering", help="kopf peering object for leader election (default weft-operator)")
+    op.add_argument(
+        "--priority", type=int, help="this replica's peering priority (default: random; highest serves)"
+    )
     op.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     crds = sub.add_parser("crds", help="write the TransferGroup CRD generated from weft.api")
     crds.add_argument("--output", "-o", default="crds/transfergroup.yaml", help="file to write, - for stdout")

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.agent.test_cli import TOKEN, AgentProcess, start_agent, token_file
+from tests.k8s_fixtures import CRD_FILE
 from weft.api.agent_settings import parse_yaml
 from weft.membership.etcdserver import EtcdServer
 from weft.operator.controlplane import ControlPlane
@@ -37,15 +38,16 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30.0) ->
 
 
 class Operator:
-    def __init__(self, plane: ControlPlane, log: Path, namespace: str = NS) -> None:
-        self.plane, self.log, self.namespace = plane, log, namespace
+    def __init__(self, plane: ControlPlane, log: Path, namespace: str = NS, *peering: str) -> None:
+        self.plane, self.log, self.namespace, self.peering = plane, log, namespace, list(peering)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         env = {**os.environ, "KUBECONFIG": str(self.plane.kubeconfig)}
+        mode = self.peering or ["--standalone"]
         with self.log.open("ab") as sink:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "weft.cli", "operator", "--namespace", self.namespace, "--standalone"],
+                [sys.executable, "-m", "weft.cli", "operator", "--namespace", self.namespace, *mode],
                 stdout=sink,
                 stderr=sink,
                 stdin=subprocess.DEVNULL,
@@ -367,3 +369,60 @@ def test_scale_down_drains_the_leaving_member_before_its_pod_goes(
     assert saw_hold  # the operator held the pod while the plan moved its work
     events = plane.kubectl("-n", NS, "get", "events", "--field-selector", "involvedObject.name=drainy")
     assert "Draining" in events
+
+
+def test_operator_replicas_elect_one_and_the_next_takes_over(
+    tg_crd: ControlPlane, etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """Two replicas (kopf peering, distinct priorities): the higher one works, the other
+    pauses; SIGKILL the leader and the other resumes once its peering record expires."""
+    ns = "weft-op-peers"
+    plane = tg_crd
+    plane.kubectl("apply", "-f", str(CRD_FILE.parent / "kopf-peering.yaml"))
+    plane.kubectl("create", "namespace", ns)
+    leader = Operator(plane, tmp_path / "leader.log", ns, "--priority", "200")
+    second = Operator(plane, tmp_path / "second.log", ns, "--priority", "100")
+    leader.start()
+    try:
+        wait_for("the leader to start working", lambda: "Resuming operations" in leader.tail(), 30)
+        second.start()
+        wait_for(
+            "the second replica to start", lambda: "Initial authentication has finished" in second.tail(), 30
+        )
+        time.sleep(3)
+        assert "Resuming operations" not in second.tail()  # it stays paused behind the leader
+
+        def group(name: str) -> None:
+            body = {
+                "apiVersion": "weft.dev/v1alpha1",
+                "kind": "TransferGroup",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {
+                    "replicas": 1,
+                    "etcd": {"endpoints": [etcd.endpoint], "joinTokenSecretRef": {"name": "j"}},
+                },
+            }
+            plane.kubectl("apply", "-f", "-", input=json.dumps(body))
+
+        group("first")
+        wait_for(
+            "the leader to build the first group",
+            lambda: "statefulset.apps/first" in plane.kubectl("-n", ns, "get", "statefulsets", "-o", "name"),
+            30,
+        )
+        assert "Handler 'reconcile' succeeded" in leader.tail() and "Handler 'reconcile'" not in second.tail()
+        leader.stop()
+        killed = time.monotonic()
+        group("second")
+        wait_for(
+            "the other replica to take over",
+            lambda: "statefulset.apps/second" in plane.kubectl("-n", ns, "get", "statefulsets", "-o", "name"),
+            60,
+        )
+        print(f"leader SIGKILLed -> the other replica built a new group: {time.monotonic() - killed:.1f} s")
+        assert "Resuming operations" in second.tail()
+        for name in ("first", "second"):
+            plane.kubectl("-n", ns, "delete", "tg", name, "--timeout=60s", check=False)
+    finally:
+        leader.stop()
+        second.stop()

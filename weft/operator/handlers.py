@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import hashlib
 import logging
+import secrets
 import tempfile
 import threading
 import time
@@ -58,8 +59,15 @@ def kube() -> Kube:
         return _kube[0]
 
 
+PEERING_LIFETIME = 15  # seconds a dead leader's peering record blocks the others
+_peering: dict[str, Any] = {}  # what `run` was asked for: the startup handler makes the object
+
+
 @kopf.on.startup()
 def _configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.peering.lifetime = PEERING_LIFETIME
+    if _peering.get("name"):
+        _ensure_peering(_peering["name"], _peering["namespaces"], _peering["clusterwide"])
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.persistence.finalizer = f"{GROUP}/etcd-cleanup"
@@ -503,13 +511,42 @@ async def _next_change(
             await etcd.close()
 
 
+def _ensure_peering(name: str, namespaces: list[str], clusterwide: bool) -> None:
+    """kopf patches its peering object but never creates it: without one, replicas would not
+    see each other. (Its CRDs are crds/kopf-peering.yaml.)"""
+    k = kube()
+    targets = [None] if clusterwide else namespaces
+    kind = "ClusterKopfPeering" if clusterwide else "KopfPeering"
+    for ns in targets:
+        meta: dict[str, Any] = {"name": name} | ({"namespace": ns} if ns else {})
+        try:
+            if k.get("kopf.dev/v1", kind, name, ns) is None:
+                k.apply({"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": meta})
+        except KubeError as exc:
+            raise kopf.PermanentError(f"{kind} {name}: {exc} (apply crds/kopf-peering.yaml)") from None
+
+
 def run(
-    *, namespaces: list[str], clusterwide: bool, standalone: bool, peering: str | None, debug: bool = False
+    *,
+    namespaces: list[str],
+    clusterwide: bool,
+    standalone: bool,
+    peering: str | None,
+    priority: int | None = None,
+    debug: bool = False,
 ) -> int:
-    """Run the operator until interrupted (kopf's own loop, signals and logging)."""
+    """Run the operator until interrupted (kopf's own loop, signals and logging).
+
+    Replicas elect the one that works through kopf's peering: each takes `priority` (default:
+    random), the highest serves and the others pause; when it dies they resume after
+    `PEERING_LIFETIME` seconds. `standalone`: no peering (a single replica)."""
     kopf.configure(debug=debug, verbose=debug)
     if standalone:  # kopf waits for its peering CRD whenever a peering name is given
         kopf.run(clusterwide=clusterwide, namespaces=namespaces, standalone=True)
-    else:
-        kopf.run(clusterwide=clusterwide, namespaces=namespaces, peering_name=peering or "weft-operator")
+        return 0
+    name = peering or "weft-operator"
+    _peering.update(name=name, namespaces=namespaces, clusterwide=clusterwide)
+    prio = priority if priority is not None else secrets.randbelow(1 << 30) + 1
+    log.info("peering %r with priority %d", name, prio)
+    kopf.run(clusterwide=clusterwide, namespaces=namespaces, peering_name=name, priority=prio)
     return 0
