@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,9 @@ class Kube:
         self._api = client.ApiClient()
         self._dynamic = dynamic.DynamicClient(self._api)
         self._resources: dict[tuple[str, str], Any] = {}
+        self._missing: set[tuple[str, str]] = set()
+        # the client's discovery cache is not thread-safe (kopf runs handlers on threads)
+        self._discovery = threading.Lock()
 
     def close(self) -> None:
         self._api.close()
