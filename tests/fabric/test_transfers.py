@@ -6,6 +6,7 @@ import asyncio
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,6 +178,10 @@ def test_ping_answers_and_a_stopped_peer_stays_silent(make_agent, make_peer):  #
     assert got.wait(5) and 0 < pongs[0] < 5
     peer.kill(signal.SIGSTOP)
     try:
+        deadline = time.monotonic() + 5  # the signal lands a moment later: wait for state T
+        while Path(f"/proc/{peer.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+            assert time.monotonic() < deadline, "the peer never stopped"
+            time.sleep(0.001)
         got.clear()
         forget = a.ping("b", lambda rtt: got.set())
         assert not got.wait(0.5)  # a stopped process never answers; the caller decides
