@@ -17,6 +17,7 @@ import pytest
 from tests.agent.test_cli import TOKEN, AgentProcess, start_agent, token_file
 from tests.k8s_fixtures import CRD_FILE
 from weft.api.agent_settings import parse_yaml
+from weft.kvstore import load_lmcache_config
 from weft.membership.etcdserver import EtcdServer
 from weft.operator.controlplane import ControlPlane
 
@@ -427,3 +428,40 @@ def test_operator_replicas_elect_one_and_the_next_takes_over(
     finally:
         leader.stop()
         second.stop()
+
+
+def test_the_storage_tier_reaches_the_pods_as_an_lmcache_config_with_secrets_by_reference(
+    operator: Operator, etcd: EtcdServer
+) -> None:
+    plane = operator.plane
+    storage = {
+        "backend": "OBJ",
+        "params": {
+            "bucket": "kv-cache",
+            "region": "us-east-1",
+            "endpoint_override": "http://198.18.0.9:9000",
+        },
+        "credentialsSecretRef": {"name": "s3-creds"},
+    }
+    apply_tg(
+        plane,
+        "kv",
+        etcd.endpoint,
+        replicas=2,
+        storage=storage,
+        fabric={"bufferSize": 1 << 26, "poolSize": 16},
+    )
+    cm = wait_for("the ConfigMap", lambda: kget(plane, "configmap", "kv-agent"))
+    text = cm["data"]["lmcache-config.yaml"]
+    config = load_lmcache_config(parse_yaml(text))  # what LMCache and weft.kvstore load
+    assert config.backend.value == "OBJ" and config.obj_params.bucket == "kv-cache"
+    assert config.nixl_buffer_size == 1 << 26 and config.extra_config.nixl_pool_size == 16
+    assert "secret" not in text and "access_key" not in text
+    sts = wait_for("the StatefulSet", lambda: kget(plane, "statefulset", "kv"))
+    env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LMCACHE_CONFIG_FILE"]["value"] == "/etc/weft/lmcache-config.yaml"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-creds",
+        "key": "secret_key",
+        "optional": True,
+    }

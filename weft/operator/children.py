@@ -25,7 +25,6 @@ HTTP_PORT = 8080
 CONFIG_DIR = "/etc/weft"
 TOKEN_DIR = "/var/run/weft/join-token"
 ETCD_TLS_DIR = "/var/run/weft/etcd-tls"
-STORAGE_DIR = "/var/run/weft/storage-credentials"
 LABEL_GROUP = f"{GROUP}/group"
 
 
@@ -98,14 +97,46 @@ def agent_config(name: str, namespace: str, spec: TransferGroupSpec) -> dict[str
     }
 
 
+def lmcache_config(spec: TransferGroupSpec) -> dict[str, Any] | None:
+    """The KV store's ``lmcache-config.yaml`` (weft.kvstore, LMCache) from ``spec.storage`` and
+    ``spec.fabric``; no credentials in it: the pods get those from the Secret as
+    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, which the S3 client reads."""
+    s = spec.storage
+    if s is None:
+        return None
+    extra: dict[str, Any] = {
+        "enable_nixl_storage": True,
+        "nixl_backend": s.backend.value,
+        "nixl_pool_size": spec.fabric.pool_size,
+    }
+    if s.path:
+        extra["nixl_path"] = s.path
+    if s.params:
+        extra["nixl_backend_params"] = dict(s.params)
+    return {
+        "chunk_size": 256,
+        "nixl_buffer_size": spec.fabric.buffer_size,
+        "nixl_buffer_device": spec.fabric.buffer_device,
+        "extra_config": extra,
+    }
+
+
 def config_map(
-    name: str, namespace: str, uid: str, spec: TransferGroupSpec, config_yaml: str
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: TransferGroupSpec,
+    config_yaml: str,
+    lmcache_yaml: str | None = None,
 ) -> dict[str, Any]:
+    data = {"agent.yaml": config_yaml}
+    if lmcache_yaml is not None:
+        data["lmcache-config.yaml"] = lmcache_yaml
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(f"{name}-agent", namespace, name, uid),
-        "data": {"agent.yaml": config_yaml},
+        "data": data,
     }
 
 
@@ -152,11 +183,18 @@ def stateful_set(
     if spec.etcd.tls_secret_ref is not None:
         volumes.append({"name": "etcd-tls", "secret": {"secretName": spec.etcd.tls_secret_ref.name}})
         mounts.append({"name": "etcd-tls", "mountPath": ETCD_TLS_DIR, "readOnly": True})
-    if spec.storage is not None and spec.storage.credentials_secret_ref is not None:
-        volumes.append(
-            {"name": "storage", "secret": {"secretName": spec.storage.credentials_secret_ref.name}}
-        )
-        mounts.append({"name": "storage", "mountPath": STORAGE_DIR, "readOnly": True})
+    env_storage: list[dict[str, Any]] = []
+    if spec.storage is not None:
+        env_storage.append({"name": "LMCACHE_CONFIG_FILE", "value": f"{CONFIG_DIR}/lmcache-config.yaml"})
+        ref = spec.storage.credentials_secret_ref
+        if ref is not None:
+            for var, key in (("AWS_ACCESS_KEY_ID", "access_key"), ("AWS_SECRET_ACCESS_KEY", "secret_key")):
+                env_storage.append(
+                    {
+                        "name": var,
+                        "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key, "optional": True}},
+                    }
+                )
     container: dict[str, Any] = {
         "name": "agent",
         "image": t.image,
@@ -167,6 +205,7 @@ def stateful_set(
             _field_env("POD_UID", "metadata.uid"),
             _field_env("WEFT_ADVERTISE_HOST", "status.podIP"),
             _field_env("WEFT_NODE", "spec.nodeName"),
+            *env_storage,
         ],
         "ports": [
             {"name": "fabric", "containerPort": AGENT_PORT},

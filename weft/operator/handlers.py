@@ -173,7 +173,9 @@ def _reconcile(
         return
     k = kube()
     config_yaml = dump_yaml(children.agent_config(name, namespace, spec))
-    config_hash = hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
+    kv = children.lmcache_config(spec)
+    lmcache_yaml = dump_yaml(kv) if kv is not None else None
+    config_hash = hashlib.sha256((config_yaml + (lmcache_yaml or "")).encode()).hexdigest()[:16]
     try:
         live_sts = k.get("apps/v1", "StatefulSet", name, namespace)
     except KubeError as exc:
@@ -204,7 +206,7 @@ def _reconcile(
     try:
         pdb_version = k.preferred_version("policy", "PodDisruptionBudget", ["policy/v1", "policy/v1beta1"])
         wanted = [
-            children.config_map(name, namespace, uid, spec, config_yaml),
+            children.config_map(name, namespace, uid, spec, config_yaml, lmcache_yaml),
             children.service(name, namespace, uid),
             children.stateful_set(name, namespace, uid, spec, config_hash, replicas=replicas),
             children.disruption_budget(name, namespace, uid, pdb_version),
