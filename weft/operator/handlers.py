@@ -5,8 +5,13 @@
   says (`weft.operator.children`, applied idempotently by `weft.operator.kube`): created when
   missing, repaired when they drifted, untouched otherwise. Status: phase, conditions (Valid,
   Ready) with reasons, observedGeneration, replicas, ready replicas and the pods' selector.
+- scale-down: the pods that go are first planned out (signed ``drain/<pod>`` records), and
+  the StatefulSet shrinks once the remaining members applied that plan (`_drain_step`).
+- a daemon per group (`mirror`) watches its etcd prefix and mirrors the plan into the status:
+  members, prefill/decode, epoch, under-replicated experts, Rebalancing and Degraded.
 - delete: kopf's finalizer holds the object until the group's etcd prefix
   (``/weft/v1/<namespace>/<name>/``) is removed; the children go by garbage collection.
+- replicas of the operator elect the one that works with kopf's peering (`run`).
 
 Errors are decided, not left to chance: a Kubernetes or etcd error worth retrying becomes
 ``kopf.TemporaryError(delay=...)``; a spec that cannot work becomes a ``Valid=False``
@@ -272,7 +277,7 @@ async def cleanup(name: str, namespace: str | None, spec: kopf.Spec, body: kopf.
     while asyncio.get_running_loop().time() < deadline:
         try:
             removed = await _delete_prefix(parsed, namespace, prefix)
-        except (KubeError, OSError, TimeoutError, Exception) as exc:  # etcd or the TLS Secret
+        except Exception as exc:  # etcd away, or the TLS Secret missing: retry until the deadline
             last = exc
             log.warning("removing %s from etcd failed (%s); retrying", prefix, exc)
             await asyncio.sleep(2.0)
