@@ -27,7 +27,7 @@ import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -405,23 +405,12 @@ class PosixTier:
     # -- parallel parts --------------------------------------------------------------------
     def _spread(self, count: int, fn: Callable[[int], None], lanes: int | None) -> None:
         """Run fn(0..count-1) over up to `lanes` contiguous parts, one in this thread."""
-        lanes = min(count, self.lanes if lanes is None else lanes)
-        if lanes <= 1:
-            for i in range(count):
-                fn(i)
-            return
-        bounds = [count * j // lanes for j in range(lanes + 1)]
 
-        def part(j: int) -> None:
-            for i in range(bounds[j], bounds[j + 1]):
+        def part(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
                 fn(i)
 
-        futures: list[Future[None]] = [self._pool.submit(part, j) for j in range(1, lanes)]
-        try:
-            part(0)
-        finally:
-            for f in futures:
-                f.result()
+        self._spread_ranges(count, part, min(count, self.lanes if lanes is None else lanes))
 
     # Below this many bytes in a batch, one thread does it all (a hand-off costs more).
     SPLIT_MIN_BYTES = 1 << 20
@@ -455,6 +444,10 @@ class PosixTier:
         return out
 
     def _spread_ranges(self, count: int, fn: Callable[[int, int], None], lanes: int) -> None:
+        """Run fn(lo, hi) on `lanes` contiguous ranges of 0..count-1, the first in this thread."""
+        if lanes <= 1:
+            fn(0, count)
+            return
         bounds = [count * j // lanes for j in range(lanes + 1)]
         futures = [self._pool.submit(fn, bounds[j], bounds[j + 1]) for j in range(1, lanes)]
         try:
