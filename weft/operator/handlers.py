@@ -309,12 +309,24 @@ async def _delete_prefix(spec: TransferGroupSpec, namespace: str, prefix: str) -
     from weft.membership._etcd import Etcd
 
     with tempfile.TemporaryDirectory(prefix="weft-etcd-tls-") as tmp:
-        etcd = Etcd(await _etcd_settings(spec, namespace, tmp))
-        try:
+        async with Etcd(await _etcd_settings(spec, namespace, tmp)) as etcd:
             return await etcd.delete_prefix(prefix.encode())
-        finally:
-            with contextlib.suppress(Exception):
-                await etcd.close()
+
+
+async def _read_group(
+    spec: TransferGroupSpec, namespace: str, name: str, settings: EtcdSettings
+) -> tuple[dict[str, Any], bytes]:
+    """The group's etcd state (`read_group_status`, records checked against the join token
+    from its Secret) and that token (empty when the Secret holds none)."""
+    from weft.api.agent_settings import GroupClientSettings
+    from weft.api.settings import GroupRef
+    from weft.membership.status import read_group_status
+
+    ref = spec.etcd.join_token_secret_ref
+    secret = await asyncio.to_thread(kube().read_secret, ref.name, namespace)
+    token = secret.get(ref.key or "token", b"").strip()
+    client = GroupClientSettings(group=GroupRef(namespace=namespace, group=name), etcd=settings)
+    return await read_group_status(client, token or None), token
 
 
 # -- drain before scale-down -----------------------------------------------------------------
@@ -336,27 +348,15 @@ async def _drain_step(
     (empty: go ahead), and why. Writes ``drain/<member>`` for the leaving pods that are members,
     and removes drain keys nobody needs any more (the member is gone, or scaled back up)."""
     from weft.api import records
-    from weft.api.agent_settings import GroupClientSettings
-    from weft.api.settings import GroupRef
     from weft.membership._etcd import Etcd
-    from weft.membership.status import read_group_status
 
     leaving = {f"{name}-{i}" for i in range(spec.replicas, current)}
     prefix = f"/weft/v1/{namespace}/{name}/"
     with tempfile.TemporaryDirectory(prefix="weft-etcd-tls-") as tmp:
         settings = await _etcd_settings(spec, namespace, tmp)
-        ref = spec.etcd.join_token_secret_ref
-        token = (
-            (await asyncio.to_thread(kube().read_secret, ref.name, namespace))
-            .get(ref.key or "token", b"")
-            .strip()
-        )
-        doc = await read_group_status(
-            GroupClientSettings(group=GroupRef(namespace=namespace, group=name), etcd=settings), token or None
-        )
+        doc, token = await _read_group(spec, namespace, name, settings)
         members = {m["name"] for m in doc["members"] if m["verified"]}
-        etcd = Etcd(settings)
-        try:
+        async with Etcd(settings) as etcd:
             _, kvs = await etcd.get_prefix(f"{prefix}drain/".encode())
             asked = {kv.key.decode()[len(prefix) + len("drain/") :] for kv in kvs}
             for gone in asked - (leaving & members):
@@ -370,9 +370,6 @@ async def _drain_step(
                     name=member, reason=f"scale-down to {spec.replicas}", at=time.time()
                 )
                 await etcd.put(key.encode(), records.seal(rec, key, token))
-        finally:
-            with contextlib.suppress(Exception):
-                await etcd.close()
     if not to_drain:
         return [], ""
     plan = doc.get("plan")
@@ -450,10 +447,6 @@ async def mirror(
 ) -> None:
     """Mirror the group's etcd plan into its status, for as long as the group exists: a
     watch on the group's prefix wakes it, and patches are rate-limited per group."""
-    from weft.api.agent_settings import GroupClientSettings
-    from weft.api.settings import GroupRef
-    from weft.membership.status import read_group_status
-
     namespace = namespace or "default"
     last: dict[str, Any] | None = None
     last_patch = 0.0
@@ -467,12 +460,7 @@ async def mirror(
         try:
             with tempfile.TemporaryDirectory(prefix="weft-etcd-tls-") as tmp:
                 settings = await _etcd_settings(parsed, namespace, tmp)
-                token_ref = parsed.etcd.join_token_secret_ref
-                token = (await asyncio.to_thread(kube().read_secret, token_ref.name, namespace)).get(
-                    token_ref.key or "token", b""
-                )
-                client = GroupClientSettings(group=GroupRef(namespace=namespace, group=name), etcd=settings)
-                doc = await read_group_status(client, token.strip() or None)
+                doc, _token = await _read_group(parsed, namespace, name, settings)
                 fields = mirror_fields(doc, list(dict(status).get("conditions") or []))
                 comparable = {k: v for k, v in fields.items() if k != "conditions"} | {
                     "c": [(c["type"], c["status"], c["message"]) for c in fields["conditions"]]
@@ -497,8 +485,7 @@ async def _next_change(
     """Return at the group's next change in etcd, after `MIRROR_IDLE_RECHECK`, or when stopped."""
     from weft.membership._etcd import Etcd
 
-    etcd = Etcd(settings)
-    try:
+    async with Etcd(settings) as etcd:
         changes = etcd.watch_prefix(prefix.encode(), revision + 1)
         try:
             await anext(changes)  # the watch is confirmed from here on
@@ -513,9 +500,6 @@ async def _next_change(
                     await f
         finally:
             await changes.aclose()  # type: ignore[attr-defined]
-    finally:
-        with contextlib.suppress(Exception):
-            await etcd.close()
 
 
 def _ensure_peering(name: str, namespaces: list[str], clusterwide: bool) -> None:
