@@ -10,11 +10,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from tests.agent.test_cli import TOKEN, AgentProcess, start_agent, token_file
+from tests.agent.test_cli import TOKEN, AgentProcess, start_agent, token_file, wait_for
 from tests.k8s_fixtures import CRD_FILE
 from weft.api.agent_settings import parse_yaml
 from weft.kvstore import load_lmcache_config
@@ -24,18 +24,6 @@ from weft.operator.controlplane import ControlPlane
 pytestmark = pytest.mark.integration
 __all__ = ["start_agent", "token_file"]  # the agent-process fixtures, shared
 NS = "weft-op"
-T = TypeVar("T")
-
-
-def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
 
 
 class Operator:
@@ -92,17 +80,18 @@ def kget(plane: ControlPlane, *args: str) -> dict[str, Any] | None:
         return None
 
 
-def apply_tg(plane: ControlPlane, name: str, etcd: str, **spec: Any) -> dict[str, Any]:
+def apply_tg(
+    plane: ControlPlane, name: str, etcd: str, *, namespace: str = NS, secret: str = "join", **spec: Any
+) -> dict[str, Any]:
+    """kubectl apply a TransferGroup (join token in Secret `secret`); the stored object."""
     body = {
         "apiVersion": "weft.dev/v1alpha1",
         "kind": "TransferGroup",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {"etcd": {"endpoints": [etcd], "joinTokenSecretRef": {"name": "join"}}, **spec},
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"etcd": {"endpoints": [etcd], "joinTokenSecretRef": {"name": secret}}, **spec},
     }
     plane.kubectl("apply", "-f", "-", input=json.dumps(body))
-    got = kget(plane, "tg", name)
-    assert got is not None
-    return got
+    return dict(json.loads(plane.kubectl("-n", namespace, "get", "tg", name, "-o", "json")))
 
 
 def condition(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any] | None:
@@ -148,18 +137,22 @@ def test_a_group_gets_its_children_owned_and_an_honest_status(operator: Operator
 def test_spec_changes_and_kubectl_scale_reach_the_children(operator: Operator, etcd: EtcdServer) -> None:
     plane = operator.plane
     apply_tg(plane, "beta", etcd.endpoint, replicas=2)
-    first = wait_for("the StatefulSet", lambda: kget(plane, "statefulset", "beta"))
+    first = wait_for("the StatefulSet", lambda: kget(plane, "statefulset", "beta"), 30.0)
     hash_before = first["spec"]["template"]["metadata"]["annotations"]["weft.dev/config-hash"]
     apply_tg(plane, "beta", etcd.endpoint, replicas=4, roles={"ratio": "1:3"},
              template={"resources": {"limits": {"nvidia.com/gpu": 1}}})  # fmt: skip
     sts = wait_for(
         "replicas 4 and a GPU limit",
         lambda: (
-            (s := kget(plane, "statefulset", "beta"))
-            and s["spec"]["replicas"] == 4
-            and s["spec"]["template"]["spec"]["containers"][0].get("resources")
-            and s
+            (
+                (s := kget(plane, "statefulset", "beta"))
+                and s["spec"]["replicas"] == 4
+                and bool(s["spec"]["template"]["spec"]["containers"][0].get("resources"))
+                and s
+            )
+            or None
         ),
+        30.0,
     )
     assert sts["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     assert sts["spec"]["template"]["metadata"]["annotations"]["weft.dev/config-hash"] != hash_before
@@ -167,13 +160,14 @@ def test_spec_changes_and_kubectl_scale_reach_the_children(operator: Operator, e
     wait_for(
         "replicas 6 after kubectl scale",
         lambda: (kget(plane, "statefulset", "beta") or {})["spec"]["replicas"] == 6,
+        30.0,
     )
 
 
 def test_children_that_drift_are_repaired(operator: Operator, etcd: EtcdServer) -> None:
     plane = operator.plane
     apply_tg(plane, "gamma", etcd.endpoint, replicas=2)
-    wait_for("the Service", lambda: kget(plane, "service", "gamma"))
+    wait_for("the Service", lambda: kget(plane, "service", "gamma"), 30.0)
     plane.kubectl("-n", NS, "delete", "service", "gamma")
     plane.kubectl(
         "-n", NS, "patch", "statefulset", "gamma", "--type=merge", "-p", '{"spec": {"replicas": 9}}'
@@ -189,7 +183,7 @@ def test_a_spec_that_cannot_work_is_reported_and_nothing_is_built(
 ) -> None:
     plane = operator.plane
     apply_tg(plane, "delta", etcd.endpoint, replicas=2, experts={"count": 8, "replication": 3})
-    valid = wait_for("the Valid condition", lambda: condition(kget(plane, "tg", "delta"), "Valid"))
+    valid = wait_for("the Valid condition", lambda: condition(kget(plane, "tg", "delta"), "Valid"), 30.0)
     assert valid["status"] == "False" and valid["reason"] == "InvalidSpec"
     assert "spec.experts.replication (3)" in valid["message"]
     assert (kget(plane, "tg", "delta") or {})["status"]["phase"] == "Invalid"
@@ -203,7 +197,7 @@ def test_delete_clears_the_group_s_etcd_prefix_and_the_children_go(
 ) -> None:
     plane = operator.plane
     apply_tg(plane, "omega", etcd.endpoint, replicas=1)
-    wait_for("the StatefulSet", lambda: kget(plane, "statefulset", "omega"))
+    wait_for("the StatefulSet", lambda: kget(plane, "statefulset", "omega"), 30.0)
     etcd.etcdctl("put", f"/weft/v1/{NS}/omega/members/a0", "x")
     etcd.etcdctl("put", f"/weft/v1/{NS}/omega/plan", "y")
     etcd.etcdctl("put", f"/weft/v1/{NS}/omega-other/plan", "kept")  # a neighbour's prefix
@@ -222,17 +216,7 @@ def test_status_mirrors_the_plan_of_agents_running_as_processes(
     plane.kubectl(
         "-n", NS, "create", "secret", "generic", "join-m", f"--from-literal=token={TOKEN}", check=False
     )
-    body = {
-        "apiVersion": "weft.dev/v1alpha1",
-        "kind": "TransferGroup",
-        "metadata": {"name": "mirror", "namespace": NS},
-        "spec": {
-            "replicas": 3,
-            "roles": {"ratio": "1:2"},
-            "etcd": {"endpoints": [etcd.endpoint], "joinTokenSecretRef": {"name": "join-m"}},
-        },
-    }
-    plane.kubectl("apply", "-f", "-", input=json.dumps(body))
+    apply_tg(plane, "mirror", etcd.endpoint, secret="join-m", replicas=3, roles={"ratio": "1:2"})
     flags = ("--group", "mirror", "--namespace", NS, "--ratio", "1:2", "--lease-ttl", "2")
     agents = [start_agent(f"m{i}", *flags) for i in range(3)]
 
@@ -269,24 +253,14 @@ def test_an_operator_killed_mid_reconcile_converges_when_started_again(
     op = Operator(plane, tmp_path / "operator.log", namespace=ns)
     op.start()
     try:
-        body = {
-            "apiVersion": "weft.dev/v1alpha1",
-            "kind": "TransferGroup",
-            "metadata": {"name": "phoenix", "namespace": ns},
-            "spec": {
-                "replicas": 2,
-                "etcd": {"endpoints": [etcd.endpoint], "joinTokenSecretRef": {"name": "join"}},
-            },
-        }
-        plane.kubectl("apply", "-f", "-", input=json.dumps(body))
+        apply_tg(plane, "phoenix", etcd.endpoint, namespace=ns, replicas=2)
 
         def children_started() -> bool:  # the first child is there: the reconcile is under way
             return "phoenix-agent" in plane.kubectl("-n", ns, "get", "configmaps", "-o", "name", check=False)
 
         wait_for("the reconcile to begin", children_started, 30)
         op.stop()  # SIGKILL, between two children or just after the last
-        body["spec"]["replicas"] = 3  # changed while no operator runs
-        plane.kubectl("apply", "-f", "-", input=json.dumps(body))
+        apply_tg(plane, "phoenix", etcd.endpoint, namespace=ns, replicas=3)  # changed while no operator runs
         op.start()
 
         def converged() -> dict[str, Any] | None:
@@ -323,17 +297,9 @@ def test_scale_down_drains_the_leaving_member_before_its_pod_goes(
     plane.kubectl(
         "-n", NS, "create", "secret", "generic", "join-d", f"--from-literal=token={TOKEN}", check=False
     )
-    body = {
-        "apiVersion": "weft.dev/v1alpha1",
-        "kind": "TransferGroup",
-        "metadata": {"name": "drainy", "namespace": NS},
-        "spec": {
-            "replicas": 3,
-            "experts": {"count": 8, "replication": 2},
-            "etcd": {"endpoints": [etcd.endpoint], "joinTokenSecretRef": {"name": "join-d"}},
-        },
-    }
-    plane.kubectl("apply", "-f", "-", input=json.dumps(body))
+    apply_tg(
+        plane, "drainy", etcd.endpoint, secret="join-d", replicas=3, experts={"count": 8, "replication": 2}
+    )
     flags = ("--group", "drainy", "--namespace", NS, "--experts", "8", "--replication", "2")
     flags += ("--expert-source", "synthetic:4096", "--lease-ttl", "2")
     agents = [start_agent(f"drainy-{i}", *flags) for i in range(3)]
@@ -393,20 +359,7 @@ def test_operator_replicas_elect_one_and_the_next_takes_over(
         )
         time.sleep(3)
         assert "Resuming operations" not in second.tail()  # it stays paused behind the leader
-
-        def group(name: str) -> None:
-            body = {
-                "apiVersion": "weft.dev/v1alpha1",
-                "kind": "TransferGroup",
-                "metadata": {"name": name, "namespace": ns},
-                "spec": {
-                    "replicas": 1,
-                    "etcd": {"endpoints": [etcd.endpoint], "joinTokenSecretRef": {"name": "j"}},
-                },
-            }
-            plane.kubectl("apply", "-f", "-", input=json.dumps(body))
-
-        group("first")
+        apply_tg(plane, "first", etcd.endpoint, namespace=ns, secret="j", replicas=1)
         wait_for(
             "the leader to build the first group",
             lambda: "statefulset.apps/first" in plane.kubectl("-n", ns, "get", "statefulsets", "-o", "name"),
@@ -415,7 +368,7 @@ def test_operator_replicas_elect_one_and_the_next_takes_over(
         assert "Handler 'reconcile' succeeded" in leader.tail() and "Handler 'reconcile'" not in second.tail()
         leader.stop()
         killed = time.monotonic()
-        group("second")
+        apply_tg(plane, "second", etcd.endpoint, namespace=ns, secret="j", replicas=1)
         wait_for(
             "the other replica to take over",
             lambda: "statefulset.apps/second" in plane.kubectl("-n", ns, "get", "statefulsets", "-o", "name"),
@@ -451,13 +404,13 @@ def test_the_storage_tier_reaches_the_pods_as_an_lmcache_config_with_secrets_by_
         storage=storage,
         fabric={"bufferSize": 1 << 26, "poolSize": 16},
     )
-    cm = wait_for("the ConfigMap", lambda: kget(plane, "configmap", "kv-agent"))
+    cm = wait_for("the ConfigMap", lambda: kget(plane, "configmap", "kv-agent"), 30.0)
     text = cm["data"]["lmcache-config.yaml"]
     config = load_lmcache_config(parse_yaml(text))  # what LMCache and weft.kvstore load
     assert config.backend.value == "OBJ" and config.obj_params.bucket == "kv-cache"
     assert config.nixl_buffer_size == 1 << 26 and config.extra_config.nixl_pool_size == 16
     assert "secret" not in text and "access_key" not in text
-    sts = wait_for("the StatefulSet", lambda: kget(plane, "statefulset", "kv"))
+    sts = wait_for("the StatefulSet", lambda: kget(plane, "statefulset", "kv"), 30.0)
     env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["LMCACHE_CONFIG_FILE"]["value"] == "/etc/weft/lmcache-config.yaml"
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
