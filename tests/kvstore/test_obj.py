@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.kvstore.contract import check_round_trip, pattern
 from tests.s3_fixtures import S3Server, s3_client
 from weft.fabric.errors import ConfigError, StorageError
 from weft.kvstore import KVStore
@@ -45,25 +46,12 @@ def config(server: S3Server, bucket: str, **params: Any) -> dict[str, Any]:
     }
 
 
-def pattern(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
-
-
 @pytest.mark.parametrize("size", [0, 1, 4096, 256 << 10, (5 << 20) + 1, (40 << 20) + 7])
 def test_round_trips_of_many_sizes(s3_server: S3Server, s3_bucket: str, size: int) -> None:
     """40 MiB goes up in three parts (multipart) and, read into a buffer that large, comes
     back as parallel ranges; the rest are one PUT and one GET."""
     with KVStore.from_lmcache_config(config(s3_server, s3_bucket)) as kv:
-        data = pattern(size, size)
-        kv.put(f"chunk-{size}", data)
-        assert kv.contains(f"chunk-{size}")
-        assert kv.get(f"chunk-{size}") == data.tobytes()
-        into = np.zeros(size + 10, np.uint8)
-        assert kv.get(f"chunk-{size}", into=into) is True
-        assert np.array_equal(into[:size], data)
-        assert kv.get("absent") is None and kv.get("absent", into=into) is False
-        assert kv.delete(f"chunk-{size}") and not kv.contains(f"chunk-{size}")
-        assert kv.delete(f"chunk-{size}") is False
+        check_round_trip(kv, size)
 
 
 def test_batches_overwrites_and_a_prefix(s3_server: S3Server, s3_bucket: str) -> None:

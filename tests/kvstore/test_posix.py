@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
+from tests.kvstore.contract import check_round_trip, pattern
 from weft import fabric
 from weft.fabric.errors import DeviceUnavailableError, InvalidBufferError
 from weft.kvstore import KVStore
@@ -35,22 +36,10 @@ def config(root: Path, pool: int = 8) -> dict[str, Any]:
     }
 
 
-def pattern(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
-
-
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 65537, 1 << 20, (8 << 20) + 3])
 def test_round_trips_of_many_sizes(tmp_path: Path, size: int) -> None:
     with KVStore.from_lmcache_config(config(tmp_path)) as kv:
-        data = pattern(size, size)
-        kv.put(f"chunk-{size}", data)
-        assert kv.contains(f"chunk-{size}")
-        assert kv.get(f"chunk-{size}") == data.tobytes()
-        into = np.zeros(size + 10, np.uint8)
-        assert kv.get(f"chunk-{size}", into=into) is True
-        assert np.array_equal(into[:size], data)
-        assert kv.get("absent") is None and kv.get("absent", into=into) is False
-        assert kv.delete(f"chunk-{size}") and not kv.contains(f"chunk-{size}")
+        check_round_trip(kv, size)
 
 
 def test_batches_and_overwrite(tmp_path: Path) -> None:
