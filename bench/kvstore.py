@@ -27,9 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -39,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from s3_clients import start_moto  # bench/ is on the path when run as a script
 
 from weft.kvstore import KVStore
 
@@ -168,32 +166,6 @@ def bench_posix(root: Path, count: int, size: int, repeat: int, pools: list[int]
     return {name: total / secs / 1e9 for name, secs in t.best.items()}
 
 
-def _moto() -> tuple[subprocess.Popen[bytes], str] | None:
-    binary = Path(sys.executable).parent / "moto_server"
-    found = str(binary) if binary.exists() else shutil.which("moto_server")
-    if not found:
-        return None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [found, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1).close()
-            return proc, endpoint
-        except urllib.error.HTTPError:
-            return proc, endpoint
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit("moto_server did not start") from None
-            time.sleep(0.1)
-
-
 def bench_obj(endpoint: str, count: int, size: int, repeat: int) -> dict[str, Any]:
     import obstore
     from obstore.store import S3Store
@@ -295,7 +267,7 @@ def main() -> None:
                 f"| {med(col['raw_read']):.2f} | {ratio([a / b for a, b in zip(rd, nr, strict=False)])} |"
             )
     if not args.no_obj:
-        server = _moto()
+        server = start_moto()
         if server is None:
             print("OBJ: moto_server not installed (make setup installs it); skipped")
         else:

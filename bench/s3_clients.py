@@ -65,33 +65,39 @@ print(json.dumps(out))
 """
 
 
-def _free_port() -> int:
+def start_moto() -> tuple[subprocess.Popen[bytes], str] | None:
+    """moto's S3 server on a free loopback port: (process, endpoint), or None if not installed."""
+    binary = Path(sys.executable).parent / "moto_server"
+    found = str(binary) if binary.exists() else shutil.which("moto_server")
+    if not found:
+        return None
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [found, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1).close()
+            return proc, endpoint
+        except urllib.error.HTTPError:
+            return proc, endpoint
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit("moto_server did not start") from None
+            time.sleep(0.1)
 
 
 def main() -> None:
-    binary = str(Path(sys.executable).parent / "moto_server")
-    if not Path(binary).exists():
-        binary = shutil.which("moto_server") or sys.exit("moto_server not found: pip install 'moto[server]'")
-    port = _free_port()
-    server = subprocess.Popen(
-        [binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
+    started = start_moto()
+    if started is None:
+        sys.exit("moto_server not found: pip install 'moto[server]'")
+    server, endpoint = started
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=1).close()
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    sys.exit("moto_server did not start")
-                time.sleep(0.1)
         results = {}
         for kind in ("boto3", "boto3-lean", "obstore"):
             done = subprocess.run(
