@@ -69,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             standalone=args.standalone,
             peering=args.peering,
             priority=args.priority,
+            liveness=args.liveness,
         )
     if args.command == "version":
         from weft import __version__
@@ -120,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
         "--priority", type=int, help="this replica's peering priority (default: random; highest serves)"
     )
     op.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    op.add_argument(
+        "--liveness", metavar="URL", help="answer liveness probes there, e.g. http://0.0.0.0:8080/healthz"
+    )
     crds = sub.add_parser("crds", help="write the TransferGroup CRD generated from weft.api")
     crds.add_argument("--output", "-o", default="crds/transfergroup.yaml", help="file to write, - for stdout")
     crds.add_argument(
@@ -151,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     agent.add_argument(
         "--join-timeout", metavar="SECONDS", help="longest wait for etcd when joining (WEFT_JOIN_TIMEOUT)"
+    )
+    agent.add_argument(
+        "--kv-pool-bytes", metavar="N", help="host memory peers may write KV blocks into (WEFT_KV_POOL_BYTES)"
     )
     agent.add_argument("--node", help="node name shown to others (WEFT_NODE; default: the host name)")
     agent.add_argument("--ratio", metavar="P:D", help="prefill:decode members, e.g. 1:3 (WEFT_RATIO)")
@@ -239,6 +246,7 @@ def _agent(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "http_port": args.http_port,
         "drain_timeout": args.drain_timeout,
         "join_timeout": args.join_timeout,
+        "kv_pool_bytes": args.kv_pool_bytes,
         "node": args.node,
         "planning": {
             "ratio": args.ratio,

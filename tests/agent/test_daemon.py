@@ -110,6 +110,7 @@ def test_every_environment_variable_lands_in_its_field(tmp_path: Path) -> None:
         "WEFT_HTTP_PORT": "7001",
         "WEFT_DRAIN_TIMEOUT": "9",
         "WEFT_JOIN_TIMEOUT": "4",
+        "WEFT_KV_POOL_BYTES": "1048576",
         "WEFT_NODE": "node-7",
         "WEFT_RATIO": "1:2",
         "WEFT_MIN_PREFILL": "1",
@@ -141,6 +142,7 @@ def test_every_environment_variable_lands_in_its_field(tmp_path: Path) -> None:
         8,
     )
     assert (s.http_host, s.http_port, s.drain_timeout, s.join_timeout) == ("0.0.0.0", 7001, 9.0, 4.0)
+    assert s.kv_pool_bytes == 1 << 20
     assert (s.node, s.instance) == ("node-7", env["POD_UID"])
     assert s.fabric_host == "10.0.0.7"
     assert s.http_address(7001) == "10.0.0.7:7001"  # a wildcard is not an address to publish

@@ -192,6 +192,33 @@ def test_a_spec_that_cannot_work_is_reported_and_nothing_is_built(
     assert "InvalidSpec" in events
 
 
+def test_etcd_named_by_its_service_reaches_the_agents_as_a_cluster_ip(
+    operator: Operator, etcd: EtcdServer
+) -> None:
+    """No cluster DNS needed: `<svc>.<ns>.svc` endpoints are resolved through the API."""
+    plane = operator.plane
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "group-etcd", "namespace": NS},
+        "spec": {"ports": [{"port": 2379, "protocol": "TCP"}], "selector": {"app": "etcd"}},
+    }
+    plane.kubectl("apply", "-f", "-", input=json.dumps(service))
+    ip = (kget(plane, "service", "group-etcd") or {})["spec"]["clusterIP"]
+    apply_tg(plane, "dnsless", f"http://group-etcd.{NS}.svc:2379", replicas=1)
+    cm = wait_for("the ConfigMap", lambda: kget(plane, "configmap", "dnsless-agent"), 30.0)
+    endpoints = parse_yaml(cm["data"]["agent.yaml"])["etcd"]["endpoints"]
+    assert endpoints == [f"http://{ip}:2379"]
+    apply_tg(plane, "dnsful", f"http://missing.{NS}.svc.cluster.local:2379", replicas=1)
+    cm = wait_for("the ConfigMap", lambda: kget(plane, "configmap", "dnsful-agent"), 30.0)
+    # a Service the API does not have stays a name (cluster DNS may still know it)
+    assert parse_yaml(cm["data"]["agent.yaml"])["etcd"]["endpoints"] == [
+        f"http://missing.{NS}.svc.cluster.local:2379"
+    ]
+    for name in ("dnsless", "dnsful"):
+        plane.kubectl("-n", NS, "delete", "tg", name, "--wait=false")
+
+
 def test_delete_clears_the_group_s_etcd_prefix_and_the_children_go(
     operator: Operator, etcd: EtcdServer
 ) -> None:

@@ -49,6 +49,7 @@ or a `MembershipError` caused by one)."""
 
 
 _SELF_ECHO_TIMEOUT = 5.0
+KV_POOL_REGION = "kv-pool"  # the region `AgentSettings.kv_pool_bytes` registers
 
 
 class _AgentLog(logging.LoggerAdapter[logging.Logger]):
@@ -126,6 +127,8 @@ async def run_agent(
                 advertise_host=settings.advertise_host,
             ),
         )
+        if settings.kv_pool_bytes:
+            agent.alloc(settings.kv_pool_bytes, KV_POOL_REGION)
         http_port = await server.start(settings.http_host, settings.http_port)
         config = MemberConfig(
             name=settings.name,

@@ -31,6 +31,7 @@ The file may not hold ``secret`` itself (use ``secret_file``, or ``WEFT_SECRET``
 ``WEFT_LEASE_TTL``, ``WEFT_SECRET``, ``WEFT_SECRET_FILE``, ``WEFT_LISTEN_HOST``,
 ``WEFT_ADVERTISE_HOST``, ``WEFT_LISTEN_PORT``, ``WEFT_BACKENDS`` (comma-separated),
 ``WEFT_HTTP_HOST``, ``WEFT_HTTP_PORT``, ``WEFT_DRAIN_TIMEOUT``, ``WEFT_JOIN_TIMEOUT``,
+``WEFT_KV_POOL_BYTES``,
 ``WEFT_NODE``, ``WEFT_RATIO``, ``WEFT_MIN_PREFILL``, ``WEFT_MIN_DECODE``, ``WEFT_EXPERTS``,
 ``WEFT_REPLICATION``, ``WEFT_REDUNDANT_SLOTS``, ``WEFT_EXPERT_SOURCE``, and ``POD_UID``
 (the instance id, from the Kubernetes downward API).
@@ -82,6 +83,7 @@ ENVIRONMENT: dict[str, FieldPath] = {
     "WEFT_HTTP_PORT": ("http_port",),
     "WEFT_DRAIN_TIMEOUT": ("drain_timeout",),
     "WEFT_JOIN_TIMEOUT": ("join_timeout",),
+    "WEFT_KV_POOL_BYTES": ("kv_pool_bytes",),
     "WEFT_NODE": ("node",),
     "WEFT_RATIO": ("planning", "ratio"),
     "WEFT_MIN_PREFILL": ("planning", "min_prefill"),
@@ -235,6 +237,10 @@ class AgentSettings(GroupClientSettings):
     """On SIGTERM: longest wait, in seconds, for transfers in flight before leaving."""
     join_timeout: Annotated[float, pydantic.Field(gt=0, le=3600)] = 30.0
     """Longest wait, in seconds, for etcd (and for a stale holder of the name) when joining."""
+    kv_pool_bytes: Annotated[int, pydantic.Field(ge=0, le=1 << 40)] = 0
+    """Host memory registered writable as the region ``kv-pool``: peers (an inference engine,
+    the e2e traffic generator) WRITE KV blocks into it and READ them back, the
+    disaggregated-serving pattern. 0: none."""
     node: Host = pydantic.Field(default_factory=socket.gethostname)
     """The node (host) shown to others (default: this host's name)."""
     instance: Annotated[str, pydantic.StringConstraints(pattern=r"^[A-Za-z0-9-]{1,64}$")] = pydantic.Field(

@@ -106,6 +106,9 @@ class Fabric(_Model):
     pool_size: Annotated[int, pydantic.Field(ge=1, le=65536)] = pydantic.Field(
         64, description="descriptors or handles kept open"
     )
+    kv_pool_bytes: Annotated[int, pydantic.Field(ge=0, le=1 << 40)] = pydantic.Field(
+        0, description="host memory each agent registers as region kv-pool for peers' KV blocks"
+    )
 
 
 class StorageBackend(enum.StrEnum):

@@ -65,10 +65,13 @@ def _meta(name: str, namespace: str, owner: str, uid: str) -> dict[str, Any]:
     }
 
 
-def agent_config(name: str, namespace: str, spec: TransferGroupSpec) -> dict[str, Any]:
+def agent_config(
+    name: str, namespace: str, spec: TransferGroupSpec, *, endpoints: list[str] | None = None
+) -> dict[str, Any]:
     """The `weft agent --config` file: the member name, address and instance come from the
-    pod (environment: ``WEFT_NAME``, ``WEFT_ADVERTISE_HOST``, ``WEFT_NODE``, ``POD_UID``)."""
-    etcd: dict[str, Any] = {"endpoints": list(spec.etcd.endpoints)}
+    pod (environment: ``WEFT_NAME``, ``WEFT_ADVERTISE_HOST``, ``WEFT_NODE``, ``POD_UID``).
+    `endpoints`: the etcd URLs as the agents should dial them (default: the spec's)."""
+    etcd: dict[str, Any] = {"endpoints": list(spec.etcd.endpoints) if endpoints is None else endpoints}
     if spec.etcd.tls_secret_ref is not None:
         etcd.update(
             ca_file=f"{ETCD_TLS_DIR}/ca.crt",
@@ -85,6 +88,7 @@ def agent_config(name: str, namespace: str, spec: TransferGroupSpec) -> dict[str
         "http_host": "0.0.0.0",
         "http_port": HTTP_PORT,
         "secret_file": f"{TOKEN_DIR}/{spec.etcd.join_token_secret_ref.key or 'token'}",
+        "kv_pool_bytes": spec.fabric.kv_pool_bytes,
         "planning": {
             "ratio": spec.roles.ratio,
             "min_prefill": spec.roles.min_prefill,

@@ -70,15 +70,21 @@ class ControlPlane:
             temporary directory, removed by `close`).
         controller_manager: start kube-controller-manager too (garbage collection,
             StatefulSets, namespaces).
+        node_ip: serve on this address instead of 127.0.0.1, for a cluster whose pods reach
+            the API (the e2e `local` driver): the ``kubernetes`` Service gets its endpoints,
+            service accounts get tokens, and kubelets are reached by their InternalIP.
     """
 
-    def __init__(self, run_dir: Path | None = None, *, controller_manager: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path | None = None, *, controller_manager: bool = True, node_ip: str | None = None
+    ) -> None:
         self.bin = find_binaries()
         self._temp = run_dir is None
         self.run_dir = Path(tempfile.mkdtemp(prefix="weft-k8s-")) if run_dir is None else Path(run_dir)
         self.controller_manager = controller_manager
         self.token = secrets.token_hex(16)
         self.etcd: EtcdServer | None = None
+        self.node_ip = node_ip
         self.port = 0
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -88,7 +94,7 @@ class ControlPlane:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return f"https://{self.node_ip or '127.0.0.1'}:{self.port}"
 
     @property
     def ca_file(self) -> Path:
@@ -126,29 +132,33 @@ class ControlPlane:
             "contexts: [{name: weft, context: {cluster: weft, user: admin, namespace: default}}]\n"
             "current-context: weft\n"
         )
-        self._spawn(
+        if self.node_ip is None:  # no pods run: no Service endpoints, no service-account tokens
+            where = ["--endpoint-reconciler-type=none", "--disable-admission-plugins=ServiceAccount"]
+        else:
+            where = ["--kubelet-preferred-address-types=InternalIP", "--allow-privileged=true"]
+        address = self.node_ip or "127.0.0.1"
+        self.spawn(
             "kube-apiserver",
             f"--etcd-servers={self.etcd.endpoint}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={address}",
+            f"--advertise-address={address}",
             f"--secure-port={self.port}",
             "--insecure-port=0",
             f"--tls-cert-file={pki / 'apiserver.crt'}",
             f"--tls-private-key-file={pki / 'apiserver.key'}",
             f"--client-ca-file={self.ca_file}",
             f"--token-auth-file={pki / 'tokens.csv'}",
-            "--authorization-mode=RBAC",
+            f"--authorization-mode={'RBAC' if self.node_ip is None else 'Node,RBAC'}",
             "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_RANGE}",
-            "--endpoint-reconciler-type=none",
-            "--disable-admission-plugins=ServiceAccount",
             f"--cert-dir={self.run_dir / 'apiserver-certs'}",
+            *where,
         )
         self._wait_ready(deadline)
         if self.controller_manager:
-            self._spawn(
+            self.spawn(
                 "kube-controller-manager",
                 f"--kubeconfig={self.kubeconfig}",
                 f"--authentication-kubeconfig={self.kubeconfig}",
@@ -169,20 +179,28 @@ class ControlPlane:
                  "-days", "3650", "-subj", "/CN=weft-test-ca", cwd=pki)  # fmt: skip
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver.key", "-out", "apiserver.csr",
                  "-subj", "/CN=kube-apiserver", cwd=pki)  # fmt: skip
-        (pki / "ext.cnf").write_text(
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
-        )
+        names = "IP:127.0.0.1,DNS:localhost"
+        if self.node_ip is not None:  # pods dial the `kubernetes` Service: its IP and names
+            service_ip = SERVICE_RANGE.rsplit(".", 1)[0] + ".1"
+            names += f",IP:{self.node_ip},IP:{service_ip}," + ",".join(
+                f"DNS:kubernetes{s}" for s in ("", ".default", ".default.svc", ".default.svc.cluster.local")
+            )
+        (pki / "ext.cnf").write_text(f"subjectAltName={names}\nextendedKeyUsage=serverAuth\n")
         _openssl("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
                  "-CAcreateserial", "-out", "apiserver.crt", "-days", "3650", "-extfile", "ext.cnf",
                  cwd=pki)  # fmt: skip
         _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
         _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 
-    def _spawn(self, name: str, *args: str) -> None:
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """Start the cached binary `name` with its output in ``name.log``; `stop` kills it
+        with the rest (the e2e `local` driver adds the node's processes this way)."""
         with (self.run_dir / f"{name}.log").open("ab") as log:
-            self._procs[name] = subprocess.Popen(
+            proc = subprocess.Popen(
                 [str(self.bin / name), *args], stdout=log, stderr=log, stdin=subprocess.DEVNULL
             )
+        self._procs[name] = proc
+        return proc
 
     def _wait_ready(self, deadline: float) -> None:
         context = ssl.create_default_context(cafile=str(self.ca_file))
@@ -206,6 +224,11 @@ class ControlPlane:
                     f"kube-apiserver not ready at {self.server}:\n{self.log_tail('kube-apiserver')}"
                 )
             time.sleep(0.2)
+
+    def pids(self) -> list[int]:
+        """Every process this control plane started (etcd included)."""
+        etcd = [self.etcd.pid] if self.etcd is not None and self.etcd.pid is not None else []
+        return etcd + [p.pid for p in self._procs.values()]
 
     def log_tail(self, name: str, chars: int = 3000) -> str:
         path = self.run_dir / f"{name}.log"
@@ -251,7 +274,7 @@ def up(run_dir: Path) -> ControlPlane:
     plane = ControlPlane(run_dir)
     plane.start()
     assert plane.etcd is not None and plane.etcd.pid is not None
-    pids = [plane.etcd.pid, *(p.pid for p in plane._procs.values())]
+    pids = plane.pids()
     _pids_file(run_dir).write_text("\n".join(str(p) for p in pids) + "\n")
     return plane
 

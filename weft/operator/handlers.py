@@ -27,12 +27,14 @@ import contextlib
 import datetime
 import hashlib
 import logging
+import re
 import secrets
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import kopf
 import pydantic
@@ -177,7 +179,9 @@ def _reconcile(
         )
         return
     k = kube()
-    config_yaml = dump_yaml(children.agent_config(name, namespace, spec))
+    config_yaml = dump_yaml(
+        children.agent_config(name, namespace, spec, endpoints=resolve_endpoints(list(spec.etcd.endpoints)))
+    )
     kv = children.lmcache_config(spec)
     lmcache_yaml = dump_yaml(kv) if kv is not None else None
     config_hash = hashlib.sha256((config_yaml + (lmcache_yaml or "")).encode()).hexdigest()[:16]
@@ -291,8 +295,43 @@ async def cleanup(name: str, namespace: str | None, spec: kopf.Spec, body: kopf.
     )
 
 
+# `<service>.<namespace>.svc[.cluster.local]`: a Service named the way cluster DNS names it
+_SERVICE_HOST = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.svc(\.cluster\.local)?$"
+)
+
+
+def resolve_endpoints(endpoints: list[str]) -> list[str]:
+    """Endpoints whose host names a Service (``http://weft-etcd.weft-system.svc:2379``) with
+    that Service's cluster IP in its place, read from the API.
+
+    Why: clusters without cluster DNS exist (the e2e `local` cluster has none; Debian ships
+    no CoreDNS), and the operator can always ask the API. The result goes into the agents'
+    config too, so agents need no DNS either. A headless Service, one the API does not
+    have, any other host, and every https URL (its certificate names the Service, not the
+    IP) are left as they are (DNS may still know them)."""
+    return [_resolve(url) for url in endpoints]
+
+
+def _resolve(url: str) -> str:
+    parts = urlsplit(url)
+    match = _SERVICE_HOST.match(parts.hostname or "")
+    if match is None or parts.scheme != "http":
+        return url
+    try:
+        svc = kube().get("v1", "Service", match.group(1), match.group(3))
+    except KubeError as exc:
+        log.warning("resolving %s through the API: %s", url, exc)
+        return url
+    ip = ((svc or {}).get("spec") or {}).get("clusterIP")
+    if not ip or ip == "None":
+        return url
+    return urlunsplit(parts._replace(netloc=ip if parts.port is None else f"{ip}:{parts.port}"))
+
+
 async def _etcd_settings(spec: TransferGroupSpec, namespace: str, tmp: str) -> EtcdSettings:
-    """The group's etcd; TLS material comes from its Secret, written under `tmp` (0600)."""
+    """The group's etcd (Service names resolved, `resolve_endpoints`); TLS material comes
+    from its Secret, written under `tmp` (0600)."""
     extra: dict[str, Any] = {}
     if spec.etcd.tls_secret_ref is not None:
         files = await asyncio.to_thread(kube().read_secret, spec.etcd.tls_secret_ref.name, namespace)
@@ -302,7 +341,8 @@ async def _etcd_settings(spec: TransferGroupSpec, namespace: str, tmp: str) -> E
                 path.write_bytes(files[key])
                 path.chmod(0o600)
                 extra[field] = path
-    return EtcdSettings(endpoints=list(spec.etcd.endpoints), **extra)
+    endpoints = await asyncio.to_thread(resolve_endpoints, list(spec.etcd.endpoints))
+    return EtcdSettings(endpoints=endpoints, **extra)
 
 
 async def _delete_prefix(spec: TransferGroupSpec, namespace: str, prefix: str) -> int:
@@ -525,19 +565,27 @@ def run(
     peering: str | None,
     priority: int | None = None,
     debug: bool = False,
+    liveness: str | None = None,
 ) -> int:
     """Run the operator until interrupted (kopf's own loop, signals and logging).
 
     Replicas elect the one that works through kopf's peering: each takes `priority` (default:
     random), the highest serves and the others pause; when it dies they resume after
-    `PEERING_LIFETIME` seconds. `standalone`: no peering (a single replica)."""
+    `PEERING_LIFETIME` seconds. `standalone`: no peering (a single replica). `liveness`: a URL
+    such as ``http://0.0.0.0:8080/healthz`` where kopf answers kubelet's liveness probe."""
     kopf.configure(debug=debug, verbose=debug)
     if standalone:  # kopf waits for its peering CRD whenever a peering name is given
-        kopf.run(clusterwide=clusterwide, namespaces=namespaces, standalone=True)
+        kopf.run(clusterwide=clusterwide, namespaces=namespaces, standalone=True, liveness_endpoint=liveness)
         return 0
     name = peering or "weft-operator"
     _peering.update(name=name, namespaces=namespaces, clusterwide=clusterwide)
     prio = priority if priority is not None else secrets.randbelow(1 << 30) + 1
     log.info("peering %r with priority %d", name, prio)
-    kopf.run(clusterwide=clusterwide, namespaces=namespaces, peering_name=name, priority=prio)
+    kopf.run(
+        clusterwide=clusterwide,
+        namespaces=namespaces,
+        peering_name=name,
+        priority=prio,
+        liveness_endpoint=liveness,
+    )
     return 0
