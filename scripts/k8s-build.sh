@@ -1,18 +1,22 @@
 #!/bin/bash
-# Build kube-apiserver, kube-controller-manager and kubectl v1.20.2 from Debian bookworm's
-# `kubernetes` SOURCE package with Debian's Go (no GitHub, dl.k8s.io or Go proxy needed), once:
+# Build kube-apiserver, kube-controller-manager and kubectl v1.20.2 (and, with `--node`, kubelet,
+# kube-scheduler, kube-proxy and a static pause binary) from Debian bookworm's `kubernetes`
+# SOURCE package with Debian's Go (no GitHub, dl.k8s.io or Go proxy needed), once:
 # the binaries are cached outside the repository, keyed by version, and reused by every run.
 #
 #   scripts/k8s-build.sh            # prints the directory of the binaries
+#   scripts/k8s-build.sh --node     # also what a node needs (the e2e `local` driver)
 #   WEFT_CACHE=/elsewhere scripts/k8s-build.sh
 #
-# About 7-8 minutes on 2 cores the first time; a few milliseconds after that.
+# About 7-8 minutes on 2 cores the first time (the node binaries about 2 more); a few
+# milliseconds after that.
 set -euo pipefail
 VERSION=1.20.2
 DEB_VERSION=1.20.5+really1.20.2
 CACHE=${WEFT_CACHE:-$HOME/.cache/weft}/k8s/v$VERSION
 BIN=$CACHE/bin
 WANT="kube-apiserver kube-controller-manager kubectl"
+if [ "${1:-}" = --node ]; then WANT="$WANT kubelet kube-scheduler kube-proxy pause"; fi
 
 have_all() { for b in $WANT; do [ -x "$BIN/$b" ] || return 1; done; }
 if have_all; then echo "$BIN"; exit 0; fi
@@ -77,7 +81,16 @@ for P in k8s.io/kubernetes/vendor/k8s.io/component-base/version k8s.io/kubernete
   LD="$LD -X $P.gitCommit=faecb196815e248d3ecfb03c680a4507229c2a56 -X $P.buildDate=2021-01-13T00:00:00Z"
 done
 for b in $WANT; do
-  if [ ! -x "$BIN/$b" ]; then
+  if [ "$b" = pause ]; then
+    if [ ! -x "$BIN/pause" ]; then
+      # the pod sandbox's process: Kubernetes' own pause.c, static, so the image needs no libc
+      log "building pause"
+      command -v gcc >/dev/null || $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null
+      gcc -Os -static -DVERSION=v3.2-weft -o "$BIN.tmp/pause" build/pause/linux/pause.c
+      strip "$BIN.tmp/pause"
+      mkdir -p "$BIN" && mv "$BIN.tmp/pause" "$BIN/pause"
+    fi
+  elif [ ! -x "$BIN/$b" ]; then
     log "building $b"
     go build -ldflags "$LD" -o "$BIN.tmp/$b" "./cmd/$b"
     mkdir -p "$BIN" && mv "$BIN.tmp/$b" "$BIN/$b"

@@ -1,0 +1,457 @@
+"""The chaos scenarios, one layer for every driver, and the run that strings them together.
+
+Each round injects one fault while checksummed KV traffic (`e2e.traffic`) runs and the group
+is watched (`e2e.observe`), then waits for the group to be whole again. Measured per round:
+
+- detection: fault to the first sign the group saw it (the member gone or replaced in etcd,
+  etcd unreachable, the member count changing, the operator restarted);
+- recovery: fault to the group whole again: the wanted members, a plan naming exactly them,
+  acked by all (`observe.healthy`);
+- throughput: bytes/s moved by the traffic between fault and recovery, over the 4 s before.
+
+Invariants checked all along (any breach fails the run): no block lost or corrupt; plan epochs
+only grow and never two plans for one epoch; every expert of the plan has a live replica or
+is reported under-replicated within the lease TTL plus `EXPERT_GRACE`; the TransferGroup's
+status agrees with etcd (members, plan epoch) within `STATUS_GRACE` while the operator runs.
+
+    python -m e2e.scenarios --driver local --rounds 20      # `make e2e`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from e2e import report
+from e2e.driver import Driver, Pod
+from e2e.observe import Observer, View, expert_gaps, healthy
+from e2e.traffic import Traffic
+
+log = logging.getLogger("e2e")
+LEASE_TTL = 2
+EXPERTS = 8
+KV_POOL_BYTES = 32 << 20
+EXPERT_GRACE = 5.0
+STATUS_GRACE = 10.0
+RECOVERY_DEADLINE = 120.0
+BASELINE_SECONDS = 4.0
+SETTLE_SECONDS = 3.0  # between rounds, so each baseline starts from a whole group
+
+
+def group_manifest(
+    *,
+    namespace: str,
+    name: str,
+    replicas: int,
+    image: str,
+    endpoints: list[str],
+    token_secret: str,
+    pull_policy: str = "IfNotPresent",
+) -> dict[str, Any]:
+    """The TransferGroup every scenario runs against: GPU-less agents (host memory, TCP),
+    prefill:decode 1:1, `EXPERTS` experts twice each, a KV pool for the traffic."""
+    return {
+        "apiVersion": "weft.dev/v1alpha1",
+        "kind": "TransferGroup",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "replicas": replicas,
+            "maxReplicas": replicas + 2,
+            "roles": {"ratio": "1:1", "minPrefill": 1, "minDecode": 1, "gpuLessRoles": ["prefill", "decode"]},
+            "experts": {"count": EXPERTS, "replication": 2},
+            "fabric": {"backends": ["tcp"], "kvPoolBytes": KV_POOL_BYTES},
+            "failureDetection": {"leaseTtlSeconds": LEASE_TTL},
+            "etcd": {"endpoints": endpoints, "joinTokenSecretRef": {"name": token_secret}},
+            "template": {
+                "image": image,
+                "imagePullPolicy": pull_policy,
+                "resources": {"requests": {"cpu": "50m", "memory": "96Mi"}},
+            },
+        },
+    }
+
+
+@dataclass
+class Round:
+    round: int
+    scenario: str
+    t_fault: float
+    t_heal: float | None = None
+    detection_s: float | None = None
+    recovery_s: float | None = None
+    throughput_ratio: float | None = None
+    violations: list[str] = field(default_factory=list)
+    ok: bool = True
+
+
+class Run:
+    """A driver brought up, watched and faulted round after round."""
+
+    def __init__(self, driver: Driver, *, rounds: int, seed: int, out: Path) -> None:
+        self.driver, self.rounds, self.seed, self.out = driver, rounds, seed, out
+        self.rng = random.Random(seed)
+        self.replicas = getattr(driver, "replicas", 4)
+        self.t0 = time.monotonic()
+        self.timeline: dict[str, list[float]] = {"t": [], "throughput_mbps": [], "members": [], "ready": []}
+        self.invariants: dict[str, dict[str, Any]] = {
+            name: {"checks": 0, "violations": []} for name in ("blocks", "plans", "experts", "status")
+        }
+        self.results: list[Round] = []
+        self._stop = threading.Event()
+        self._status: dict[str, Any] = {}
+        self._operator_ready = True
+        self.observer: Observer | None = None
+        self.traffic: Traffic | None = None
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        started = time.time()
+        self.driver.up()
+        log.info("cluster up in %.0f s", self.now())
+        token = self.driver.join_token()
+        self.observer = Observer(self.driver.etcd_endpoint(), self.driver.namespace, self.driver.group, token)
+        self.observer.start()
+        self.wait("the group whole", lambda v: healthy(v, self.replicas), RECOVERY_DEADLINE)
+        self.traffic = Traffic(self.observer, token, pool_bytes=KV_POOL_BYTES, seed=self.seed)
+        self.traffic.start()
+        watchers = [threading.Thread(target=f, daemon=True) for f in (self._sample, self._watch_status)]
+        for w in watchers:
+            w.start()
+        time.sleep(BASELINE_SECONDS + 1)
+        names = list(SCENARIOS)
+        order = self.rng.sample(names, len(names))
+        order += [self.rng.choice(names) for _ in range(max(0, self.rounds - len(order)))]
+        try:
+            for i, name in enumerate(order[: max(self.rounds, len(names))]):
+                self.results.append(self.round(i, name))
+        finally:
+            self._stop.set()
+            self.traffic.stop()
+            self.observer.stop()
+            for w in watchers:
+                w.join(5)
+        return self.report(started)
+
+    def round(self, i: int, name: str) -> Round:
+        assert self.observer is not None and self.traffic is not None
+        v_before, blocks_before = len(self.observer.violations), len(self.traffic.violations)
+        baseline = self.throughput_since(self.now() - BASELINE_SECONDS)
+        r = Round(i, name, t_fault=self.now())
+        log.info("round %d: %s (baseline %.1f MB/s)", i, name, baseline)
+        try:
+            SCENARIOS[name](self, r)
+        except Exception as exc:  # a scenario that cannot finish is a failed round, not a crash
+            log.exception("round %d (%s) failed", i, name)
+            r.violations.append(f"{type(exc).__name__}: {exc}")
+        if r.recovery_s is not None and baseline > 0:
+            during = self.throughput_since(r.t_fault, r.t_fault + max(r.recovery_s, 0.5))
+            r.throughput_ratio = round(during / baseline, 3)
+        r.violations += self.observer.violations[v_before:] + self.traffic.violations[blocks_before:]
+        r.violations += self._pop_watch_violations()
+        r.ok = not r.violations and r.recovery_s is not None
+        log.info("round %d: %s detection %s s recovery %s s throughput %s ok %s %s", i, name,
+                 r.detection_s, r.recovery_s, r.throughput_ratio, r.ok, r.violations[:3])  # fmt: skip
+        time.sleep(SETTLE_SECONDS)
+        return r
+
+    # -- helpers for scenarios -------------------------------------------------------------
+    def view(self) -> View:
+        assert self.observer is not None
+        return self.observer.snapshot()
+
+    def wait(self, what: str, pred: Callable[[View], bool], timeout: float) -> float:
+        """Seconds until `pred(view)` held (raises TimeoutError)."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if pred(self.view()):
+                return time.monotonic() - start
+            time.sleep(0.1)
+        raise TimeoutError(f"{what}: not within {timeout:.0f} s (now {self.view().members.keys()})")
+
+    def agent(self, name: str | None = None) -> Pod:
+        pods = [p for p in self.driver.pods("agent") if p.ready]
+        if name is not None:
+            return next(p for p in self.driver.pods("agent") if p.name == name)
+        return self.rng.choice(pods)
+
+    def recover(self, r: Round, replicas: int, also: Callable[[View], bool] = lambda v: True) -> None:
+        self.wait("recovery", lambda v: healthy(v, replicas) and also(v), RECOVERY_DEADLINE)
+        r.recovery_s = round(self.now() - r.t_fault, 2)
+
+    def detected(self, r: Round, pred: Callable[[View], bool], timeout: float = 60.0) -> None:
+        self.wait("detection", pred, timeout)
+        r.detection_s = round(self.now() - r.t_fault, 2)
+
+    def save_logs(self, component: str, r: Round) -> None:
+        """The component's log, into the output folder, for a look at how the round went."""
+        for pod in self.driver.pods(component):
+            text = self.driver.kubectl("logs", pod.name, "-n", self.driver.namespace, check=False, timeout=30)
+            (self.out / f"round-{r.round:02d}-{pod.name}.log").write_text(text)
+
+    def throughput_since(self, start: float, end: float | None = None) -> float:
+        t, mbps = self.timeline["t"], self.timeline["throughput_mbps"]
+        picked = [x for tt, x in zip(t, mbps, strict=False) if tt >= start and (end is None or tt <= end)]
+        return sum(picked) / len(picked) if picked else 0.0
+
+    # -- watchers ----------------------------------------------------------------------------
+    def _sample(self) -> None:
+        assert self.traffic is not None
+        last_bytes, last_t, gap_since = self.traffic.counters.bytes, self.now(), None
+        while not self._stop.wait(0.5):
+            now, moved = self.now(), self.traffic.counters.bytes
+            view = self.view()
+            self.timeline["t"].append(round(now, 2))
+            self.timeline["throughput_mbps"].append(round((moved - last_bytes) / (now - last_t) / 1e6, 3))
+            self.timeline["members"].append(len(view.members))
+            self.timeline["ready"].append(int(self._status.get("readyReplicas") or 0))
+            last_bytes, last_t = moved, now
+            inv = self.invariants["experts"]
+            inv["checks"] += 1
+            gaps = expert_gaps(view) if view.etcd_ok else []
+            gap_since = (gap_since or now) if gaps else None
+            if gap_since is not None and now - gap_since > LEASE_TTL + EXPERT_GRACE:
+                inv["violations"].append(f"t={now:.1f}: experts {gaps} without a live replica, not reported")
+                gap_since = None
+
+    def _watch_status(self) -> None:
+        wrong_since: float | None = None
+        while not self._stop.wait(1.0):
+            try:
+                ns = self.driver.namespace
+                found = json.loads(
+                    self.driver.kubectl("get", "transfergroup,pods", "-n", ns, "-o", "json", timeout=10)
+                )
+            except Exception:
+                continue
+            for item in found.get("items", []):
+                if item["kind"] == "TransferGroup" and item["metadata"]["name"] == self.driver.group:
+                    self._status = item.get("status") or {}
+                elif item["kind"] == "Pod" and "operator" in item["metadata"]["name"]:
+                    conds = (item.get("status") or {}).get("conditions") or []
+                    self._operator_ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+            view, now = self.view(), self.now()
+            if not view.etcd_ok or not self._operator_ready:
+                wrong_since = None
+                continue
+            inv = self.invariants["status"]
+            inv["checks"] += 1
+            truth = (len(view.members), view.plan.epoch if view.plan else None)
+            shown = (self._status.get("members"), self._status.get("planEpoch"))
+            if truth == shown:
+                wrong_since = None
+            elif wrong_since is None:
+                wrong_since = now
+            elif now - wrong_since > STATUS_GRACE:
+                inv["violations"].append(
+                    f"t={now:.1f}: status says {shown}, etcd {truth} for {STATUS_GRACE:.0f} s"
+                )
+                wrong_since = None
+
+    def _pop_watch_violations(self) -> list[str]:
+        """What the watchers found since the last round."""
+        out: list[str] = []
+        for inv in (self.invariants["experts"], self.invariants["status"]):
+            out += inv["violations"][inv.get("_seen", 0) :]
+            inv["_seen"] = len(inv["violations"])
+        return out
+
+    def report(self, started: float) -> dict[str, Any]:
+        assert self.observer is not None and self.traffic is not None
+        c = self.traffic.counters
+        self.invariants["blocks"] = {
+            "checks": c.verified + c.written,
+            "violations": list(self.traffic.violations),
+        }
+        self.invariants["plans"] = {
+            "checks": self.observer.plan_checks,
+            "violations": list(self.observer.violations),
+        }
+        for inv in self.invariants.values():
+            inv.pop("_seen", None)
+        return {
+            "driver": self.driver.name,
+            "started": started,
+            "seed": self.seed,
+            "duration_s": round(self.now(), 1),
+            "rounds": [vars(r) for r in self.results],
+            "timeline": self.timeline,
+            "blocks": {
+                "written": c.written,
+                "verified": c.verified,
+                "repaired": c.repaired,
+                "failed_transfers": c.failed_transfers,
+                "lost": c.lost,
+                "corrupt": c.corrupt,
+            },
+            "invariants": self.invariants,
+        }
+
+
+# -- the scenarios -------------------------------------------------------------------------
+def _gone_or_replaced(name: str, process: str) -> Callable[[View], bool]:
+    return lambda v: name not in v.members or v.members[name].process != process
+
+
+def kill_agent(run: Run, r: Round) -> None:
+    """SIGKILL a random agent: the kubelet restarts it as a new process (new generation)."""
+    pod = run.agent()
+    process = run.view().members[pod.name].process
+    run.driver.signal(pod, signal.SIGKILL)
+    run.detected(r, _gone_or_replaced(pod.name, process))
+    run.recover(r, run.replicas, lambda v: pod.name in v.members and v.members[pod.name].process != process)
+
+
+def freeze_agent(run: Run, r: Round) -> None:
+    """SIGSTOP a random agent until the group notices (its lease ends), then SIGCONT: it
+    fences, rejoins with a new generation, and keeps its memory."""
+    pod = run.agent()
+    process = run.view().members[pod.name].process
+    run.driver.signal(pod, signal.SIGSTOP)
+    try:
+        run.detected(r, lambda v: pod.name not in v.members, timeout=LEASE_TTL + 10)
+    finally:
+        run.driver.signal(pod, signal.SIGCONT)
+        r.t_heal = run.now()
+    # the same process, memory kept (the traffic reads its copies again)
+    run.recover(r, run.replicas, lambda v: pod.name in v.members and v.members[pod.name].process == process)
+
+
+def etcd_restart(run: Run, r: Round) -> None:
+    """SIGKILL etcd; the kubelet starts it again on the same data (emptyDir)."""
+    pod = run.driver.pods("etcd")[0]
+    run.driver.signal(pod, signal.SIGKILL)
+    run.detected(r, lambda v: not v.etcd_ok, timeout=10)
+    run.wait("etcd back", lambda v: v.etcd_ok, RECOVERY_DEADLINE)
+    r.t_heal = run.now()
+    run.recover(r, run.replicas)
+
+
+def partition_agent(run: Run, r: Round) -> None:
+    """Cut one agent off etcd and its peers (everything but loopback) until the group notices,
+    then heal the network."""
+    pod = run.agent()
+    run.driver.partition(pod, True)
+    try:
+        run.detected(r, lambda v: pod.name not in v.members, timeout=LEASE_TTL + 10)
+    finally:
+        run.driver.partition(pod, False)
+        r.t_heal = run.now()
+    run.recover(r, run.replicas, lambda v: pod.name in v.members)
+
+
+def scale_up_down(run: Run, r: Round) -> None:
+    """One more agent, then back, under traffic (the scale-down drains first)."""
+    run.driver.scale(run.replicas + 1)
+    run.detected(r, lambda v: len(v.members) == run.replicas + 1, timeout=RECOVERY_DEADLINE)
+    run.wait("scaled up", lambda v: healthy(v, run.replicas + 1), RECOVERY_DEADLINE)
+    run.driver.scale(run.replicas)
+    r.t_heal = run.now()
+    run.recover(r, run.replicas)
+
+
+def kill_operator(run: Run, r: Round) -> None:
+    """Scale up, and SIGKILL the operator while it reconciles that; the restarted operator
+    finishes it. Then back to the usual size."""
+    run.driver.scale(run.replicas + 1)
+    op = run.driver.pods("operator")[0]
+    run.driver.signal(op, signal.SIGKILL)
+    deadline = time.monotonic() + RECOVERY_DEADLINE
+    while not any(p.restarts > op.restarts for p in run.driver.pods("operator")):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the operator was not restarted")
+        time.sleep(0.2)
+    r.detection_s = round(run.now() - r.t_fault, 2)
+    try:
+        run.recover(r, run.replicas + 1)
+    finally:
+        run.save_logs("operator", r)
+    run.driver.scale(run.replicas)
+    r.t_heal = run.now()
+    run.wait("scaled back", lambda v: healthy(v, run.replicas), RECOVERY_DEADLINE)
+
+
+def gpu_less(run: Run, r: Round) -> None:
+    """Every member is GPU-less: both roles are still planned (prefill and decode on host
+    memory and TCP); lose a prefill member and they still are."""
+    view = run.view()
+    with_gpu = [m.name for m in view.members.values() if m.gpus]
+    if with_gpu:
+        r.violations.append(f"members with GPUs in a GPU-less run: {with_gpu}")
+    roles = set(view.plan.roles.values()) if view.plan else set()
+    if roles != {"prefill", "decode"}:
+        r.violations.append(f"a GPU-less group planned roles {sorted(roles)}, not prefill and decode")
+    prefill = sorted(n for n, role in (view.plan.roles.items() if view.plan else []) if role == "prefill")
+    pod = run.agent(prefill[0] if prefill else None)
+    process = view.members[pod.name].process
+    run.driver.signal(pod, signal.SIGKILL)
+    run.detected(r, _gone_or_replaced(pod.name, process))
+    both = lambda v: v.plan is not None and set(v.plan.roles.values()) == {"prefill", "decode"}  # noqa: E731
+    run.recover(r, run.replicas, both)
+
+
+SCENARIOS: dict[str, Callable[[Run, Round], None]] = {
+    "kill-agent": kill_agent,
+    "freeze-agent": freeze_agent,
+    "etcd-restart": etcd_restart,
+    "partition-agent": partition_agent,
+    "scale-up-down": scale_up_down,
+    "kill-operator": kill_operator,
+    "gpu-less": gpu_less,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m e2e.scenarios", description=__doc__.splitlines()[0])
+    ap.add_argument("--driver", choices=["local", "kind"], default="local")
+    ap.add_argument("--rounds", type=int, default=20, help="rounds (at least one of each scenario)")
+    ap.add_argument("--seed", type=int, default=None, help="default: random (printed)")
+    ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=Path("e2e/out"), help="report.json and timeline.png go here")
+    ap.add_argument("--keep", action="store_true", help="leave the cluster up")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    args.out.mkdir(parents=True, exist_ok=True)
+    driver: Driver
+    if args.driver == "local":
+        from e2e.local import LocalDriver
+
+        driver = LocalDriver(args.out / "cluster", replicas=args.replicas)
+    else:
+        from e2e.kind import KindDriver
+
+        driver = KindDriver(workdir=args.out / "kind", replicas=args.replicas)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # tear the cluster down on the way out
+    log.info("seed %d, %d rounds, driver %s", seed, args.rounds, args.driver)
+    run = Run(driver, rounds=args.rounds, seed=seed, out=args.out)
+    try:
+        result = run.run()
+    finally:
+        if not args.keep:
+            driver.down()
+    (args.out / "report.json").write_text(json.dumps(result, indent=1))
+    report.write_png(result, args.out / "timeline.png")
+    print(report.format_summary(report.summary(result)))
+    failed = [r for r in result["rounds"] if not r["ok"]]
+    bad = {k: v["violations"] for k, v in result["invariants"].items() if v["violations"]}
+    print(f"{len(result['rounds'])} rounds, {len(failed)} failed; blocks {result['blocks']}; seed {seed}")
+    for k, v in bad.items():
+        print(f"invariant {k}: {v[:5]}")
+    return 1 if failed or bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
