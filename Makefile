@@ -7,12 +7,20 @@ STAMP := $(VENV)/.weft-setup
 BENCH_STAMP := $(VENV)/.weft-bench
 PYTEST_ARGS ?=
 
-.PHONY: setup etcd k8s cluster-up cluster-down test test-unit test-integration lint demo bench bench-kv clean help
+E2E_ROUNDS ?= 20
+E2E_ARGS ?=
+
+.PHONY: setup etcd k8s cluster-up cluster-down test test-unit test-integration lint demo bench bench-kv clean help \
+	crds helm-lint images e2e e2e-kind e2e-up e2e-down
 
 help:
 	@echo "make demo     run the local demo (installs what it needs)"
 	@echo "make test     lint, then the whole test suite (installs what it needs)"
 	@echo "make lint     ruff + mypy --strict + import-linter"
+	@echo "make helm-lint  lint helm/weft (Helm's Go SDK) and validate every manifest on kube-apiserver"
+	@echo "make e2e      the chaos suite on a real local cluster (root; kubelet, dockerd, Helm chart)"
+	@echo "make e2e-kind the same scenarios on kind (needs kind, Docker and Docker Hub)"
+	@echo "make images   the agent and operator images with your docker (BASE=... to change the base)"
 	@echo "make cluster-up / cluster-down   a real kube-apiserver 1.20 on loopback, by hand"
 	@echo "make bench    weft against NIXL, DRAM to DRAM, two processes"
 	@echo "make bench-kv the KV store against NIXL's POSIX backend (and OBJ on a local S3)"
@@ -37,6 +45,33 @@ $(STAMP): pyproject.toml | etcd
 
 test: lint k8s
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) e2e
+
+# the CRD from weft/api, into crds/ and the chart
+crds: setup
+	$(BIN)/weft crds -o crds/transfergroup.yaml
+	cp crds/transfergroup.yaml crds/kopf-peering.yaml helm/weft/crds/
+
+helm-lint: setup k8s
+	$(BIN)/python -m e2e.chart lint
+
+images: setup
+	$(BIN)/python -m e2e.images build $(if $(BASE),--base $(BASE))
+
+# chaos on a real single-node cluster built from Debian's packages (needs root): 20 randomized
+# rounds, e2e/out/report.json and e2e/out/timeline.png
+e2e: setup k8s
+	$(BIN)/python -m e2e.scenarios --driver local --rounds $(E2E_ROUNDS) $(E2E_ARGS)
+
+e2e-kind: setup
+	$(BIN)/python -m e2e.scenarios --driver kind --rounds $(E2E_ROUNDS) $(E2E_ARGS)
+
+# the local cluster with weft installed, left running (KUBECONFIG printed); e2e-down stops it
+e2e-up: setup k8s
+	$(BIN)/python -m e2e.local up
+
+e2e-down: setup
+	$(BIN)/python -m e2e.local down
 
 # kube-apiserver, kube-controller-manager and kubectl 1.20.2 from Debian's source, built once
 # (~8 min) and cached in ~/.cache/weft/k8s (the operator's tests run against them)
