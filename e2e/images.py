@@ -113,7 +113,18 @@ def build_images(docker: Sequence[str], base: str | None = "debian-rootfs") -> I
                 _run([*docker, "build", "--network", "none", "-q", *args, "-t", ref, str(ctx)], 900,
                      env=os.environ | {"DOCKER_BUILDKIT": "0"})  # fmt: skip
             made[program] = ref
+            _prune(docker, f"weft-{program}", keep=ref)
     return Images(agent=made["agent"], operator=made["operator"], base=base_ref)
+
+
+def _prune(docker: Sequence[str], repository: str, keep: str) -> None:
+    """Every other tag of `repository` removed: each tree makes new tags, and the local
+    driver's Docker data lives on between runs (in the cache). Images in use stay (rmi
+    without -f refuses them)."""
+    tags = _run([*docker, "images", "--format", "{{.Repository}}:{{.Tag}}", repository], 60).split()
+    stale = [t for t in tags if t != keep]
+    if stale:
+        subprocess.run([*docker, "rmi", *stale], check=False, capture_output=True, timeout=300)
 
 
 def main(argv: list[str] | None = None) -> int:

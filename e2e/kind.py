@@ -4,7 +4,9 @@ hosts with Docker and Docker Hub access (kind pulls its node image from there).
 Pods run inside the kind node's container, so faults are made there: `docker exec` into the
 node, find the container's PID with ``crictl``, then ``kill`` it or ``nsenter`` its network
 namespace to add iptables rules. The pod network is not reachable from the host on every
-platform (Docker Desktop), so etcd is reached through ``kubectl port-forward``.
+platform (Docker Desktop), so etcd is reached through ``kubectl port-forward``; the traffic
+generator dials agents at their pod IPs, so on Linux `up` routes the node's pod range through
+the node container (root), and `down` removes the route.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class KindDriver(KubeDriver):
         self._forward: subprocess.Popen[bytes] | None = None
         self._forward_log: IO[bytes] | None = None
         self._forward_url = ""
+        self._routed = ""  # the pod range routed to the node by `up`
 
     # -- lifecycle -----------------------------------------------------------------------
     def up(self) -> None:
@@ -102,12 +105,26 @@ class KindDriver(KubeDriver):
         )
         self.kubectl("apply", "-f", "-", input=json.dumps(manifest))
         self.wait_agents_ready(timeout=180.0)
+        self._route_pods()
+
+    def _route_pods(self) -> None:
+        """The traffic generator runs on this host and dials the agents at their pod IPs:
+        route the node's pod range through the node container (Linux, root)."""
+        node = f"{self.cluster}-control-plane"
+        ip = _run(
+            ["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", node], 30
+        )
+        cidr = self.kubectl("get", "node", node, "-o", "jsonpath={.spec.podCIDR}").strip()
+        _run(["ip", "route", "replace", cidr, "via", ip.strip()], 30)
+        self._routed = cidr
 
     def _kind(self, *args: str, timeout: float) -> str:
         return _run(["kind", *args, "--name", self.cluster], timeout)
 
     def down(self) -> None:
         self._stop_forward()
+        if self._routed:
+            _run(["ip", "route", "del", self._routed], 30, check=False)
         self._kind("delete", "cluster", timeout=180)
 
     # -- the API -------------------------------------------------------------------------

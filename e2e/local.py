@@ -133,7 +133,7 @@ class LocalCluster:
     """The cluster itself: `start` / `stop`, plus what the driver needs of it."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
+        self.run_dir = run_dir.resolve()  # dockerd and the kubelet need absolute paths
         self.plane: ControlPlane | None = None
         self.docker_sock = run_dir / "docker.sock"
         self.docker = ["/usr/bin/docker", "-H", f"unix://{self.docker_sock}"]

@@ -424,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     driver: Driver
     if args.driver == "local":

@@ -17,6 +17,7 @@ read after its write completed. Hence the two invariants, checked on every read:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import threading
@@ -129,6 +130,10 @@ class Traffic(threading.Thread):
                 except errors.WeftError:
                     continue
                 self._peers[name] = m.process + f"@{m.generation}"
+        for name in set(self._peers) - set(view.members):  # left the group (scaled down)
+            with contextlib.suppress(errors.WeftError):
+                self.agent.remove_peer(name)
+            del self._peers[name]
         # while etcd is away the observer keeps the members last seen: the data path goes on
         return dict(view.members)
 
