@@ -93,6 +93,7 @@ class _Child:
         self.warnings = _WarningLog()
         self.agent: Any = None
         self.membership: Any = None
+        self.ep: Any = None
 
     # -- set-up ------------------------------------------------------------------------------
     def on_loop(self, coro: Coroutine[Any, Any, T], timeout: float = CALL_TIMEOUT) -> T:
@@ -276,6 +277,93 @@ class _Child:
     def cmd_stale_write(self, peer: str, region: str) -> Outcome:
         rr = self.remembered[(peer, region)]
         return self._write_to(rr, peer, rr.size, 0)
+
+    # -- expert parallelism (weft.ep) --------------------------------------------------------
+    def _ep_plan(self) -> Any:
+        """The group's plan from etcd (sealed `PlanRecord`), as an `EpPlan`."""
+        from tests.conftest import SECRET
+        from weft.api import records
+        from weft.api.settings import EtcdSettings
+        from weft.ep import EpPlan
+        from weft.membership._etcd import Etcd
+
+        async def read() -> Any:
+            async with Etcd(EtcdSettings(endpoints=[self.endpoint])) as etcd:
+                key = f"/weft/v1/default/{self.group}/plan"
+                kv = await etcd.get(key.encode())
+                assert kv is not None, "no plan in etcd"
+                return records.unseal(records.PlanRecord, kv.value, key, SECRET)
+
+        plan = self.on_loop(read())
+        return EpPlan.from_placement(plan.epoch, plan.experts, plan.members)
+
+    def cmd_ep_start(self, hidden: int, fn: str, max_tokens: int, deadline: float) -> int:
+        """An `Exchange` on this member's agent, on the plan in etcd; returns its epoch."""
+        from weft.ep import Exchange
+
+        self.ep = Exchange(self.agent, self._ep_plan(), EXPERT_FNS[fn], hidden=hidden,
+                           max_tokens=max_tokens, deadline=deadline)  # fmt: skip
+        return int(self.ep.plan.epoch)
+
+    def cmd_ep_reload(self) -> int:
+        """Move to the plan now in etcd; returns its epoch."""
+        self.ep.update_plan(self._ep_plan())
+        return int(self.ep.plan.epoch)
+
+    def cmd_ep_step(self, seed: int, tokens: int, fn: str, experts: int) -> dict[str, Any]:
+        """One `combine(dispatch(x))` of seeded activations and routing, checked here against
+        the expert function. Mismatches, flagged tokens and their experts come back."""
+        from weft.ep import EpochMismatchError
+
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((tokens, self.ep.hidden)).astype(np.float16)
+        ids = rng.integers(0, experts, tokens)
+        started = time.perf_counter()
+        try:
+            got = self.ep.step(x, ids)
+        except EpochMismatchError as exc:
+            return {"error": f"EpochMismatchError: {exc}", "seconds": time.perf_counter() - started}
+        seconds = time.perf_counter() - started
+        want = _apply(EXPERT_FNS[fn], ids, x)
+        done = ~got.missing
+        wrong = int((~np.all(got.out[done] == want[done], axis=1)).sum())
+        return {
+            "seconds": seconds,
+            "wrong": wrong,
+            "missing": int(got.missing.sum()),
+            "missing_experts": sorted({int(e) for e in ids[got.missing]}),
+            "masked": list(got.masked),
+            "redispatched": got.redispatched,
+            "served": self.ep.served,
+            "refused": self.ep.refused,
+        }
+
+    def cmd_ep_junk(self, peer: str) -> None:
+        """Malformed and stale messages at a peer's exchange."""
+        import struct
+
+        for junk in (b"", b"WEPD", b"WEPD" + b"\x00" * 29, b"junk" * 50, b"WEPR" + b"\xff" * 8,
+                     struct.pack("<4sQQIIB", b"WEPD", 0, 1, 0, 10, 0),
+                     struct.pack("<4sQQIIB", b"WEPD", 1 << 40, 1, 0, 10**9, 0)):  # fmt: skip
+            self.agent.send_notification(peer, junk)
+
+
+def _identity(e: int, rows: np.ndarray) -> np.ndarray:
+    return rows
+
+
+def _per_expert(e: int, rows: np.ndarray) -> np.ndarray:
+    return (rows * np.float16(0.5 + (e % 7) * 0.25) + np.float16(e % 3)).astype(np.float16)
+
+
+EXPERT_FNS = {"identity": _identity, "per-expert": _per_expert}
+
+
+def _apply(fn: Any, ids: np.ndarray, x: np.ndarray) -> np.ndarray:
+    out = np.empty_like(x)
+    for e in np.unique(ids).tolist():
+        out[ids == e] = fn(int(e), x[ids == e])
+    return out
 
 
 def _main(conn: Connection, name: str, endpoint: str, group: str, lease_ttl: float) -> None:

@@ -707,6 +707,14 @@ class Agent:
         """
         return self._inbox.wait(peer, message, timeout).message
 
+    def take_notification(self, timeout: float = 30.0) -> Notification:
+        """Wait for (and take) the oldest notification from any peer: (peer, message).
+
+        Raises:
+            NotificationTimeoutError, AgentClosedError.
+        """
+        return self._inbox.wait(None, None, timeout)
+
     async def next_notification(
         self, peer: str | None = None, message: bytes | None = None, timeout: float | None = None
     ) -> Notification:

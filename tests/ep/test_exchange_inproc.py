@@ -1,0 +1,116 @@
+"""The exchange's protocol with every rank's agent in this process (TCP between them): the
+wire, the slots, routing, masking and epochs, before the OS-process tests."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from weft.ep import EpochMismatchError, EpPlan, Exchange
+from weft.fabric.agent import Agent
+from weft.fabric.config import AgentConfig
+
+SECRET = b"ep-test-secret-0123456789abcdef"
+HIDDEN = 64
+
+
+def scale(e: int, rows: np.ndarray) -> np.ndarray:
+    return (rows * np.float16(1 + e % 4)).astype(np.float16)
+
+
+def placement(ranks: list[str], experts: int) -> dict[int, list[str]]:
+    """Expert e on ranks e and e+1 (mod world): two replicas each."""
+    w = len(ranks)
+    return {e: [ranks[e % w], ranks[(e + 1) % w]] for e in range(experts)}
+
+
+@pytest.fixture
+def ranks() -> Iterator[list[Exchange]]:
+    names = [f"r{i}" for i in range(4)]
+    agents = [Agent(n, AgentConfig(["tcp"], secret=SECRET)) for n in names]
+    for a in agents:
+        for b in agents:
+            if a is not b:
+                a.add_peer(b.metadata())
+    plan = EpPlan.from_placement(1, placement(names, 8))
+    ex = [Exchange(a, plan, scale, hidden=HIDDEN, max_tokens=512, deadline=0.5) for a in agents]
+    yield ex
+    for e in ex:
+        e.close()
+    for a in agents:
+        a.close()
+
+
+def test_combine_of_dispatch_returns_each_token_through_its_expert(ranks: list[Exchange]) -> None:
+    rng = np.random.default_rng(1)
+    results = {}
+
+    def run(ex: Exchange) -> None:
+        x = rng.standard_normal((300, HIDDEN)).astype(np.float16)
+        ids = rng.integers(0, 8, 300)
+        got = ex.step(x, ids)
+        results[ex.agent.name] = (x, ids, got)
+
+    threads = [threading.Thread(target=run, args=(ex,)) for ex in ranks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 4
+    for x, ids, got in results.values():
+        want = np.stack([scale(int(e), row[None])[0] for row, e in zip(x, ids, strict=True)])
+        assert np.array_equal(got.out, want)
+        assert not got.missing.any() and got.masked == ()
+
+
+def test_a_rank_that_stops_answering_is_masked_and_its_tokens_go_to_replicas(ranks: list[Exchange]) -> None:
+    dead = ranks[2]
+    dead.agent.close()  # no more answers, nor transfers
+    ex = ranks[0]
+    x = np.ones((200, HIDDEN), dtype=np.float16)
+    ids = np.arange(200) % 8
+    got = ex.step(x, ids)
+    assert "r2" in got.masked
+    assert not got.missing.any()  # every expert has a replica off r2
+    assert np.array_equal(got.out, np.stack([scale(int(e), x[:1])[0] for e in ids]))
+    assert "r2" in ex.masked
+    got = ex.step(x, ids)  # the next step of the epoch avoids r2 from the start
+    assert got.masked == () and got.redispatched == 0
+
+
+def test_tokens_whose_every_replica_is_gone_come_back_flagged(ranks: list[Exchange]) -> None:
+    for i in (1, 2):
+        ranks[i].agent.close()
+    ex = ranks[0]
+    ids = np.arange(8)
+    got = ex.step(np.ones((8, HIDDEN), dtype=np.float16), ids)
+    # experts 1 and 5 live on r1 and r2 only
+    assert got.missing.tolist() == [e % 4 == 1 for e in range(8)]
+    assert not got.out[got.missing].any()
+    assert got.out[~got.missing].all()
+
+
+def test_a_step_of_an_old_epoch_is_refused_typed(ranks: list[Exchange]) -> None:
+    names = list(ranks[0].plan.ranks)
+    newer = EpPlan.from_placement(2, placement(names, 8))
+    for ex in ranks[1:]:
+        ex.update_plan(newer)
+    with pytest.raises(EpochMismatchError):
+        ranks[0].step(np.ones((16, HIDDEN), dtype=np.float16), np.arange(16) % 8)
+    assert sum(ex.refused for ex in ranks[1:]) > 0
+    ranks[0].update_plan(newer)
+    got = ranks[0].step(np.ones((16, HIDDEN), dtype=np.float16), np.arange(16) % 8)
+    assert not got.missing.any()
+
+
+def test_malformed_messages_are_refused_and_the_rank_keeps_serving(ranks: list[Exchange]) -> None:
+    target = ranks[1]
+    sender = ranks[0].agent
+    for junk in (b"", b"WEPD", b"WEPD" + b"\x00" * 29, b"nonsense" * 10, b"WEPX\x01"):
+        sender.send_notification("r1", junk)
+    got = ranks[0].step(np.ones((32, HIDDEN), dtype=np.float16), np.arange(32) % 8)
+    assert not got.missing.any() and got.masked == ()
+    assert target.refused >= 4
