@@ -114,3 +114,15 @@ def test_malformed_messages_are_refused_and_the_rank_keeps_serving(ranks: list[E
     got = ranks[0].step(np.ones((32, HIDDEN), dtype=np.float16), np.arange(32) % 8)
     assert not got.missing.any() and got.masked == ()
     assert target.refused >= 4
+
+
+def test_a_steady_batch_shape_is_prepared_once_and_posted_again(ranks: list[Exchange]) -> None:
+    ex = ranks[0]
+    x = np.ones((64, HIDDEN), dtype=np.float16)
+    ids = np.arange(64) % 8
+    ex.step(x, ids)
+    laid_out = ex.prepares
+    assert laid_out > 0
+    for _ in range(3):
+        assert not ex.step(x, ids).missing.any()
+    assert ex.prepares == laid_out

@@ -17,10 +17,12 @@ Epochs: every message carries the sender's plan epoch. A rank that receives a me
 another epoch rejects it (a typed rejection the sender raises as `EpochMismatchError`), so a
 step never mixes plans: it completes on the epoch it started with, or fails typed.
 
-Memory: three regions registered once, each with one slot per rank: ``ep-inbox`` (batches
-peers send here), ``ep-results`` (results peers send back) and a local staging area the
-WRITEs read from. A slot holds a header, the expert ids and `max_tokens` rows. Slots are
-reused only after the peer answered, so a slot is never overwritten while in use.
+Memory: four regions registered once, each with one slot per rank: ``ep-inbox`` (batches
+peers send here), ``ep-results`` (results peers send back), and two local staging areas
+the WRITEs read from. WRITEs are prepared once per (peer, slot, size) and re-posted with each
+step's notification (prepare once, post many). A slot holds a header, the expert ids and
+`max_tokens` rows. Slots are reused only after the peer answered, so a slot is never
+overwritten while in use.
 
 Wire (notifications, little-endian): ``WEPD`` dispatch and ``WEPR`` results carry
 (epoch, step, rank, tokens, round); ``WEPX`` rejects (epoch, step, rank, round, code) plus
@@ -31,6 +33,7 @@ counted and rejected; they never raise in the serving thread.
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import struct
@@ -46,7 +49,7 @@ import numpy.typing as npt
 from weft.fabric import errors
 from weft.fabric.agent import Agent
 from weft.fabric.memory import Registration, RemoteRegion
-from weft.fabric.transfer import Transfer
+from weft.fabric.transfer import PreparedTransfer, Transfer
 from weft.fabric.types import Op, TransferState
 
 log = logging.getLogger(__name__)
@@ -175,6 +178,15 @@ class Exchange:
         self.staging = agent.alloc(self.slot_bytes * world)  # what our WRITEs read from
         self.replies = agent.alloc(self.slot_bytes * world)  # what our result WRITEs read from
         self._remote: dict[tuple[str, str], RemoteRegion] = {}
+        # prepared WRITEs by (peer, region, local slot, remote slot, bytes), re-posted with
+        # each step's notification: steady batch shapes are laid out once (prepare once,
+        # post many); least recently used go first
+        self._prepared: collections.OrderedDict[tuple[str, str, int, int, int], PreparedTransfer] = (
+            collections.OrderedDict()
+        )
+        self._prepared_lock = threading.Lock()
+        self.prepared_limit = 4 * world
+        self.prepares = 0  # transfers laid out (a steady workload stops adding to it)
         self._masked: set[str] = set()  # masked for the current epoch
         self._step = 0
         self._arrived: dict[tuple[int, int, str, int], int] = {}  # (epoch, step, peer, round) -> tokens
@@ -214,6 +226,9 @@ class Exchange:
                 )
             self._plan, self._masked = plan, set()
             self._remote.clear()  # peers may have restarted: their regions are asked again
+            with self._prepared_lock:
+                while self._prepared:
+                    self._prepared.popitem()[1].release()
             self._lock.notify_all()
 
     @property
@@ -289,11 +304,7 @@ class Exchange:
             d.pending[peer], d.rounds[peer], d.posted[peer] = idx, round_, time.monotonic()
             note = _NOTE.pack(DISPATCH, d.epoch, d.step, me_rank, len(idx), round_)
             try:
-                remote = self._region(peer, INBOX)
-                d.transfers[peer] = self.agent.transfer(
-                    Op.WRITE, self.staging.descs([(slot * self.slot_bytes, nbytes)]), peer,
-                    remote.descs([(me_rank * self.slot_bytes, nbytes)]), note, timeout=self.deadline * 4,
-                )  # fmt: skip
+                d.transfers[peer] = self._post(self.staging, INBOX, peer, slot, me_rank, nbytes, note)
             except errors.WeftError as exc:
                 log.info("%s: dispatch to %s failed: %s", me, peer, exc)
                 d.posted[peer] = float("-inf")  # masked at the next look
@@ -449,12 +460,15 @@ class Exchange:
         me = self.rank
         nbytes = self._pack(self.replies, rank, epoch, step, me, ids, result)
         with _quiet():  # the caller may be gone: its step is its own business
-            remote = self._region(peer, RESULTS)
-            self.agent.transfer(
-                Op.WRITE, self.replies.descs([(rank * self.slot_bytes, nbytes)]), peer,
-                remote.descs([(me * self.slot_bytes, nbytes)]),
-                _NOTE.pack(RESULT, epoch, step, me, tokens, round_), timeout=self.deadline * 4,
-            )  # fmt: skip
+            self._post(
+                self.replies,
+                RESULTS,
+                peer,
+                rank,
+                me,
+                nbytes,
+                _NOTE.pack(RESULT, epoch, step, me, tokens, round_),
+            )
             self.served += tokens
 
     def _compute(self, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -485,6 +499,45 @@ class Exchange:
         start = base + _HEADER_BYTES + 4 * self.max_tokens
         buf[start : start + n * self.row_bytes] = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
         return _HEADER_BYTES + 4 * self.max_tokens + n * self.row_bytes
+
+    def _post(
+        self,
+        local: Registration,
+        region: str,
+        peer: str,
+        local_slot: int,
+        remote_slot: int,
+        nbytes: int,
+        note: bytes,
+    ) -> Transfer:
+        """WRITE `nbytes` from `local_slot` of `local` to `remote_slot` of the peer's `region`,
+        through a prepared transfer kept for that shape."""
+        key = (peer, region, local_slot, remote_slot, nbytes)
+        with self._prepared_lock:
+            prepared = self._prepared.pop(key, None)
+        try:
+            if prepared is None:
+                self.prepares += 1
+                remote = self._region(peer, region)
+                prepared = self.agent.prepare(
+                    Op.WRITE, local.descs([(local_slot * self.slot_bytes, nbytes)]), peer,
+                    remote.descs([(remote_slot * self.slot_bytes, nbytes)]),
+                )  # fmt: skip
+            transfer = prepared.post(note, timeout=self.deadline * 4)
+        except errors.WeftError:
+            self._forget_peer(peer)  # a peer that failed (or restarted) is laid out again
+            raise
+        with self._prepared_lock:
+            self._prepared[key] = prepared
+            while len(self._prepared) > self.prepared_limit:
+                self._prepared.popitem(last=False)[1].release()
+        return transfer
+
+    def _forget_peer(self, peer: str) -> None:
+        with self._prepared_lock:
+            for key in [k for k in self._prepared if k[0] == peer]:
+                self._prepared.pop(key).release()
+        self._remote = {k: v for k, v in self._remote.items() if k[0] != peer}
 
     def _region(self, peer: str, name: str) -> RemoteRegion:
         key = (peer, name)
