@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from weft.ep import EpochMismatchError, EpPlan, Exchange
+from weft.fabric import gpu_available
 from weft.fabric.agent import Agent
 from weft.fabric.config import AgentConfig
 
@@ -126,3 +127,16 @@ def test_a_steady_batch_shape_is_prepared_once_and_posted_again(ranks: list[Exch
     for _ in range(3):
         assert not ex.step(x, ids).missing.any()
     assert ex.prepares == laid_out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="no usable GPU")
+def test_cupy_activations_come_back_on_the_device(ranks: list[Exchange]) -> None:
+    import cupy
+
+    x = cupy.arange(32 * HIDDEN, dtype=cupy.float16).reshape(32, HIDDEN) % 7
+    ids = np.arange(32) % 8
+    got = ranks[0].step(x, ids)
+    assert hasattr(got.out, "__cuda_array_interface__")
+    want = np.stack([scale(int(e), row[None])[0] for row, e in zip(cupy.asnumpy(x), ids, strict=True)])
+    assert np.array_equal(cupy.asnumpy(got.out), want)

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from weft.fabric import errors
+from weft.fabric import _cuda, errors
 from weft.fabric.agent import Agent
 from weft.fabric.memory import Registration, RemoteRegion
 from weft.fabric.transfer import PreparedTransfer, Transfer
@@ -119,6 +119,7 @@ class Dispatched:
     masked: list[str] = field(default_factory=list)  # peers masked during this step
     redo: list[np.ndarray] = field(default_factory=list)  # tokens of masked peers, to send again
     redispatched: int = 0
+    on_device: bool = False  # x came as a CUDA array: `combine` returns one too
 
     @property
     def epoch(self) -> int:
@@ -127,7 +128,7 @@ class Dispatched:
 
 @dataclass(frozen=True)
 class Combined:
-    out: np.ndarray  # [n, hidden], in the original token order
+    out: Any  # [n, hidden] in the original token order: numpy, or CuPy when x was on a GPU
     missing: np.ndarray  # bool [n]: tokens whose expert had no live replica (rows are zero)
     masked: tuple[str, ...]  # ranks masked during the step
     redispatched: int  # tokens sent again after a rank was masked
@@ -237,8 +238,13 @@ class Exchange:
             return frozenset(self._masked)
 
     # -- the caller's side -----------------------------------------------------------------
-    def dispatch(self, x: np.ndarray, expert_ids: npt.ArrayLike) -> Dispatched:
-        """Send each row of `x` ([n, hidden]) to a live rank hosting ``expert_ids[i]``."""
+    def dispatch(self, x: Any, expert_ids: npt.ArrayLike) -> Dispatched:
+        """Send each row of `x` ([n, hidden], numpy or a C-contiguous CUDA array such as
+        CuPy's) to a live rank hosting ``expert_ids[i]``. CUDA activations go through host
+        memory (one copy each way); `combine` then returns a CUDA array."""
+        on_device = hasattr(x, "__cuda_array_interface__")
+        if on_device:
+            x = _to_host(x)
         ids = np.asarray(expert_ids, dtype=np.int64).reshape(-1)
         if x.ndim != 2 or x.shape[1] != self.hidden or x.dtype != self.dtype:
             raise errors.InvalidBufferError(
@@ -253,7 +259,7 @@ class Exchange:
         d = Dispatched(
             plan=plan, step=step, x=x, expert_ids=ids,
             out=np.zeros_like(x), missing=np.zeros(len(ids), dtype=bool),
-            pending={}, rounds={}, posted={},
+            pending={}, rounds={}, posted={}, on_device=on_device,
         )  # fmt: skip
         self._send(d, plan, np.arange(len(ids)), masked, round_=0)
         return d
@@ -361,9 +367,10 @@ class Exchange:
             if give_up is not None and time.monotonic() > give_up and (d.pending or d.redo):
                 self._forget(d)
                 raise TimeoutError(f"step {d.step}: no answer from {sorted(d.pending)}")
-        return Combined(d.out, d.missing, tuple(d.masked), d.redispatched)
+        out = _to_device(d.out) if d.on_device else d.out
+        return Combined(out, d.missing, tuple(d.masked), d.redispatched)
 
-    def step(self, x: np.ndarray, expert_ids: npt.ArrayLike) -> Combined:
+    def step(self, x: Any, expert_ids: npt.ArrayLike) -> Combined:
         return self.combine(self.dispatch(x, expert_ids))
 
     def _take(self, d: Dispatched, peer: str, tokens: int) -> None:
@@ -551,6 +558,23 @@ class Exchange:
         self._pump.join(5)
         for reg in (self.inbox, self.results, self.staging, self.replies):
             reg.release()
+
+
+def _to_host(x: Any) -> np.ndarray:
+    """A C-contiguous CUDA array, copied into a numpy array of the same shape and dtype."""
+    iface = x.__cuda_array_interface__
+    if iface.get("strides") is not None:
+        raise errors.InvalidBufferError("CUDA activations must be C-contiguous")
+    host = np.empty(tuple(iface["shape"]), dtype=np.dtype(iface["typestr"]))
+    _cuda.device_to_host(_cuda.cuda_pointer(x), host.reshape(-1).view(np.uint8).data)
+    return host
+
+
+def _to_device(host: np.ndarray) -> Any:
+    """`host` copied to a new device array (CuPy) of the same shape and dtype."""
+    dev = _cuda.alloc(host.nbytes)
+    _cuda.host_to_device(np.ascontiguousarray(host).reshape(-1).view(np.uint8).data, _cuda.cuda_pointer(dev))
+    return dev.view(host.dtype).reshape(host.shape)
 
 
 def _read_header(reg: Registration, slot: int, slot_bytes: int) -> tuple[int, int, int, int] | None:
