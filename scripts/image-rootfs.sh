@@ -27,7 +27,7 @@ command -v debootstrap >/dev/null || {
 # the mirror the system's own apt uses
 MIRROR=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
 [ -n "$MIRROR" ] || MIRROR=$(awk '$1=="deb"{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
-[ -n "$MIRROR" ] || MIRROR=http://deb.debian.org/debian
+[ -n "$MIRROR" ] || { echo "image-rootfs: no Debian mirror in the system's apt sources" >&2; exit 1; }
 ROOT=$CACHE/rootfs-$SUITE-$KEY.tmp
 $SUDO rm -rf "$ROOT"
 echo "image-rootfs: debootstrap $SUITE ($PACKAGES)" >&2
