@@ -14,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from e2e.shell import run, succeeds
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("WEFT_CACHE", Path.home() / ".cache" / "weft"))
@@ -30,13 +31,6 @@ class Images:
     agent: str
     operator: str
     base: str | None  # the imported Debian base (also the in-chart etcd's image), if used
-
-
-def _run(argv: Sequence[str], timeout: float, **kw: object) -> str:
-    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False, **kw)  # type: ignore[call-overload]
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:4])} ... failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return str(done.stdout)
 
 
 def _digest(*parts: bytes) -> str:
@@ -53,7 +47,7 @@ def dependency_wheels() -> Path:
     if (out / ".complete").exists():
         return out
     tmp = Path(tempfile.mkdtemp(prefix="wheels-", dir=out.parent if out.parent.exists() else None))
-    _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(tmp), f"{ROOT}[operator]"], 900)
+    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(tmp), f"{ROOT}[operator]"], 900)
     for w in tmp.glob("weft-*.whl"):
         w.unlink()  # weft's own wheel is made per build
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +58,7 @@ def dependency_wheels() -> Path:
 
 
 def weft_wheel(into: Path) -> Path:
-    _run(
+    run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(into), str(ROOT)],
         300,
     )
@@ -73,15 +67,10 @@ def weft_wheel(into: Path) -> Path:
 
 def import_base(docker: Sequence[str]) -> str:
     """The Debian root filesystem (scripts/image-rootfs.sh) as image ``weft-base:<key>``."""
-    tar = Path(_run([str(ROOT / "scripts" / "image-rootfs.sh")], 900).strip().splitlines()[-1])
+    tar = Path(run([str(ROOT / "scripts" / "image-rootfs.sh")], 900).strip().splitlines()[-1])
     ref = f"weft-base:{tar.stem.rsplit('-', 1)[-1]}"
-    if (
-        subprocess.run(
-            [*docker, "image", "inspect", ref], check=False, capture_output=True, timeout=60
-        ).returncode
-        != 0
-    ):
-        _run([*docker, "import", str(tar), ref], 600)
+    if not succeeds([*docker, "image", "inspect", ref]):
+        run([*docker, "import", str(tar), ref], 600)
     return ref
 
 
@@ -106,12 +95,10 @@ def build_images(docker: Sequence[str], base: str | None = "debian-rootfs") -> I
                 dockerfile.read_bytes(), own.read_bytes(), str(base_ref).encode(), deps.name.encode()
             )
             ref = f"weft-{program}:{tag}"
-            if subprocess.run(
-                [*docker, "image", "inspect", ref], check=False, capture_output=True, timeout=60
-            ).returncode:
+            if not succeeds([*docker, "image", "inspect", ref]):
                 args = ["--build-arg", f"BASE={base_ref}"] if base_ref else []
-                _run([*docker, "build", "--network", "none", "-q", *args, "-t", ref, str(ctx)], 900,
-                     env=os.environ | {"DOCKER_BUILDKIT": "0"})  # fmt: skip
+                run([*docker, "build", "--network", "none", "-q", *args, "-t", ref, str(ctx)], 900,
+                    env=os.environ | {"DOCKER_BUILDKIT": "0"})  # fmt: skip
             made[program] = ref
             _prune(docker, f"weft-{program}", keep=ref)
     return Images(agent=made["agent"], operator=made["operator"], base=base_ref)
@@ -121,10 +108,10 @@ def _prune(docker: Sequence[str], repository: str, keep: str) -> None:
     """Every other tag of `repository` removed: each tree makes new tags, and the local
     driver's Docker data lives on between runs (in the cache). Images in use stay (rmi
     without -f refuses them)."""
-    tags = _run([*docker, "images", "--format", "{{.Repository}}:{{.Tag}}", repository], 60).split()
+    tags = run([*docker, "images", "--format", "{{.Repository}}:{{.Tag}}", repository], 60).split()
     stale = [t for t in tags if t != keep]
     if stale:
-        subprocess.run([*docker, "rmi", *stale], check=False, capture_output=True, timeout=300)
+        run([*docker, "rmi", *stale], 300, check=False)
 
 
 def main(argv: list[str] | None = None) -> int:

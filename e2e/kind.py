@@ -17,26 +17,16 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
 from e2e.driver import ETCD_SERVICE, RELEASE, TOKEN_SECRET, KubeDriver, Pod
+from e2e.shell import isolate_argv, run
 
 log = logging.getLogger(__name__)
 
 PID_TEMPLATE = ("--output", "go-template", "--template", "{{.info.pid}}")  # crictl inspect
 FORWARDING = re.compile(r"Forwarding from 127\.0\.0\.1:(\d+)")
-
-
-def _run(argv: Sequence[str], timeout: float, *, input: str | None = None, check: bool = True) -> str:
-    """Run `argv`; its stdout (raises CalledProcessError, with stderr, when `check`)."""
-    done = subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=timeout, input=input, check=False
-    )
-    if check and done.returncode != 0:
-        raise subprocess.CalledProcessError(done.returncode, done.args, done.stdout, done.stderr)
-    return done.stdout
 
 
 def _split_ref(ref: str) -> tuple[str, str]:
@@ -78,7 +68,7 @@ class KindDriver(KubeDriver):
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         kubeconfig = ("--kubeconfig", str(self.kubeconfig))
-        if self.cluster in _run(["kind", "get", "clusters"], 60).split():
+        if self.cluster in run(["kind", "get", "clusters"], 60).split():
             log.info("kind cluster %s exists; reusing it", self.cluster)
             self._kind("export", "kubeconfig", *kubeconfig, timeout=60)
         else:
@@ -111,25 +101,25 @@ class KindDriver(KubeDriver):
         """The traffic generator runs on this host and dials the agents at their pod IPs:
         route the node's pod range through the node container (Linux, root)."""
         node = f"{self.cluster}-control-plane"
-        ip = _run(
+        ip = run(
             ["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", node], 30
         )
         cidr = self.kubectl("get", "node", node, "-o", "jsonpath={.spec.podCIDR}").strip()
-        _run(["ip", "route", "replace", cidr, "via", ip.strip()], 30)
+        run(["ip", "route", "replace", cidr, "via", ip.strip()], 30)
         self._routed = cidr
 
     def _kind(self, *args: str, timeout: float) -> str:
-        return _run(["kind", *args, "--name", self.cluster], timeout)
+        return run(["kind", *args, "--name", self.cluster], timeout)
 
     def down(self) -> None:
         self._stop_forward()
         if self._routed:
-            _run(["ip", "route", "del", self._routed], 30, check=False)
+            run(["ip", "route", "del", self._routed], 30, check=False)
         self._kind("delete", "cluster", timeout=180)
 
     # -- the API -------------------------------------------------------------------------
     def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60.0) -> str:
-        return _run([*self._kubectl_argv(), *args], timeout, input=input, check=check)
+        return run([*self._kubectl_argv(), *args], timeout, input=input, check=check)
 
     def _kubectl_argv(self) -> list[str]:
         return ["kubectl", "--kubeconfig", str(self.kubeconfig)]
@@ -192,7 +182,7 @@ class KindDriver(KubeDriver):
             "get", "pod", pod.name, "-n", self.namespace, "-o", "jsonpath={.spec.nodeName}"
         ).strip()
         node = node or f"{self.cluster}-control-plane"
-        pid = _run(["docker", "exec", node, "crictl", "inspect", *PID_TEMPLATE, pod.container], 30).strip()
+        pid = run(["docker", "exec", node, "crictl", "inspect", *PID_TEMPLATE, pod.container], 30).strip()
         if not pid.isdigit():
             raise RuntimeError(f"no PID for {pod.name} ({pod.container}) on {node}: {pid!r}")
         return node, pid
@@ -200,19 +190,16 @@ class KindDriver(KubeDriver):
     def signal(self, pod: Pod, sig: signal.Signals) -> None:
         node, pid = self._node_and_pid(pod)
         # the shell's builtin kill: the node image (debian-slim) may have no /bin/kill
-        _run(["docker", "exec", node, "sh", "-c", f"kill -{sig.name.removeprefix('SIG')} {pid}"], 30)
+        run(["docker", "exec", node, "sh", "-c", f"kill -{sig.name.removeprefix('SIG')} {pid}"], 30)
 
     def partition(self, pod: Pod, on: bool) -> None:
         """Drop everything but loopback in the pod's network namespace (`on`), or delete those
         rules; healing a pod that has no such rules is not an error."""
         node, pid = self._node_and_pid(pod)
-        op = "-I" if on else "-D"
-        for chain, iface in (("INPUT", "-i"), ("OUTPUT", "-o")):
-            argv = ["docker", "exec", node, "nsenter", "-t", pid, "-n"]
-            argv += ["iptables", op, chain, "!", iface, "lo", "-j", "DROP"]
+        for argv in isolate_argv(pid, on):
             try:
-                _run(argv, 30)
+                run(["docker", "exec", node, *argv], 30)
             except subprocess.CalledProcessError as exc:
                 if on:
                     raise
-                log.info("heal %s %s: %s", pod.name, chain, exc.stderr.strip())
+                log.info("heal %s %s: %s", pod.name, argv[6], exc.stderr.strip())

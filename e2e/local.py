@@ -45,6 +45,7 @@ from typing import Any
 
 from e2e import chart, images
 from e2e.driver import ETCD_SERVICE, RELEASE, TOKEN_SECRET, KubeDriver, Pod
+from e2e.shell import CommandError, isolate_argv, run, succeeds
 from weft.membership.etcdserver import _free_loopback_ports
 from weft.operator.controlplane import ControlPlane, cache_dir
 
@@ -90,13 +91,6 @@ class ClusterError(Exception):
     """The local cluster could not be brought up; the message says which part and why."""
 
 
-def _run(argv: list[str], timeout: float = 60.0, check: bool = True, input: str | None = None) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, input=input)
-    if check and done.returncode != 0:
-        raise subprocess.CalledProcessError(done.returncode, argv, done.stdout, done.stderr)
-    return done.stdout
-
-
 def _wait(what: str, probe: Any, timeout: float, interval: float = 0.5) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -117,15 +111,13 @@ def ensure_host() -> Path:
     if not Path("/usr/lib/cni/bridge").exists():
         missing.append("containernetworking-plugins")
     if missing:
-        _run(["apt-get", "update", "-qq"], 600)
+        run(["apt-get", "update", "-qq"], 600)
         env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
-        done = subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-            capture_output=True, text=True, timeout=900, env=env, check=False,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise ClusterError(f"apt-get install {' '.join(missing)} failed:\n{done.stderr[-2000:]}")
-    built = _run([str(ROOT / "scripts" / "k8s-build.sh"), "--node"], 1800)
+        try:
+            run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], 900, env=env)
+        except CommandError as exc:
+            raise ClusterError(f"apt-get install {' '.join(missing)} failed:\n{exc.stderr[-2000:]}") from None
+    built = run([str(ROOT / "scripts" / "k8s-build.sh"), "--node"], 1800)
     return Path(built.strip().splitlines()[-1])
 
 
@@ -147,7 +139,7 @@ class LocalCluster:
     def start(self, timeout: float = 180.0) -> None:
         bin_dir = ensure_host()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "iptables.before").write_text(_run(["iptables-save"]))
+        (self.run_dir / "iptables.before").write_text(run(["iptables-save"]))
         _bridge(NODE_BRIDGE, f"{NODE_IP}/24")
         self._start_dockerd()
         self._pause_image(bin_dir)
@@ -197,30 +189,16 @@ class LocalCluster:
              f"--add-runtime=nooom={runc}", "--default-runtime=nooom"],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL,
         )  # fmt: skip
-        _wait(
-            "dockerd",
-            lambda: (
-                subprocess.run(
-                    [*self.docker, "info"], check=False, capture_output=True, timeout=10
-                ).returncode
-                == 0
-            ),
-            60,
-        )
+        _wait("dockerd", lambda: succeeds([*self.docker, "info"], 10), 60)
 
     def _pause_image(self, bin_dir: Path) -> None:
-        if (
-            subprocess.run(
-                [*self.docker, "image", "inspect", PAUSE_IMAGE], check=False, capture_output=True, timeout=30
-            ).returncode
-            == 0
-        ):
+        if succeeds([*self.docker, "image", "inspect", PAUSE_IMAGE], 30):
             return
         with tempfile.TemporaryDirectory() as tmp:
             tar = Path(tmp) / "pause.tar"
             with tarfile.open(tar, "w") as t:
                 t.add(bin_dir / "pause", arcname="pause")
-            _run([*self.docker, "import", "--change", 'ENTRYPOINT ["/pause"]', str(tar), PAUSE_IMAGE], 120)
+            run([*self.docker, "import", "--change", 'ENTRYPOINT ["/pause"]', str(tar), PAUSE_IMAGE], 120)
 
     def _cni(self) -> None:
         CNI_CONF.parent.mkdir(parents=True, exist_ok=True)
@@ -240,11 +218,11 @@ class LocalCluster:
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60) -> str:
         assert self.plane is not None
-        return _run([str(self.plane.bin / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
-                    timeout, check, input)  # fmt: skip
+        argv = [str(self.plane.bin / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args]
+        return run(argv, timeout, input=input, check=check)
 
     def container_pid(self, container: str) -> int:
-        return int(_run([*self.docker, "inspect", "-f", "{{.State.Pid}}", container], 30).strip())
+        return int(run([*self.docker, "inspect", "-f", "{{.State.Pid}}", container], 30).strip())
 
     def stop(self) -> None:
         """Containers first (the kubelet would restart them), then the processes, then the
@@ -253,9 +231,9 @@ class LocalCluster:
         if kubelet is not None and kubelet.poll() is None:
             kubelet.kill()
         if self.docker_sock.exists():
-            ids = _run([*self.docker, "ps", "-aq"], 30, check=False).split()
+            ids = run([*self.docker, "ps", "-aq"], 30, check=False).split()
             if ids:
-                _run([*self.docker, "rm", "-f", *ids], 120, check=False)
+                run([*self.docker, "rm", "-f", *ids], 120, check=False)
         pidfile = self.run_dir / "dockerd.pid"
         if pidfile.exists():
             with contextlib.suppress(ProcessLookupError, ValueError, ClusterError):
@@ -269,13 +247,13 @@ class LocalCluster:
         # the kubelet's tmpfs volumes (secrets, tokens) outlive it
         mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
         for mount in sorted((m for m in mounts if m.startswith(f"{self.run_dir}/")), reverse=True):
-            _run(["umount", "-l", mount], 30, check=False)
+            run(["umount", "-l", mount], 30, check=False)
         CNI_CONF.unlink(missing_ok=True)
         for bridge in (POD_BRIDGE, DOCKER_BRIDGE, NODE_BRIDGE):
-            subprocess.run(["ip", "link", "del", bridge], check=False, capture_output=True, timeout=30)
+            run(["ip", "link", "del", bridge], 30, check=False)
         before = self.run_dir / "iptables.before"
         if before.exists():
-            _run(["iptables-restore"], 60, check=False, input=_full_restore(before.read_text()))
+            run(["iptables-restore"], 60, check=False, input=_full_restore(before.read_text()))
 
 
 _BUILTIN_CHAINS = {
@@ -298,15 +276,12 @@ def _full_restore(saved: str) -> str:
 
 
 def _bridge(name: str, address: str) -> None:
-    if (
-        subprocess.run(["ip", "link", "show", name], check=False, capture_output=True, timeout=10).returncode
-        != 0
-    ):
-        _run(["ip", "link", "add", name, "type", "bridge"])
-    have = _run(["ip", "-4", "addr", "show", "dev", name])
+    if not succeeds(["ip", "link", "show", name], 10):
+        run(["ip", "link", "add", name, "type", "bridge"])
+    have = run(["ip", "-4", "addr", "show", "dev", name])
     if address.split("/", maxsplit=1)[0] not in have:
-        _run(["ip", "addr", "add", address, "dev", name])
-    _run(["ip", "link", "set", name, "up"])
+        run(["ip", "addr", "add", address, "dev", name])
+    run(["ip", "link", "set", name, "up"])
 
 
 _KUBELET_CONFIG = """apiVersion: kubelet.config.k8s.io/v1beta1
@@ -387,22 +362,8 @@ class LocalDriver(KubeDriver):
 
     def partition(self, pod: Pod, on: bool) -> None:
         pid = str(self.cluster.container_pid(pod.container))
-        for chain, iface in (("INPUT", "-i"), ("OUTPUT", "-o")):
-            argv = [
-                "nsenter",
-                "-t",
-                pid,
-                "-n",
-                "iptables",
-                "-I" if on else "-D",
-                chain,
-                "!",
-                iface,
-                "lo",
-                "-j",
-                "DROP",
-            ]
-            _run(argv, 30, check=on)
+        for argv in isolate_argv(pid, on):
+            run(argv, 30, check=on)
 
 
 def main(argv: list[str] | None = None) -> int:
