@@ -15,7 +15,6 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from weft.api import records
 from weft.api.metadata import decode_metadata
@@ -41,7 +40,6 @@ class Plan:
     roles: dict[str, str]
     experts: dict[str, list[str]]
     under_replicated: list[int]
-    digest: str
 
 
 @dataclass
@@ -114,10 +112,7 @@ class Observer(threading.Thread):
                     )
                 elif rest == "plan":
                     p = records.unseal(records.PlanRecord, kv.value, key, self.token)
-                    digest = hashlib.sha256(kv.value).hexdigest()[:16]
-                    view.plan = Plan(
-                        p.epoch, dict(p.roles), dict(p.experts), list(p.under_replicated), digest
-                    )
+                    view.plan = Plan(p.epoch, dict(p.roles), dict(p.experts), list(p.under_replicated))
                     self._check_plan(p.epoch, kv.version, p.model_dump_json(exclude={"written_at"}))
                 elif rest.startswith("acks/"):
                     a = records.unseal(records.AckRecord, kv.value, key, self.token)
@@ -166,11 +161,3 @@ def healthy(view: View, replicas: int) -> bool:
     if set(view.plan.roles) != set(view.members):
         return False
     return all(view.acks.get(name) == view.plan.epoch for name in view.members)
-
-
-def describe(view: View) -> dict[str, Any]:
-    return {
-        "etcd_ok": view.etcd_ok,
-        "members": sorted(view.members),
-        "epoch": view.plan.epoch if view.plan else None,
-    }

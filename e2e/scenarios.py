@@ -107,6 +107,7 @@ class Run:
             name: {"checks": 0, "violations": []} for name in ("blocks", "plans", "experts", "status")
         }
         self.results: list[Round] = []
+        self._reported: dict[str, int] = {}  # invariant -> violations already put in a round
         self._stop = threading.Event()
         self._status: dict[str, Any] = {}
         self._operator_ready = True
@@ -263,9 +264,10 @@ class Run:
     def _pop_watch_violations(self) -> list[str]:
         """What the watchers found since the last round."""
         out: list[str] = []
-        for inv in (self.invariants["experts"], self.invariants["status"]):
-            out += inv["violations"][inv.get("_seen", 0) :]
-            inv["_seen"] = len(inv["violations"])
+        for name in ("experts", "status"):
+            found = self.invariants[name]["violations"]
+            out += found[self._reported.get(name, 0) :]
+            self._reported[name] = len(found)
         return out
 
     def report(self, started: float) -> dict[str, Any]:
@@ -279,8 +281,6 @@ class Run:
             "checks": self.observer.plan_checks,
             "violations": list(self.observer.violations),
         }
-        for inv in self.invariants.values():
-            inv.pop("_seen", None)
         return {
             "driver": self.driver.name,
             "started": started,
