@@ -54,23 +54,6 @@ def _placement() -> dict[int, tuple[str, ...]]:
     return place_experts(ExpertSpec(EXPERTS, replication=2), [f"r{i}" for i in range(RANKS)]).experts
 
 
-def _route(ids: np.ndarray, placement: dict[int, tuple[str, ...]], ranks: list[str]) -> dict[int, np.ndarray]:
-    """Tokens per rank index: each expert's tokens split evenly over its replicas (weft's rule)."""
-    out: dict[int, list[int]] = {}
-    load: dict[str, int] = {}
-    for e in np.unique(ids).tolist():
-        toks = np.nonzero(ids == e)[0].tolist()
-        live = sorted(placement[e], key=lambda r: load.get(r, 0))
-        share, extra = divmod(len(toks), len(live))
-        start = 0
-        for i, r in enumerate(live):
-            k = share + (1 if i < extra else 0)
-            out.setdefault(ranks.index(r), []).extend(toks[start : start + k])
-            load[r] = load.get(r, 0) + k
-            start += k
-    return {r: np.asarray(t, dtype=np.int64) for r, t in out.items()}
-
-
 # -- the NIXL exchange ---------------------------------------------------------------------
 class NixlRank:
     def __init__(self, rank: int, max_bytes: int) -> None:
@@ -213,6 +196,8 @@ class WeftRank:
 def _rank_main(conn: Connection, contender: str, rank: int, hidden: int, max_tokens: int) -> None:
     try:
         placement = _placement()
+        from weft.ep.exchange import EpPlan, route  # the NIXL ranks route exactly as weft does
+
         names = [f"r{i}" for i in range(RANKS)]
         r: Any = (NixlRank(rank, max_tokens * hidden * 2) if contender == "nixl"
                   else WeftRank(rank, max_tokens, hidden))  # fmt: skip
@@ -232,7 +217,8 @@ def _rank_main(conn: Connection, contender: str, rank: int, hidden: int, max_tok
                 rng = np.random.default_rng(seed * 100 + rank)
                 x = rng.standard_normal((tokens, hidden)).astype(np.float16)
                 ids = rng.integers(0, EXPERTS, tokens)
-                routes = _route(ids, placement, names)
+                by_name = route(EpPlan.from_placement(1, placement), ids, np.arange(len(ids)))
+                routes = {names.index(r): np.asarray(t, dtype=np.int64) for r, t in by_name.items()}
                 conn.send("ok")
             elif msg[0] == "step":
                 step += 1

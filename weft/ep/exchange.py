@@ -39,7 +39,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,34 +264,8 @@ class Exchange:
         self._send(d, plan, np.arange(len(ids)), masked, round_=0)
         return d
 
-    def _route(
-        self, plan: EpPlan, ids: np.ndarray, tokens: np.ndarray, masked: set[str]
-    ) -> dict[str, list[int]]:
-        """Tokens per live rank: each expert's tokens split over its live replicas, the least
-        loaded first; tokens with no live replica go under ''."""
-        load: dict[str, int] = {}
-        out: dict[str, list[int]] = {}
-        by_expert: dict[int, list[int]] = {}
-        for t in tokens.tolist():
-            by_expert.setdefault(int(ids[t]), []).append(t)
-        for e, toks in by_expert.items():
-            live = [r for r in plan.experts.get(e, ()) if r not in masked]
-            if not live:
-                out.setdefault("", []).extend(toks)
-                continue
-            share, extra = divmod(len(toks), len(live))
-            live.sort(key=lambda r: load.get(r, 0))
-            start = 0
-            for i, r in enumerate(live):
-                k = share + (1 if i < extra else 0)
-                if k:
-                    out.setdefault(r, []).extend(toks[start : start + k])
-                    load[r] = load.get(r, 0) + k
-                    start += k
-        return out
-
     def _send(self, d: Dispatched, plan: EpPlan, tokens: np.ndarray, masked: set[str], round_: int) -> None:
-        routes = self._route(plan, d.expert_ids, tokens, masked)
+        routes = route(plan, d.expert_ids, tokens, masked)
         lost = routes.pop("", [])
         if lost:
             d.missing[lost] = True
@@ -558,6 +532,34 @@ class Exchange:
         self._pump.join(5)
         for reg in (self.inbox, self.results, self.staging, self.replies):
             reg.release()
+
+
+def route(
+    plan: EpPlan, ids: np.ndarray, tokens: np.ndarray, masked: Set[str] = frozenset()
+) -> dict[str, list[int]]:
+    """Tokens (indices into `ids`) per live rank: each expert's tokens split evenly over its
+    replicas that are not `masked`, the least loaded first; tokens with no live replica go
+    under ''."""
+    load: dict[str, int] = {}
+    out: dict[str, list[int]] = {}
+    by_expert: dict[int, list[int]] = {}
+    for t in tokens.tolist():
+        by_expert.setdefault(int(ids[t]), []).append(t)
+    for e, toks in by_expert.items():
+        live = [r for r in plan.experts.get(e, ()) if r not in masked]
+        if not live:
+            out.setdefault("", []).extend(toks)
+            continue
+        share, extra = divmod(len(toks), len(live))
+        live.sort(key=lambda r: load.get(r, 0))
+        start = 0
+        for i, r in enumerate(live):
+            k = share + (1 if i < extra else 0)
+            if k:
+                out.setdefault(r, []).extend(toks[start : start + k])
+                load[r] = load.get(r, 0) + k
+                start += k
+    return out
 
 
 def _to_host(x: Any) -> np.ndarray:
