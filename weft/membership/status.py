@@ -63,43 +63,31 @@ async def read_group_status(settings: GroupClientSettings, secret: bytes | None)
         for kv in kvs:
             key = kv.key.decode("utf-8", "replace")
             rest = key[len(prefix) :]
-            if rest.startswith("members/"):
-                try:
-                    record, verified = _unseal(records.MemberRecord, kv.value, key, secret)
-                except records.RecordError as exc:
-                    invalid.append({"key": key, "error": str(exc)})
-                    continue
+            cls = _record_class(rest)
+            if cls is None:
+                continue
+            try:
+                record, verified = _unseal(cls, kv.value, key, secret)
+            except records.RecordError as exc:
+                invalid.append({"key": key, "error": str(exc)})
+                continue
+            if isinstance(record, records.MemberRecord):
                 members.append((record, kv.lease, verified))
-            elif rest == "leader":
-                try:
-                    leader_record, verified = _unseal(records.LeaderRecord, kv.value, key, secret)
-                except records.RecordError as exc:
-                    invalid.append({"key": key, "error": str(exc)})
-                    continue
+            elif isinstance(record, records.LeaderRecord):
                 if verified or secret is None:
-                    leader = leader_record.name
-            elif rest == "plan":
-                try:
-                    plan_record, plan_verified = _unseal(records.PlanRecord, kv.value, key, secret)
-                except records.RecordError as exc:
-                    invalid.append({"key": key, "error": str(exc)})
-                    continue
-                plan_epoch = plan_record.epoch
+                    leader = record.name
+            elif isinstance(record, records.PlanRecord):
+                plan_epoch = record.epoch
                 plan = {
-                    "epoch": plan_record.epoch,
-                    "leader": plan_record.leader,
-                    "roles": dict(sorted(plan_record.roles.items())),
-                    "experts": {e: plan_record.experts[e] for e in sorted(plan_record.experts, key=int)},
-                    "under_replicated": plan_record.under_replicated,
-                    "verified": plan_verified,
+                    "epoch": record.epoch,
+                    "leader": record.leader,
+                    "roles": dict(sorted(record.roles.items())),
+                    "experts": {e: record.experts[e] for e in sorted(record.experts, key=int)},
+                    "under_replicated": record.under_replicated,
+                    "verified": verified,
                 }
-            elif rest.startswith("acks/"):
-                try:
-                    ack, _ = _unseal(records.AckRecord, kv.value, key, secret)
-                except records.RecordError as exc:
-                    invalid.append({"key": key, "error": str(exc)})
-                    continue
-                acks[ack.name] = ack.epoch
+            elif isinstance(record, records.AckRecord):
+                acks[record.name] = record.epoch
         ttls = await asyncio.gather(*(_ttl_left(etcd, lease) for _, lease, _ in members))
     finally:
         await etcd.close()
@@ -131,6 +119,18 @@ async def read_group_status(settings: GroupClientSettings, secret: bytes | None)
         "members": rows,
         "invalid": invalid,
     }
+
+
+def _record_class(rest: str) -> Any:
+    """The record type stored under a group key (the part after the group's prefix); None
+    for keys this view does not read (drains, load)."""
+    from weft.api import records
+
+    if rest.startswith("members/"):
+        return records.MemberRecord
+    if rest.startswith("acks/"):
+        return records.AckRecord
+    return {"leader": records.LeaderRecord, "plan": records.PlanRecord}.get(rest)
 
 
 def _unseal(cls: type[R], value: bytes, key: str, secret: bytes | None) -> tuple[R, bool]:
