@@ -87,7 +87,7 @@ SAMPLES: list[records._Record] = [
     records.LeaderRecord(name="a", generation=2**64 - 1, since=12.5),
     records.AckRecord(name="a", generation=0, epoch=41),
     records.LoadRecord(
-        name="a", generation=7, queue_depth=3, tokens_per_s=1234.5, expert_hits={"e0": 5, "e17": 0}, at=99.0
+        name="a", generation=7, queue_depth=3, tokens_per_s=1234.5, expert_hits={"0": 5, "17": 0}, at=99.0
     ),
     records.LoadRecord(name="a", generation=7),
 ]
@@ -209,6 +209,13 @@ def test_name_check_needs_a_slash_before_the_name() -> None:
     data = records.seal(record, "a", SECRET)
     with pytest.raises(records.RecordError, match="another name"):
         records.unseal(records.AckRecord, data, "a", SECRET)
+
+
+@pytest.mark.parametrize("key", ["e0", "", "-1", "1.5", "1234567890"])
+def test_expert_hits_keys_are_expert_ids(key: str) -> None:
+    """A load record whose expert ids are not decimal is refused, not read and dropped later."""
+    with pytest.raises(pydantic.ValidationError, match="expert_hits"):
+        records.LoadRecord.model_validate({"name": "a", "generation": 1, "expert_hits": {key: 1}})
 
 
 def test_leader_name_is_not_tied_to_the_key() -> None:
@@ -545,7 +552,9 @@ loads = st.builds(
     generation=u64,
     queue_depth=st.integers(0, 2**31 - 1),
     tokens_per_s=st.floats(0, 1e12, exclude_max=True),
-    expert_hits=st.dictionaries(st.text(max_size=16), st.integers(0, (1 << 62) - 1), max_size=8),
+    expert_hits=st.dictionaries(
+        st.from_regex(r"^[0-9]{1,9}$", fullmatch=True), st.integers(0, (1 << 62) - 1), max_size=8
+    ),
     at=seconds,
 )
 any_record = st.one_of(members, leaders, acks, loads)

@@ -273,7 +273,7 @@ async def test_acks_and_load_live_under_the_member_lease(etcd_session: EtcdServe
     async with group(settings, "acks") as g:
         a = await g.join("a", agent=False)
         await a.put_ack(7)
-        await a.put_load(queue_depth=3, tokens_per_s=1500.0, expert_hits={"e1": 10})
+        await a.put_load(queue_depth=3, tokens_per_s=1500.0, expert_hits={1: 10})
         async with Etcd(settings) as etcd:
             ack_kv = await etcd.get(f"{a.prefix}acks/a".encode())
             load_kv = await etcd.get(f"{a.prefix}load/a".encode())
@@ -282,7 +282,7 @@ async def test_acks_and_load_live_under_the_member_lease(etcd_session: EtcdServe
             ack = records.unseal(records.AckRecord, ack_kv.value, f"{a.prefix}acks/a", SECRET)
             load = records.unseal(records.LoadRecord, load_kv.value, f"{a.prefix}load/a", SECRET)
             assert (ack.epoch, ack.generation) == (7, a.generation)
-            assert (load.queue_depth, load.tokens_per_s, load.expert_hits) == (3, 1500.0, {"e1": 10})
+            assert (load.queue_depth, load.tokens_per_s, load.expert_hits) == (3, 1500.0, {"1": 10})
             await a.leave()
             assert await etcd.get(f"{a.prefix}acks/a".encode()) is None  # gone with the lease
             assert await etcd.get(f"{a.prefix}load/a".encode()) is None

@@ -168,6 +168,7 @@ def test_kubectl_flags_unknown_fields_the_server_would_prune(tg_crd: ControlPlan
         ({"storage": {"backend": "OBJ", "params": {"region": "x"}}}, "params.bucket is needed"),
         ({"storage": {"backend": "OBJ", "params": {"bucket": "b", "secret_key": "s"}}}, "put it in a Secret"),
         ({"storage": {"backend": "GDS", "path": "/kv"}}, "the GDS backend needs GPUs"),
+        ({"roles": {"policy": "load"}}, "spec.roles.policy load is not wired"),
     ],
 )
 def test_cross_field_problems_are_sentences_naming_the_fields(spec: dict[str, Any], problem: str) -> None:

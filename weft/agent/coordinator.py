@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from weft.agent.experts import ExpertHolder
 from weft.api import records
+from weft.api.vocab import MemberState
 from weft.fabric.errors import WeftError
 from weft.membership.member import Membership, MembershipEvent, Phase, stop_tasks
 from weft.planner import ExpertSpec, LoadPolicy, MemberInfo, Plan, RatioPolicy, next_plan
@@ -163,7 +164,7 @@ class Coordinator:
         out = []
         for name, member in sorted(m.members.items()):
             rec = member.record
-            if rec.state == "draining" or name in m.drains:  # leaving, or asked to (scale-down)
+            if rec.state is MemberState.DRAINING or name in m.drains:  # leaving, or asked to (scale-down)
                 continue
             load = m.loads.get(name)
             out.append(
@@ -187,9 +188,8 @@ class Coordinator:
         members = self._live_members()
         expert_load: dict[int, float] = {}
         for load in m.loads.values():
-            for e, hits in load.expert_hits.items():
-                if e.isdigit():
-                    expert_load[int(e)] = expert_load.get(int(e), 0.0) + hits
+            for e, hits in load.expert_hits.items():  # keys are decimal: the record checks them
+                expert_load[int(e)] = expert_load.get(int(e), 0.0) + hits
         change = next_plan(
             current, members, self.config.policy, self.config.experts, expert_load or None, now=time.time()
         )

@@ -30,6 +30,7 @@ from weft.agent.coordinator import Coordinator, PlanningConfig
 from weft.agent.experts import ExpertHolder, ExpertSource
 from weft.api import agent_settings
 from weft.api.agent_settings import AgentSettings
+from weft.api.vocab import MemberState
 from weft.fabric.agent import Agent
 from weft.fabric.config import AgentConfig
 from weft.fabric.errors import ConfigError, WeftError
@@ -230,7 +231,7 @@ async def _join(membership: Membership) -> None:
 
     def sees_itself_active() -> bool:
         me = membership.members.get(name)
-        return me is not None and me.record.state == "active"
+        return me is not None and me.record.state is MemberState.ACTIVE
 
     # the watch brings our own record back: once it has, the view is live end to end
     try:

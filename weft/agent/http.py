@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from weft.agent import metrics as agent_metrics
+from weft.api.vocab import MemberState
 from weft.membership.member import Membership, Phase
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def not_ready_reason(m: Membership) -> str | None:
         return "etcd does not confirm the lease"
     if not m.synced:
         return "the view of the group is not in sync with etcd"
-    if m.state != "active":
+    if m.state is not MemberState.ACTIVE:
         return f"state {m.state}"
     return "not ready"
 

@@ -36,8 +36,8 @@ The file may not hold ``secret`` itself (use ``secret_file``, or ``WEFT_SECRET``
 ``WEFT_REPLICATION``, ``WEFT_REDUNDANT_SLOTS``, ``WEFT_EXPERT_SOURCE``, and ``POD_UID``
 (the instance id, from the Kubernetes downward API).
 
-Errors are `SettingsError` (a `ValueError` naming the field and its source); `weft.agent`
-turns them into the `ConfigError` of weft's error tree (this layer sits below it).
+Errors are `SettingsError`, a `weft.api.errors.ConfigError` (so also a `ValueError`) naming
+the field and its source.
 """
 
 from __future__ import annotations
@@ -47,10 +47,12 @@ import secrets
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import pydantic
 
+from weft.api import vocab
+from weft.api.errors import ConfigError
 from weft.api.settings import EtcdSettings, GroupRef, Name
 
 MIN_SECRET_BYTES = 16
@@ -102,7 +104,7 @@ Port = Annotated[int, pydantic.Field(ge=0, le=65535)]
 Host = Annotated[str, pydantic.Field(max_length=253)]
 
 
-class SettingsError(ValueError):
+class SettingsError(ConfigError):
     """A setting is missing, malformed or inconsistent.
 
     Attributes:
@@ -178,20 +180,21 @@ class PlanningSettings(pydantic.BaseModel):
     """
 
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
-    ratio: Annotated[str, pydantic.StringConstraints(pattern=r"^[0-9]{1,3}:[0-9]{1,3}$")] = "1:3"
+    ratio: Annotated[str, pydantic.StringConstraints(pattern=r"^[0-9]{1,3}:[0-9]{1,3}$")] = (
+        vocab.DEFAULT_RATIO
+    )
     """``PREFILL:DECODE`` members, e.g. ``1:3``."""
-    min_prefill: Annotated[int, pydantic.Field(ge=0, le=100000)] = 0
-    min_decode: Annotated[int, pydantic.Field(ge=0, le=100000)] = 0
+    min_prefill: Annotated[int, pydantic.Field(ge=0, le=100000)] = vocab.DEFAULT_MIN_PREFILL
+    """Members kept in prefill whatever the ratio."""
+    min_decode: Annotated[int, pydantic.Field(ge=0, le=100000)] = vocab.DEFAULT_MIN_DECODE
+    """Members kept in decode whatever the ratio."""
     experts: Annotated[int, pydantic.Field(ge=0, le=1 << 20)] = 0
     """MoE experts to place (0: no expert placement)."""
     replication: Annotated[int, pydantic.Field(ge=1, le=64)] = 1
     """Replicas of every expert (on distinct members)."""
     redundant_slots: Annotated[int, pydantic.Field(ge=0, le=1 << 20)] = 0
     """Extra replicas, given to the hottest experts."""
-    gpu_less_roles: Annotated[list[Literal["prefill", "decode"]], pydantic.Field(max_length=2)] = [
-        "prefill",
-        "decode",
-    ]
+    gpu_less_roles: Annotated[list[vocab.Role], pydantic.Field(max_length=2)] = list(vocab.ROLES)
     """Roles a member without a GPU may take (e.g. only ``decode``)."""
     debounce: Annotated[float, pydantic.Field(ge=0, le=60)] = 0.1
     """Seconds of quiet after a change before the leader re-plans."""
@@ -224,9 +227,9 @@ class AgentSettings(GroupClientSettings):
     """Address peers connect to (default: listen_host; required when that is a wildcard)."""
     listen_port: Port = 0
     """Fabric port (0: any free port)."""
-    backends: Annotated[list[Literal["local", "tcp", "ucx"]], pydantic.Field(min_length=1, max_length=3)] = [
-        "local",
-        "tcp",
+    backends: Annotated[list[vocab.Backend], pydantic.Field(min_length=1, max_length=3)] = [
+        vocab.Backend.LOCAL,
+        vocab.Backend.TCP,
     ]
     """Data paths to offer, in order of preference."""
     http_host: Host = "127.0.0.1"

@@ -2,8 +2,9 @@
 
 Layout: ``b"WEFTMD" | u8 format | u16 mac length | mac | JSON body``. The JSON body is a
 strict pydantic model, so anything a peer (or an attacker) hands us is either a valid record
-or a `ValueError` subclass raised by `decode_metadata`; nothing is ever executed. With a group
-secret, the MAC is an HMAC-SHA256 of the body and a record without a valid one is refused.
+or a `MetadataDecodeError` (a `weft.api.errors.MetadataError`) raised by `decode_metadata`;
+nothing is ever executed. With a group secret, the MAC is an HMAC-SHA256 of the body and a
+record without a valid one is refused.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from typing import Annotated, Literal
+from typing import Annotated
 
 import pydantic
+
+from weft.api import errors
+from weft.api.vocab import Backend, MemoryKind
 
 MAGIC = b"WEFTMD"
 METADATA_FORMAT = 1
@@ -23,6 +27,10 @@ _PREFIX = struct.Struct("!6sBH")
 Name = Annotated[str, pydantic.StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$")]
 U64 = Annotated[int, pydantic.Field(ge=0, lt=1 << 64)]
 U32 = Annotated[int, pydantic.Field(ge=0, lt=1 << 32)]
+BackendName = Annotated[Backend, pydantic.Strict(False)]
+"""A `Backend`, given as the enum or its string (strict models take only exact types)."""
+MemoryKindName = Annotated[MemoryKind, pydantic.Strict(False)]
+"""A `MemoryKind`, given as the enum or its string."""
 
 
 class _Strict(pydantic.BaseModel):
@@ -51,7 +59,7 @@ class ProbeInfo(_Strict):
 class RegionInfo(_Strict):
     id: U32
     name: Name | None = None
-    kind: Literal["DRAM", "VRAM", "FILE", "OBJ"]
+    kind: MemoryKindName
     size: Annotated[int, pydantic.Field(gt=0, lt=1 << 63)]
     addr: U64
     readonly: bool = False
@@ -64,13 +72,13 @@ class AgentMetadata(_Strict):
     generation: U64
     host: HostInfo
     listen: ListenInfo
-    backends: Annotated[list[Literal["local", "tcp", "ucx"]], pydantic.Field(max_length=8)]
+    backends: Annotated[list[BackendName], pydantic.Field(max_length=8)]
     auth: bool
     probe: ProbeInfo | None = None
     regions: Annotated[list[RegionInfo], pydantic.Field(max_length=1 << 20)] = []
     # backend name -> that backend's own address (e.g. a UCX listener "host:port")
     endpoints: Annotated[
-        dict[Literal["local", "tcp", "ucx"], Annotated[str, pydantic.Field(max_length=4096)]],
+        dict[BackendName, Annotated[str, pydantic.Field(max_length=4096)]],
         pydantic.Field(max_length=8),
     ] = {}
 
@@ -83,11 +91,11 @@ class AgentMetadata(_Strict):
         return self
 
 
-class MetadataDecodeError(ValueError):
+class MetadataDecodeError(errors.MetadataError):
     """Raised by `decode_metadata` for anything that is not a valid record."""
 
 
-class MetadataAuthError(MetadataDecodeError):
+class MetadataAuthError(MetadataDecodeError, errors.AuthenticationError):
     """The record's MAC is missing or wrong for the group secret."""
 
 

@@ -4,7 +4,7 @@ Layout of a value: ``b"WEFTR" | u8 kind | u8 format | u16 mac length | mac | JSO
 MAC is an HMAC-SHA256, keyed by the group secret (the join token), over the record kind, the
 etcd key and the body, so a record cannot be replayed under another member's key or as
 another kind. Anything that fails to parse, validate or authenticate raises `RecordError` (a
-`ValueError`); nothing is executed and nothing crashes the reader.
+`weft.api.errors.WeftError` and a `ValueError`); nothing is executed and nothing crashes the reader.
 """
 
 from __future__ import annotations
@@ -14,11 +14,30 @@ import enum
 import hashlib
 import hmac
 import struct
-from typing import Annotated, ClassVar, Literal, TypeVar
+from typing import Annotated, ClassVar, TypeVar
 
 import pydantic
 
-from weft.api.metadata import U64, Name
+from weft.api.errors import RecordError
+from weft.api.metadata import U64, BackendName, MemoryKindName, Name
+from weft.api.vocab import MemberState, MemoryKind, Role
+
+__all__ = [
+    "MAX_RECORD_BYTES",
+    "RECORD_FORMAT",
+    "AckRecord",
+    "Capabilities",
+    "DrainRecord",
+    "ExpertId",
+    "LeaderRecord",
+    "LoadRecord",
+    "MemberRecord",
+    "PlanRecord",
+    "RecordError",
+    "RecordKind",
+    "seal",
+    "unseal",
+]
 
 RECORD_FORMAT = 1
 MAX_RECORD_BYTES = 4 << 20
@@ -26,7 +45,10 @@ _MAGIC = b"WEFTR"
 _PREFIX = struct.Struct("!5sBBH")
 
 Text = Annotated[str, pydantic.Field(max_length=253)]
-State = Literal["joining", "active", "draining"]
+StateName = Annotated[MemberState, pydantic.Strict(False)]
+RoleName = Annotated[Role, pydantic.Strict(False)]
+ExpertId = Annotated[str, pydantic.StringConstraints(pattern=r"^[0-9]{1,9}$")]
+"""An expert id as a JSON object key: decimal digits."""
 Seconds = Annotated[float, pydantic.Field(ge=0, lt=1e10)]
 
 
@@ -51,10 +73,8 @@ class Capabilities(_Strict):
     """What a member can do: planners read it to place roles and experts."""
 
     gpus: Annotated[int, pydantic.Field(ge=0, le=1024)] = 0
-    memory_kinds: Annotated[list[Literal["DRAM", "VRAM", "FILE", "OBJ"]], pydantic.Field(max_length=4)] = [
-        "DRAM"
-    ]
-    backends: Annotated[list[Literal["local", "tcp", "ucx"]], pydantic.Field(max_length=8)] = []
+    memory_kinds: Annotated[list[MemoryKindName], pydantic.Field(max_length=4)] = [MemoryKind.DRAM]
+    backends: Annotated[list[BackendName], pydantic.Field(max_length=8)] = []
     dram_bytes: Annotated[int, pydantic.Field(ge=0, lt=1 << 62)] = 0
     vram_bytes: Annotated[int, pydantic.Field(ge=0, lt=1 << 62)] = 0
 
@@ -75,7 +95,7 @@ class MemberRecord(_Record):
     incarnation: Annotated[int, pydantic.Field(ge=0, lt=1 << 31)]
     """How many times this process has (re)joined: 0 first, +1 after each fence."""
     node: Text
-    state: State
+    state: StateName
     capabilities: Capabilities
     fabric: Annotated[str, pydantic.Field(max_length=MAX_RECORD_BYTES - (64 << 10))]
     """The fabric `Agent.metadata()` bytes, base64; empty for a member without a data path."""
@@ -121,7 +141,7 @@ class LoadRecord(_Record):
     queue_depth: Annotated[int, pydantic.Field(ge=0, lt=1 << 31)] = 0
     tokens_per_s: Annotated[float, pydantic.Field(ge=0, lt=1e12)] = 0.0
     expert_hits: Annotated[
-        dict[str, Annotated[int, pydantic.Field(ge=0, lt=1 << 62)]], pydantic.Field(max_length=1 << 16)
+        dict[ExpertId, Annotated[int, pydantic.Field(ge=0, lt=1 << 62)]], pydantic.Field(max_length=1 << 16)
     ] = {}
     at: Seconds = 0.0
 
@@ -136,18 +156,15 @@ class DrainRecord(_Record):
     at: Seconds = 0.0
 
 
-Role = Literal["prefill", "decode"]
-
-
 class PlanRecord(_Record):
     """``plan``: durable, written only by the leader with a compare-and-swap on the previous one."""
 
     kind: ClassVar[RecordKind] = RecordKind.PLAN
     epoch: Annotated[int, pydantic.Field(ge=1, lt=1 << 63)]
     members: Annotated[list[Name], pydantic.Field(max_length=1 << 16)]
-    roles: Annotated[dict[Name, Role], pydantic.Field(max_length=1 << 16)]
+    roles: Annotated[dict[Name, RoleName], pydantic.Field(max_length=1 << 16)]
     experts: Annotated[
-        dict[Annotated[str, pydantic.StringConstraints(pattern=r"^[0-9]{1,9}$")], list[Name]],
+        dict[ExpertId, list[Name]],
         pydantic.Field(max_length=1 << 20),
     ] = {}
     """Expert id (decimal, JSON keys are strings) -> the members hosting it."""
@@ -163,10 +180,6 @@ class PlanRecord(_Record):
 
 
 R = TypeVar("R", bound=_Record)
-
-
-class RecordError(ValueError):
-    """A value under the group's prefix that is not a valid, authentic record."""
 
 
 def _mac(secret: bytes, kind: RecordKind, key: str, body: bytes) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import pydantic
 
@@ -80,6 +80,3 @@ class GroupRef(_Settings):
     @property
     def prefix(self) -> str:
         return f"/weft/v1/{self.namespace}/{self.group}/"
-
-
-State = Literal["joining", "active", "draining"]

@@ -18,6 +18,9 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic.alias_generators import to_camel
 
+from weft.api import vocab
+from weft.api.vocab import Backend, BufferDevice, Role, RolePolicy, StorageBackend
+
 GROUP = "weft.dev"
 VERSION = "v1alpha1"
 KIND = "TransferGroup"
@@ -36,16 +39,6 @@ class _Model(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
 
-class RolePolicy(enum.StrEnum):
-    RATIO = "ratio"
-    LOAD = "load"
-
-
-class Role(enum.StrEnum):
-    PREFILL = "prefill"
-    DECODE = "decode"
-
-
 class Roles(_Model):
     """How members are split between prefill and decode."""
 
@@ -53,13 +46,13 @@ class Roles(_Model):
         RolePolicy.RATIO, description="ratio: a fixed prefill:decode ratio; load: by measured load"
     )
     ratio: Annotated[str, pydantic.Field(pattern=RATIO_PATTERN)] = pydantic.Field(
-        "1:1", description="prefill:decode, such as 1:3"
+        vocab.DEFAULT_RATIO, description="prefill:decode, such as 1:3"
     )
     min_prefill: Annotated[int, pydantic.Field(ge=0, le=4096)] = pydantic.Field(
-        1, description="members kept in prefill whatever the ratio"
+        vocab.DEFAULT_MIN_PREFILL, description="members kept in prefill whatever the ratio"
     )
     min_decode: Annotated[int, pydantic.Field(ge=0, le=4096)] = pydantic.Field(
-        1, description="members kept in decode whatever the ratio"
+        vocab.DEFAULT_MIN_DECODE, description="members kept in decode whatever the ratio"
     )
     gpu_less_roles: list[Role] = pydantic.Field(
         default_factory=lambda: [Role.PREFILL, Role.DECODE],
@@ -83,23 +76,17 @@ class Experts(_Model):
     )
 
 
-class FabricBackend(enum.StrEnum):
-    LOCAL = "local"
-    TCP = "tcp"
-    UCX = "ucx"
-
-
 class Fabric(_Model):
     """The data plane of every agent."""
 
-    backends: list[FabricBackend] = pydantic.Field(
-        default_factory=lambda: [FabricBackend.LOCAL, FabricBackend.TCP],
+    backends: list[Backend] = pydantic.Field(
+        default_factory=lambda: [Backend.LOCAL, Backend.TCP],
         json_schema_extra={"default": ["local", "tcp"]},
         description="data paths in order of preference",
         min_length=1,
         max_length=3,
     )
-    buffer_device: Literal["cpu", "cuda"] = pydantic.Field("cpu", description="where staging buffers live")
+    buffer_device: BufferDevice = pydantic.Field(BufferDevice.CPU, description="where staging buffers live")
     buffer_size: Annotated[int, pydantic.Field(ge=4096, le=1 << 40)] = pydantic.Field(
         1 << 30, description="bytes of the staging buffer"
     )
@@ -109,14 +96,6 @@ class Fabric(_Model):
     kv_pool_bytes: Annotated[int, pydantic.Field(ge=0, le=1 << 40)] = pydantic.Field(
         0, description="host memory each agent registers as region kv-pool for peers' KV blocks"
     )
-
-
-class StorageBackend(enum.StrEnum):
-    POSIX = "POSIX"
-    GDS = "GDS"
-    GDS_MT = "GDS_MT"
-    OBJ = "OBJ"
-    HF3FS = "HF3FS"
 
 
 class SecretRef(_Model):
@@ -278,7 +257,12 @@ def cross_field_problems(spec: TransferGroupSpec) -> list[str]:
             f"is more than spec.replicas ({spec.replicas})"
         )
     gpus = any(k.endswith("/gpu") for k in spec.template.resources.limits)
-    if spec.fabric.buffer_device == "cuda" and not gpus:
+    if spec.roles.policy is RolePolicy.LOAD:
+        problems.append(
+            "spec.roles.policy load is not wired to the members' planning yet (no member publishes "
+            "load): use ratio"
+        )
+    if spec.fabric.buffer_device is BufferDevice.CUDA and not gpus:
         problems.append("spec.fabric.bufferDevice is cuda but spec.template.resources.limits asks for no GPU")
     s = spec.storage
     if s is not None:
@@ -374,6 +358,8 @@ def _structural(schema: dict[str, Any], *, defaults: bool = True) -> dict[str, A
     def walk(node: dict[str, Any]) -> dict[str, Any]:
         if "$ref" in node:
             target = defs[node["$ref"].rsplit("/", 1)[-1]]
+            if "enum" in target:  # a shared enum's docstring is not the field's description
+                target = {k: v for k, v in target.items() if k != "description"}
             merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
             return walk(merged)
         if "anyOf" in node:

@@ -273,7 +273,7 @@ class Agent:
                 md_api.RegionInfo(
                     id=r.id,
                     name=r.name,
-                    kind=r.kind.value,
+                    kind=r.kind,
                     size=r.size,
                     addr=r.addr,
                     readonly=r.readonly,
@@ -294,11 +294,11 @@ class Agent:
             listen=md_api.ListenInfo(
                 host=self.config.advertise_host or self.config.listen_host, port=self.port
             ),
-            backends=[b.value for b in self.backends],
+            backends=list(self.backends),
             auth=self.config.secret is not None,
             probe=md_api.ProbeInfo(addr=self._probe_addr, token=bytes(self._probe).hex()),
             regions=regions,
-            endpoints={b.kind.value: ep for b in self._backends if (ep := b.endpoint()) is not None},
+            endpoints={b.kind: ep for b in self._backends if (ep := b.endpoint()) is not None},
         )
 
     def metadata(self) -> bytes:

@@ -1,4 +1,4 @@
-"""The one exception tree of weft's data plane.
+"""The data plane's branch of weft's one exception tree (the root is `weft.api.errors`).
 
 Every failure a caller can see is a `WeftError`; subclasses name the cause so callers can
 react to it (retry on `TransferTimeoutError`, re-plan on `PeerLostError`, fix their code on
@@ -10,13 +10,35 @@ from __future__ import annotations
 
 import enum
 
+from weft.api.errors import AuthenticationError, ConfigError, MetadataError, WeftError
 
-class WeftError(Exception):
-    """Root of every error raised by weft."""
-
-
-class ConfigError(WeftError, ValueError):
-    """A configuration value is out of range or inconsistent."""
+__all__ = [
+    "AgentClosedError",
+    "AuthenticationError",
+    "BackendUnavailableError",
+    "ConfigError",
+    "DeviceUnavailableError",
+    "ErrorCode",
+    "FencedError",
+    "InvalidBufferError",
+    "InvalidDescriptorError",
+    "MetadataError",
+    "NotificationTimeoutError",
+    "PeerFencedError",
+    "PeerLostError",
+    "ProtocolError",
+    "RegistrationError",
+    "RemoteError",
+    "StalePeerError",
+    "StorageError",
+    "TransferCancelledError",
+    "TransferError",
+    "TransferTimeoutError",
+    "UnknownPeerError",
+    "UnknownRegionError",
+    "WeftError",
+    "error_from_code",
+]
 
 
 class DeviceUnavailableError(WeftError):
@@ -47,14 +69,6 @@ class UnknownRegionError(WeftError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown region"
-
-
-class MetadataError(WeftError, ValueError):
-    """Agent metadata could not be decoded: garbage, truncated, unsupported version."""
-
-
-class AuthenticationError(WeftError):
-    """A peer failed the group-secret handshake, or metadata carried no valid MAC."""
 
 
 class ProtocolError(WeftError):

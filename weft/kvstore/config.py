@@ -20,7 +20,6 @@ usable GPU; a backend whose client is not installed is refused by name.
 
 from __future__ import annotations
 
-import enum
 import importlib.util
 import os
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 
 from weft import fabric
+from weft.api.vocab import BufferDevice, StorageBackend
 from weft.fabric.errors import ConfigError
 
 CONFIG_ENV = "LMCACHE_CONFIG_FILE"
@@ -47,12 +47,8 @@ _OBJ_KEYS = (
 )
 
 
-class NixlBackend(enum.StrEnum):
-    GDS = "GDS"
-    GDS_MT = "GDS_MT"
-    POSIX = "POSIX"
-    HF3FS = "HF3FS"
-    OBJ = "OBJ"
+NixlBackend = StorageBackend
+"""LMCache's name for the storage backends (``nixl_backend``): the same enum as the CRD's."""
 
 
 CPU_ONLY = frozenset({NixlBackend.POSIX, NixlBackend.HF3FS, NixlBackend.OBJ})
@@ -115,7 +111,7 @@ class LMCacheConfig(pydantic.BaseModel):
     """Tokens per chunk (LMCache's unit of KV cache)."""
     nixl_buffer_size: Annotated[int, pydantic.Field(ge=4096, le=1 << 40)]
     """Bytes of the staging buffer that every transfer to and from storage goes through."""
-    nixl_buffer_device: Literal["cpu", "cuda"] = "cpu"
+    nixl_buffer_device: BufferDevice = BufferDevice.CPU
     extra_config: ExtraConfig
 
     @pydantic.model_validator(mode="before")
@@ -137,7 +133,7 @@ class LMCacheConfig(pydantic.BaseModel):
     @pydantic.model_validator(mode="after")
     def _seed_rules(self) -> LMCacheConfig:
         x = self.extra_config
-        if x.nixl_backend in CPU_ONLY and self.nixl_buffer_device != "cpu":
+        if x.nixl_backend in CPU_ONLY and self.nixl_buffer_device is not BufferDevice.CPU:
             raise ValueError(
                 f"nixl_buffer_device must be 'cpu' for the {x.nixl_backend.value} backend "
                 "(only GDS and GDS_MT stage in 'cuda' memory)"
@@ -189,7 +185,7 @@ def load_lmcache_config(source: str | os.PathLike[str] | Mapping[str, Any] | Non
         raise ConfigError(f"{where}: {_describe(exc)}") from None
     if not config.extra_config.enable_nixl_storage:
         raise ConfigError(f"{where}: extra_config.enable_nixl_storage is not true: NIXL storage is off")
-    if config.nixl_buffer_device == "cuda" and not fabric.gpu_available():
+    if config.nixl_buffer_device is BufferDevice.CUDA and not fabric.gpu_available():
         raise ConfigError(
             f"{where}: nixl_buffer_device is 'cuda' but this machine has no usable GPU "
             "(CuPy and a CUDA device are needed); use 'cpu'"

@@ -35,7 +35,7 @@ import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ from weft.api import records
 from weft.api.metadata import decode_metadata
 from weft.api.records import Capabilities, LeaderRecord, MemberRecord
 from weft.api.settings import EtcdSettings, GroupRef
+from weft.api.vocab import MemberState, MemoryKind
 from weft.fabric import errors as fabric_errors
 from weft.fabric.agent import Agent
 from weft.membership import errors
@@ -192,7 +193,7 @@ class Membership:
         self.loads: dict[str, records.LoadRecord] = {}
         self.drains: set[str] = set()  # members the operator asked to plan out (scale-down)
         self.phase = Phase.STARTING
-        self.state: records.State = "joining"
+        self.state: MemberState = MemberState.JOINING
         self.generation = 0
         self.incarnation = -1
         self.lease = 0
@@ -234,7 +235,7 @@ class Membership:
         """Joined, active, lease confirmed, view in sync, not fenced: fit to take new work."""
         return (
             self.phase is Phase.JOINED
-            and self.state == "active"
+            and self.state == MemberState.ACTIVE
             and self.synced
             and not self._keepalive_failing
             and not (self.agent is not None and self.agent.fenced)
@@ -244,7 +245,7 @@ class Membership:
     def is_leader(self) -> bool:
         return self.leader == self.config.name and self.phase is Phase.JOINED
 
-    def peers(self, *, state: str | None = "active") -> list[str]:
+    def peers(self, *, state: MemberState | None = MemberState.ACTIVE) -> list[str]:
         """Names of the other members, optionally only those in `state`."""
         return sorted(
             n
@@ -314,18 +315,18 @@ class Membership:
 
     async def activate(self) -> None:
         """Publish state ``active`` (the member is ready for work)."""
-        await self._publish("active")
+        await self._publish(MemberState.ACTIVE)
 
     async def drain(self) -> None:
         """Publish state ``draining``: peers stop sending new work here."""
-        await self._publish("draining")
+        await self._publish(MemberState.DRAINING)
 
     async def leave(self) -> None:
         """Drain (bounded), delete the member key and revoke the lease; stop watching."""
         if self.phase in (Phase.LEAVING, Phase.LEFT):
             return
         with contextlib.suppress(errors.EtcdError, errors.MembershipError):
-            await self._publish("draining")
+            await self._publish(MemberState.DRAINING)
         self.phase = Phase.LEAVING
         if self.agent is not None:
             deadline = time.monotonic() + self.config.drain_timeout
@@ -362,20 +363,16 @@ class Membership:
         await stop_tasks(tasks, f"{self.config.name}: membership")
 
     # -- join and publish ------------------------------------------------------------------
-    def _make_record(self, state: records.State) -> MemberRecord:
+    def _make_record(self, state: MemberState) -> MemberRecord:
         fabric = ""
         if self.agent is not None:
             fabric = MemberRecord.encode_fabric(self.agent.metadata())
         caps = self.config.capabilities
         if self.agent is not None and not caps.backends:
             gpus = self.agent.gpus
-            kinds: list[str] = ["DRAM", "VRAM"] if gpus else ["DRAM"]
+            kinds = [MemoryKind.DRAM, MemoryKind.VRAM] if gpus else [MemoryKind.DRAM]
             caps = caps.model_copy(
-                update={
-                    "backends": [b.value for b in self.agent.backends],
-                    "gpus": gpus,
-                    "memory_kinds": kinds,
-                }
+                update={"backends": list(self.agent.backends), "gpus": gpus, "memory_kinds": kinds}
             )
         return MemberRecord(
             name=self.config.name,
@@ -410,14 +407,14 @@ class Membership:
                     if self.agent.generation != generation:
                         self.agent.regenerate(generation)
                     self.agent.serve_until(sent + granted)
-                record = self._make_record("joining")
+                record = self._make_record(MemberState.JOINING)
                 created, revision = await etcd.create(
                     self.key.encode(), records.seal(record, self.key, self.config.secret), lease=lease
                 )
                 if created:
                     self._record, self._mod_revision = record, revision
                     self.phase = Phase.JOINED
-                    self.state = "joining"
+                    self.state = MemberState.JOINING
                     self.etcd_reachable = True
                     self._keepalive_failing = False
                     if self.agent is not None:
@@ -441,7 +438,7 @@ class Membership:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 0.25)  # a dead holder's lease can end any moment
 
-    async def _publish(self, state: records.State) -> None:
+    async def _publish(self, state: MemberState) -> None:
         if self.phase is not Phase.JOINED or self._record is None:
             raise errors.MembershipError(f"{self.config.name} is not joined ({self.phase.value})")
         record = self._make_record(state)
@@ -618,7 +615,7 @@ class Membership:
                 with contextlib.suppress(records.RecordError):
                     gen = records.unseal(MemberRecord, ev.prev.value, key, self.config.secret).generation
             m = self.members.get(name)
-            if m is not None and m.record.state == "draining":
+            if m is not None and m.record.state == MemberState.DRAINING:
                 reason = "left (drained)"
             else:
                 reason = "member key deleted (lease expired or left)"
@@ -773,7 +770,7 @@ class Membership:
         try:
             await self._join(time.monotonic() + self.config.join_timeout)
             await self._sync()
-            if state != "joining":
+            if state != MemberState.JOINING:
                 await self._publish(state)
         except (errors.MembershipError, errors.EtcdError) as exc:
             log.warning("%s: rejoin failed, retrying: %s", self.config.name, exc)
@@ -976,16 +973,28 @@ class Membership:
         await self._etcd.put(key.encode(), records.seal(record, key, self.config.secret), lease=self.lease)
 
     async def put_load(
-        self, queue_depth: int = 0, tokens_per_s: float = 0.0, expert_hits: dict[str, int] | None = None
+        self, queue_depth: int = 0, tokens_per_s: float = 0.0, expert_hits: Mapping[int, int] | None = None
     ) -> None:
-        """Publish ``load/<name>`` for the planner."""
+        """Publish ``load/<name>`` for the planner.
+
+        Args:
+            queue_depth: requests waiting. tokens_per_s: recent throughput.
+            expert_hits: expert id -> tokens routed to it since the last report.
+        Raises:
+            ConfigError: an expert id is not a non-negative integer.
+        """
+        hits = dict(expert_hits or {})
+        if not all(isinstance(e, int) and 0 <= e < 10**9 for e in hits):
+            raise fabric_errors.ConfigError(
+                f"expert_hits keys are expert ids (integers >= 0), got {list(hits)}"
+            )
         key = f"{self.prefix}load/{self.config.name}"
         record = records.LoadRecord(
             name=self.config.name,
             generation=self.generation,
             queue_depth=queue_depth,
             tokens_per_s=tokens_per_s,
-            expert_hits=expert_hits or {},
+            expert_hits={str(e): n for e, n in hits.items()},
             at=time.time(),
         )
         await self._etcd.put(key.encode(), records.seal(record, key, self.config.secret), lease=self.lease)

@@ -120,7 +120,7 @@ def lmcache_config(spec: TransferGroupSpec) -> dict[str, Any] | None:
     return {
         "chunk_size": 256,
         "nixl_buffer_size": spec.fabric.buffer_size,
-        "nixl_buffer_device": spec.fabric.buffer_device,
+        "nixl_buffer_device": spec.fabric.buffer_device.value,
         "extra_config": extra,
     }
 

@@ -1,8 +1,9 @@
 """weft.planner: pure functions from the live members and a policy to the group's next plan."""
 
+from weft.api.vocab import Role
 from weft.planner.experts import ExpertSpec, Placement, place_experts, replica_counts
 from weft.planner.plan import Plan, PlanChange, next_plan
-from weft.planner.roles import LoadPolicy, MemberInfo, RatioPolicy, Role, ratio_counts
+from weft.planner.roles import LoadPolicy, MemberInfo, RatioPolicy, ratio_counts
 
 __all__ = [
     "ExpertSpec",

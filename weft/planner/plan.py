@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from weft.api.vocab import Role
 from weft.planner.experts import ExpertSpec, Placement, place_experts
 from weft.planner.roles import (
     LoadPolicy,
     MemberInfo,
     RatioPolicy,
-    Role,
     RoleDecision,
     plan_roles_load,
     plan_roles_ratio,

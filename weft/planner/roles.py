@@ -19,10 +19,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
-Role = Literal["prefill", "decode"]
-ROLES: tuple[Role, Role] = ("prefill", "decode")
+from weft.api import vocab
+from weft.api.vocab import ROLES, Role
 
 
 @dataclass(frozen=True)
@@ -42,9 +41,9 @@ class RatioPolicy:
     """``prefill:decode`` as integers (``1:3``), with minimum counts."""
 
     prefill: int = 1
-    decode: int = 3
-    min_prefill: int = 0
-    min_decode: int = 0
+    decode: int = 1
+    min_prefill: int = vocab.DEFAULT_MIN_PREFILL
+    min_decode: int = vocab.DEFAULT_MIN_DECODE
     gpu_less_roles: frozenset[Role] = frozenset(ROLES)
     """Roles a member without a GPU may take."""
 
@@ -67,8 +66,8 @@ class RatioPolicy:
 class LoadPolicy:
     """A floor plus +/-1 steps driven by queue depth per member of each role."""
 
-    min_prefill: int = 1
-    min_decode: int = 1
+    min_prefill: int = vocab.DEFAULT_MIN_PREFILL
+    min_decode: int = vocab.DEFAULT_MIN_DECODE
     high_queue: float = 8.0
     """Mean queue depth per member above which a role is saturated."""
     low_queue: float = 2.0
@@ -120,7 +119,7 @@ def assign(
     keep: dict[str, Role] = {
         m.name: m.role for m in ms if m.role is not None and _allowed(m, gpu_less_roles, m.role)
     }
-    want = {"prefill": prefill, "decode": len(ms) - prefill}
+    want = {Role.PREFILL: prefill, Role.DECODE: len(ms) - prefill}
     for role in ROLES:
         holders = [m for m in ms if keep.get(m.name) == role]
         if len(holders) > want[role]:
@@ -151,7 +150,7 @@ def assign(
             roles[seated.name] = other
         free = [m for m in free if m.name not in roles]
     for m in free:  # nobody allowed for the missing role: they take what they may
-        roles[m.name] = "decode" if _allowed(m, gpu_less_roles, "decode") else "prefill"
+        roles[m.name] = Role.DECODE if _allowed(m, gpu_less_roles, Role.DECODE) else Role.PREFILL
     flips = sum(1 for m in ms if m.role is not None and roles[m.name] != m.role)
     return roles, flips
 
@@ -174,7 +173,7 @@ def plan_roles_load(
     ms = list(members)
     n = len(ms)
     current = {m.name: m.role for m in ms if m.role is not None}
-    p = sum(1 for r in current.values() if r == "prefill")
+    p = sum(1 for r in current.values() if r == Role.PREFILL)
     newcomers = n - len(current)
     if newcomers:  # new members go where the floor needs them, else to decode
         p = max(p, min(policy.min_prefill, n))
@@ -187,23 +186,23 @@ def plan_roles_load(
         q = {role: [m.queue_depth for m in fresh if current.get(m.name) == role] for role in ROLES}
         mean = {role: (sum(v) / len(v)) if v else 0.0 for role, v in q.items()}
         if (
-            mean["prefill"] > policy.high_queue
-            and mean["decode"] < policy.low_queue
+            mean[Role.PREFILL] > policy.high_queue
+            and mean[Role.DECODE] < policy.low_queue
             and n - p > policy.min_decode
         ):
             p, action = p + 1, "prefill+1"
         elif (
-            mean["decode"] > policy.high_queue
-            and mean["prefill"] < policy.low_queue
+            mean[Role.DECODE] > policy.high_queue
+            and mean[Role.PREFILL] < policy.low_queue
             and p > policy.min_prefill
         ):
             p, action = p - 1, "decode+1"
         if action:
-            reason = f"queue depth prefill {mean['prefill']:.1f}, decode {mean['decode']:.1f}: {action}"
+            reason = f"queue depth prefill {mean[Role.PREFILL]:.1f}, decode {mean[Role.DECODE]:.1f}: {action}"
     roles, flips = assign(ms, p, policy.gpu_less_roles)
     return RoleDecision(roles, flips, action, reason, (p, n - p))
 
 
 def role_counts(roles: Mapping[str, Role]) -> tuple[int, int]:
-    p = sum(1 for r in roles.values() if r == "prefill")
+    p = sum(1 for r in roles.values() if r == Role.PREFILL)
     return p, len(roles) - p

@@ -464,7 +464,7 @@ class UcxBackend:
         self._submit("closed", cid)
 
     def _connect(self, peer: Peer) -> _Conn:
-        address = peer.md.endpoints.get("ucx")
+        address = peer.md.endpoints.get(Backend.UCX)
         if not address:
             raise errors.BackendUnavailableError(f"peer {peer.name!r} publishes no ucx endpoint")
         host, _, port = address.rpartition(":")
