@@ -33,6 +33,7 @@ __all__ = [
     "LoadRecord",
     "MemberRecord",
     "PlanRecord",
+    "Record",
     "RecordError",
     "RecordKind",
     "seal",
@@ -67,6 +68,10 @@ class _Strict(pydantic.BaseModel):
 
 class _Record(_Strict):
     kind: ClassVar[RecordKind]
+
+
+Record = _Record
+"""Any signed record type (the base of the six kinds): what `seal` and `unseal` take."""
 
 
 class Capabilities(_Strict):

@@ -79,4 +79,10 @@ class GroupRef(_Settings):
 
     @property
     def prefix(self) -> str:
-        return f"/weft/v1/{self.namespace}/{self.group}/"
+        return group_prefix(self.namespace, self.group)
+
+
+def group_prefix(namespace: str, group: str) -> str:
+    """``/weft/v1/<namespace>/<group>/``: the etcd prefix of a group (the only place it is
+    spelled; `weft.membership.keyspace` builds the keys under it)."""
+    return f"/weft/v1/{namespace}/{group}/"
