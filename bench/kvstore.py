@@ -1,7 +1,7 @@
 """KV store tiers against NIXL and the machine's limits, same data, same run.
 
-POSIX (issue 5's shapes: one 256 MiB object and 1000 chunks of 256 KiB, page cache, no
-fsync, as NIXL's figures in the issue were taken), three ways, interleaved repeat by repeat
+POSIX (the target's shapes: one 256 MiB object and 1000 chunks of 256 KiB, page cache, no
+fsync, as NIXL's published figures were taken), three ways, interleaved repeat by repeat
 so that all three see the same machine:
 
 - weft: `KVStore` on the POSIX tier (checksums computed on write and checked on read);

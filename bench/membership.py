@@ -31,7 +31,7 @@ Join-to-visible: from the replacement's process start (from SIGCONT) and from th
 member wrote its key (the ``joined_at`` of the key's first version, read from etcd's history)
 to the last survivor's ``added`` event.
 
-Target (the issue): every survivor has removed the dead peer within TTL + 250 ms at p99.
+Target: every survivor has removed the dead peer within TTL + 250 ms at p99.
 
 Fan-out (``fanout``): 200 lightweight members (``Membership`` without a fabric agent, no
 eager connect, no campaign) in one group, spread over worker processes (default 4, one
@@ -83,7 +83,7 @@ REPO_ROOT = BENCH_DIR.parent
 
 PHASES = ("kill", "stop", "fanout")
 LOOPBACK = "127.0.0.1"
-TARGET_MARGIN = 0.25  # seconds over the TTL: the issue's bound on detection at p99
+TARGET_MARGIN = 0.25  # seconds over the TTL: the bound on detection at p99
 EVENT_PREFIX = "ev-"  # names of the members this process adds and removes in the fan-out
 TROUBLE_KINDS = ("fenced", "rejoined", "etcd-lost", "etcd-back")
 

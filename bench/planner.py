@@ -1,6 +1,6 @@
 """Planner compute time over group sizes, and replicas moved per leave against the minimum.
 
-The planner is pure Python run by the group leader on every (debounced) change; the issue's
+The planner is pure Python run by the group leader on every (debounced) change; the
 target is <= 50 ms for 256 experts on 1024 members. A leave's minimum movement is the
 replicas the leaver hosted (each must be re-created somewhere); the planner may add a bounded
 rebalance on top.

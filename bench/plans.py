@@ -5,7 +5,7 @@ against a real etcd started here. For each trial one member (the leader on odd t
 election is in the path too) stops without leaving: its lease expires, every survivor removes
 it (detection), the leader re-plans (roles 1:3, 64 experts x 2 placed), and every survivor
 applies and acks. Reported: from the first survivor's removal to the last survivor's ack of
-the new epoch (target from issue 4: <= 500 ms after detection), and the detection itself.
+the new epoch (target: <= 500 ms after detection), and the detection itself.
 
     .venv/bin/python bench/plans.py [--sizes 16,64] [--trials 5] [--ttl 2]
 """

@@ -21,9 +21,11 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from rich.console import Console
@@ -176,6 +178,7 @@ AGENTS = 4
 TTL = 3
 EXPERTS = 16
 EXPERT_BYTES = 1 << 20
+_T = TypeVar("_T")
 
 
 def _status(port: int) -> dict[str, Any] | None:
@@ -211,109 +214,147 @@ def _view_table(names: list[str], ports: dict[str, int], dead: set[str]) -> Tabl
     return table
 
 
+class _Watch:
+    """Polls the live agents' /status, redrawing their views between tries."""
+
+    def __init__(self, live: Live, names: list[str], ports: dict[str, int], dead: set[str]) -> None:
+        self.live, self.names, self.ports, self.dead = live, names, ports, dead
+
+    def until(self, seconds: float, probe: Callable[[], _T | None], pause: float = 0.05) -> _T | None:
+        """`probe()` until it returns something (returned) or `seconds` pass (None)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            found = probe()
+            if found is not None:
+                return found
+            self.live.update(_view_table(self.names, self.ports, self.dead))
+            time.sleep(pause)
+        return None
+
+    def status(self, name: str) -> dict[str, Any]:
+        return _status(self.ports[name]) or {}
+
+
+@dataclass
+class _KillOutcome:
+    victim: str
+    removed: dict[str, tuple[float, str]]
+    """Survivor -> (seconds after the kill it removed the victim, the signal that told it)."""
+    new_leader: tuple[str, float] | None
+    replanned: float | None
+    pulled_before: dict[str, int]
+
+
+def _kill_the_leader(watch: _Watch, procs: dict[str, subprocess.Popen[bytes]]) -> _KillOutcome:
+    """SIGKILL the leader; time the survivors' removal of it, the new leader and the re-plan."""
+    names, dead = watch.names, watch.dead
+    watch.until(15, lambda: True if _all_see(names, watch.ports, dead) else None, pause=0.1)
+    watch.until(15, lambda: _plan_applied(names, watch.ports, dead), pause=0.1)
+    first_epoch = _plan_applied(names, watch.ports, dead) or 0
+    time.sleep(0.5)
+    victim = watch.status(names[0]).get("leader") or names[-1]  # the survivors elect a new one
+    victim_gen = watch.status(victim).get("generation")
+    pulled_before = {n: len(watch.status(n).get("pulled", [])) for n in names}
+    t_kill = time.time()
+    procs[victim].send_signal(signal.SIGKILL)
+    dead.add(victim)
+    removed: dict[str, tuple[float, str]] = {}
+
+    def all_removed() -> bool | None:
+        for name in names:
+            if name in dead or name in removed:
+                continue
+            for ev in watch.status(name).get("events", []):
+                if ev["kind"] == "removed" and ev["name"] == victim and ev["generation"] == victim_gen:
+                    removed[name] = (ev["at"] - t_kill, ev["reason"])
+        return True if len(removed) == AGENTS - 1 else None
+
+    def agreed_leader() -> tuple[str, float] | None:
+        leaders = {watch.status(n).get("leader") for n in names if n not in dead}
+        if len(leaders) == 1 and None not in leaders and victim not in leaders:
+            return str(leaders.pop()), time.time() - t_kill
+        return None
+
+    def replanned() -> float | None:
+        epoch = _plan_applied(names, watch.ports, dead)
+        return time.time() - t_kill if epoch is not None and epoch > first_epoch else None
+
+    watch.until(TTL + 5, all_removed)
+    # the leader key lives under the dead leader's lease: a new leader follows its expiry
+    new_leader = watch.until(TTL + 5, agreed_leader)
+    return _KillOutcome(victim, removed, new_leader, watch.until(TTL + 10, replanned), pulled_before)
+
+
 def _membership_act(console: Console) -> bool:
     console.rule(f"[bold]membership: embedded etcd, {AGENTS} agent daemons, one killed with SIGKILL")
     names = [f"agent-{i}" for i in range(AGENTS)]
     procs: dict[str, subprocess.Popen[bytes]] = {}
     with tempfile.TemporaryDirectory(prefix="weft-demo-") as tmp, EtcdServer(Path(tmp) / "etcd") as etcd:
         console.print(f"etcd {etcd.endpoint} (Debian etcd-server, data in a temporary folder)")
-        env = dict(os.environ, WEFT_SECRET=secrets.token_hex(16))
         try:
-            for name in names:
-                cmd = [sys.executable, "-m", "weft.cli", "agent", "--etcd", etcd.endpoint, "--group", "demo"]
-                cmd += ["--name", name, "--lease-ttl", str(TTL), "--ready-file", f"{tmp}/{name}.ready"]
-                cmd += ["--ratio", "1:3", "--experts", str(EXPERTS), "--replication", "2"]
-                cmd += ["--expert-source", f"synthetic:{EXPERT_BYTES}"]
-                with open(f"{tmp}/{name}.log", "wb") as log_file:
-                    procs[name] = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            _start_agents(names, etcd.endpoint, tmp, procs)
             ports = _wait_ready(names, Path(tmp), procs, deadline=time.monotonic() + 30)
             if ports is None:
                 console.print(f"[red]agents did not start; logs are in {tmp}")
                 return False
             dead: set[str] = set()
             with Live(_view_table(names, ports, dead), console=console, refresh_per_second=10) as live:
-                deadline = time.monotonic() + 15
-                while time.monotonic() < deadline and not (
-                    _all_see(names, ports, dead) and _plan_applied(names, ports, dead) is not None
-                ):
-                    live.update(_view_table(names, ports, dead))
-                    time.sleep(0.1)
-                first_epoch = _plan_applied(names, ports, dead) or 0
-                time.sleep(0.5)
-                leader = (_status(ports[names[0]]) or {}).get("leader") or names[-1]
-                victim = leader  # kill the leader: the survivors also elect a new one
-                victim_gen = (_status(ports[victim]) or {}).get("generation")
-                pulled_before = {n: len((_status(ports[n]) or {}).get("pulled", [])) for n in names}
-                t_kill = time.time()
-                procs[victim].send_signal(signal.SIGKILL)
-                dead.add(victim)
-                removed: dict[str, tuple[float, str]] = {}
-                deadline = time.monotonic() + TTL + 5
-                while time.monotonic() < deadline and len(removed) < AGENTS - 1:
-                    for name in names:
-                        if name in dead or name in removed:
-                            continue
-                        for ev in (_status(ports[name]) or {}).get("events", []):
-                            if (
-                                ev["kind"] == "removed"
-                                and ev["name"] == victim
-                                and ev["generation"] == victim_gen
-                            ):
-                                removed[name] = (ev["at"] - t_kill, ev["reason"])
-                    live.update(_view_table(names, ports, dead))
-                    time.sleep(0.05)
-                # the leader key lives under the dead leader's lease: a new leader follows its expiry
-                new_leader: tuple[str, float] | None = None
-                deadline = time.monotonic() + TTL + 5
-                while time.monotonic() < deadline and new_leader is None:
-                    views = [_status(ports[n]) or {} for n in names if n not in dead]
-                    leaders = {v.get("leader") for v in views}
-                    if len(leaders) == 1 and None not in leaders and victim not in leaders:
-                        new_leader = (str(leaders.pop()), time.time() - t_kill)
-                    live.update(_view_table(names, ports, dead))
-                    time.sleep(0.05)
-                replanned: float | None = None
-                deadline = time.monotonic() + TTL + 10
-                while time.monotonic() < deadline and replanned is None:
-                    epoch = _plan_applied(names, ports, dead)
-                    if epoch is not None and epoch > first_epoch:
-                        replanned = time.time() - t_kill
-                    live.update(_view_table(names, ports, dead))
-                    time.sleep(0.05)
-            table = Table(title=f"SIGKILL of {victim} (the leader): when each survivor removed it")
-            for col in ("survivor", "after", "signal"):
-                table.add_column(col)
-            for name in names:
-                if name in removed:
-                    took, reason = removed[name]
-                    table.add_row(name, f"{took * 1000:.0f} ms", reason)
-                elif name not in dead:
-                    table.add_row(name, "[red]not removed", "-")
-            console.print(table)
-            if new_leader is not None:
-                console.print(
-                    f"new leader {new_leader[0]}, agreed by every survivor "
-                    f"{new_leader[1]:.2f} s after the kill"
-                )
-            console.print(
-                "data-path signal: the survivor's connection to the dead agent closed and nothing "
-                "listens at its address any more; lease: etcd expired the dead agent's lease "
-                f"(TTL {TTL} s) and the watch delivered the DELETE"
-            )
-            verified = _show_moves(console, names, ports, dead, pulled_before, replanned)
-            return len(removed) == AGENTS - 1 and new_leader is not None and verified
+                outcome = _kill_the_leader(_Watch(live, names, ports, dead), procs)
+            _show_kill(console, names, dead, outcome)
+            verified = _show_moves(console, names, ports, dead, outcome.pulled_before, outcome.replanned)
+            return len(outcome.removed) == AGENTS - 1 and outcome.new_leader is not None and verified
         finally:
-            for proc in procs.values():
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for name, proc in procs.items():
-                try:
-                    code = proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    code = proc.wait()
-                if code not in (0, -signal.SIGKILL):
-                    console.print(f"[yellow]{name} exited with {code}")
+            _stop_agents(console, procs)
+
+
+def _start_agents(
+    names: list[str], endpoint: str, tmp: str, procs: dict[str, subprocess.Popen[bytes]]
+) -> None:
+    env = dict(os.environ, WEFT_SECRET=secrets.token_hex(16))
+    for name in names:
+        cmd = [sys.executable, "-m", "weft.cli", "agent", "--etcd", endpoint, "--group", "demo"]
+        cmd += ["--name", name, "--lease-ttl", str(TTL), "--ready-file", f"{tmp}/{name}.ready"]
+        cmd += ["--ratio", "1:3", "--experts", str(EXPERTS), "--replication", "2"]
+        cmd += ["--expert-source", f"synthetic:{EXPERT_BYTES}"]
+        with open(f"{tmp}/{name}.log", "wb") as log_file:
+            procs[name] = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def _stop_agents(console: Console, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for name, proc in procs.items():
+        try:
+            code = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        if code not in (0, -signal.SIGKILL):
+            console.print(f"[yellow]{name} exited with {code}")
+
+
+def _show_kill(console: Console, names: list[str], dead: set[str], outcome: _KillOutcome) -> None:
+    table = Table(title=f"SIGKILL of {outcome.victim} (the leader): when each survivor removed it")
+    for col in ("survivor", "after", "signal"):
+        table.add_column(col)
+    for name in names:
+        if name in outcome.removed:
+            took, reason = outcome.removed[name]
+            table.add_row(name, f"{took * 1000:.0f} ms", reason)
+        elif name not in dead:
+            table.add_row(name, "[red]not removed", "-")
+    console.print(table)
+    if outcome.new_leader is not None:
+        console.print(
+            f"new leader {outcome.new_leader[0]}, agreed by every survivor "
+            f"{outcome.new_leader[1]:.2f} s after the kill"
+        )
+    console.print(
+        "data-path signal: the survivor's connection to the dead agent closed and nothing "
+        "listens at its address any more; lease: etcd expired the dead agent's lease "
+        f"(TTL {TTL} s) and the watch delivered the DELETE"
+    )
 
 
 def _plan_applied(names: list[str], ports: dict[str, int], dead: set[str]) -> int | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from weft import AgentConfig, ConfigError
+from weft.api.agent_settings import AgentSettings, resolve_settings
 from weft.fabric.types import Backend
 
 
@@ -29,11 +30,12 @@ def test_bad_config_is_typed(kwargs: dict[str, object], match: str) -> None:
         AgentConfig(backends, **kwargs)  # type: ignore[arg-type]
 
 
-def test_from_env_and_replace() -> None:
-    env = {"WEFT_BACKENDS": "tcp", "WEFT_TRANSFER_TIMEOUT": "2.5", "WEFT_SECRET": "x" * 20}
-    cfg = AgentConfig.from_env(env, listen_port=0)
-    assert cfg.backends == (Backend.TCP,) and cfg.transfer_timeout == 2.5 and cfg.secret == b"x" * 20
+def test_from_settings_and_replace() -> None:
+    env = {"WEFT_NAME": "a", "WEFT_GROUP": "g", "WEFT_ETCD": "http://127.0.0.1:2379", "WEFT_BACKENDS": "tcp"}
+    env |= {"WEFT_SECRET": "x" * 20, "WEFT_LISTEN_PORT": "0"}
+    cfg = AgentConfig.from_settings(resolve_settings(AgentSettings, env=env))
+    assert cfg.backends == (Backend.TCP,) and cfg.listen_port == 0 and cfg.secret == b"x" * 20
     assert "secret" not in repr(cfg) or "xxxx" not in repr(cfg)
-    assert cfg.replace(transfer_timeout=9).transfer_timeout == 9
+    assert cfg.replace(transfer_timeout=2.5).transfer_timeout == 2.5
     with pytest.raises(ConfigError, match="WEFT_LISTEN_PORT"):
-        AgentConfig.from_env({"WEFT_LISTEN_PORT": "http"})
+        resolve_settings(AgentSettings, env=env | {"WEFT_LISTEN_PORT": "http"})

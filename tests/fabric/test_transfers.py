@@ -111,7 +111,7 @@ def test_sigkill_mid_transfer_gives_peer_lost_fast(make_agent, make_peer, backen
             errors.append((time.monotonic() - killed, exc))
     assert errors, "no transfer was in flight when the peer died"
     print(f"first PeerLostError {errors[0][0] * 1e3:.1f} ms after SIGKILL")
-    assert errors[0][0] < 1.0  # the issue asks <= 100 ms; slack for a loaded 2-core CI box
+    assert errors[0][0] < 1.0  # the target is <= 100 ms; slack for a loaded 2-core CI box
     assert not a.peer_alive("b")
     with pytest.raises(PeerLostError):
         a.write(ra.descs(), "b", remote.descs()).wait(timeout=5)

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 from collections.abc import Coroutine, Mapping, MutableMapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,17 @@ def load_agent_settings(
     return settings
 
 
+@dataclass
+class _Running:
+    """What `run_agent` has started so far, for the teardown to undo in reverse."""
+
+    server: agent_http.HttpServer = field(default_factory=agent_http.HttpServer)
+    agent: Agent | None = None
+    membership: Membership | None = None
+    coordinator: Coordinator | None = None
+    left: bool = False
+
+
 async def run_agent(
     settings: AgentSettings, *, ready_file: Path | None = None, stop: asyncio.Event | None = None
 ) -> int:
@@ -110,80 +122,9 @@ async def run_agent(
         log, {"group": f"{settings.group.namespace}/{settings.group.group}", "agent": settings.name}
     )
     signals = _catch_signals(loop, stop, alog)
-    agent: Agent | None = None
-    membership: Membership | None = None
-    coordinator: Coordinator | None = None
-    server = agent_http.HttpServer()
-    left = False
+    running = _Running()
     try:
-        secret = settings.join_token()
-        assert secret is not None  # AgentSettings requires one
-        agent = Agent(
-            settings.name,
-            AgentConfig(
-                settings.backends,
-                secret=secret,
-                listen_host=settings.listen_host,
-                listen_port=settings.listen_port,
-                advertise_host=settings.advertise_host,
-            ),
-        )
-        if settings.kv_pool_bytes:
-            agent.alloc(settings.kv_pool_bytes, KV_POOL_REGION)
-        http_port = await server.start(settings.http_host, settings.http_port)
-        config = MemberConfig(
-            name=settings.name,
-            group=settings.group,
-            secret=secret,
-            lease_ttl=settings.lease_ttl,
-            node=settings.node,
-            instance=settings.instance,
-            http=settings.http_address(http_port),
-            drain_timeout=settings.drain_timeout,
-            join_timeout=settings.join_timeout,
-        )
-        membership = Membership(settings.etcd, config, agent)
-        holder = None
-        if settings.planning.experts and settings.planning.expert_source:
-            holder = ExpertHolder(agent, ExpertSource.parse(settings.planning.expert_source))
-        coordinator = Coordinator(membership, planning_config(settings.planning), holder)
-        # no await since the server started: the routes are in place before any request runs
-        server.routes.update(
-            agent_http.agent_routes(membership, agent_metrics.AgentMetrics(membership), coordinator.status)
-        )
-        alog.info(
-            "starting: fabric on %s:%d (%s), http on %s:%d, etcd %s",
-            settings.fabric_host,
-            agent.port,
-            ",".join(b.value for b in agent.backends),
-            settings.http_host,
-            http_port,
-            ",".join(settings.etcd.endpoints),
-        )
-        if not await _unless_stopped(_join(membership), stop):
-            alog.info("stopped before it joined")
-            return EXIT_OK
-        await coordinator.start()
-        alog.info("active as generation %d", membership.generation)
-        if ready_file is not None:
-            _write_ready_file(
-                ready_file,
-                {
-                    "pid": os.getpid(),
-                    "name": settings.name,
-                    "http": config.http,
-                    "http_port": http_port,
-                    "fabric_port": agent.port,
-                    "generation": membership.generation,
-                },
-            )
-        await stop.wait()
-        await coordinator.stop()
-        alog.info("draining: %d transfers in flight", agent.in_flight())
-        await membership.leave()
-        left = True
-        alog.info("left the group")
-        return EXIT_OK
+        return await _serve(settings, running, stop, ready_file, alog)
     except (ConfigError, agent_settings.SettingsError) as exc:
         alog.error("bad settings: %s", exc)
         return EXIT_FAILED
@@ -198,18 +139,100 @@ async def run_agent(
         alog.error("could not start: %s", exc)
         return EXIT_FAILED
     finally:
-        if coordinator is not None:
-            await coordinator.stop()
+        if running.coordinator is not None:
+            await running.coordinator.stop()
         for sig in signals:
             loop.remove_signal_handler(sig)
-        if membership is not None and not left:
+        if running.membership is not None and not running.left:
             with contextlib.suppress(WeftError):
-                await membership.close()
-        if agent is not None:
-            await asyncio.to_thread(agent.close)
-        await server.close()
+                await running.membership.close()
+        if running.agent is not None:
+            await asyncio.to_thread(running.agent.close)
+        await running.server.close()
         if ready_file is not None:
             _remove_ready_file(ready_file)
+
+
+async def _serve(
+    settings: AgentSettings,
+    running: _Running,
+    stop: asyncio.Event,
+    ready_file: Path | None,
+    alog: _AgentLog,
+) -> int:
+    """Start, join, serve until `stop`, drain and leave (the happy path of `run_agent`)."""
+    config, http_port = await _start(settings, running, alog)
+    agent, membership, coordinator = running.agent, running.membership, running.coordinator
+    assert agent is not None and membership is not None and coordinator is not None
+    if not await _unless_stopped(_join(membership), stop):
+        alog.info("stopped before it joined")
+        return EXIT_OK
+    await coordinator.start()
+    alog.info("active as generation %d", membership.generation)
+    if ready_file is not None:
+        _write_ready_file(
+            ready_file,
+            {
+                "pid": os.getpid(),
+                "name": settings.name,
+                "http": config.http,
+                "http_port": http_port,
+                "fabric_port": agent.port,
+                "generation": membership.generation,
+            },
+        )
+    await stop.wait()
+    await coordinator.stop()
+    alog.info("draining: %d transfers in flight", agent.in_flight())
+    await membership.leave()
+    running.left = True
+    alog.info("left the group")
+    return EXIT_OK
+
+
+async def _start(settings: AgentSettings, running: _Running, alog: _AgentLog) -> tuple[MemberConfig, int]:
+    """The fabric agent, the HTTP endpoint, the membership and the coordinator, in that order.
+
+    Returns:
+        The membership's config and the HTTP port bound.
+    """
+    fabric_config = AgentConfig.from_settings(settings)
+    secret = fabric_config.secret
+    assert secret is not None  # AgentSettings requires one
+    agent = running.agent = Agent(settings.name, fabric_config)
+    if settings.kv_pool_bytes:
+        agent.alloc(settings.kv_pool_bytes, KV_POOL_REGION)
+    http_port = await running.server.start(settings.http_host, settings.http_port)
+    config = MemberConfig(
+        name=settings.name,
+        group=settings.group,
+        secret=secret,
+        lease_ttl=settings.lease_ttl,
+        node=settings.node,
+        instance=settings.instance,
+        http=settings.http_address(http_port),
+        drain_timeout=settings.drain_timeout,
+        join_timeout=settings.join_timeout,
+    )
+    membership = running.membership = Membership(settings.etcd, config, agent)
+    holder = None
+    if settings.planning.experts and settings.planning.expert_source:
+        holder = ExpertHolder(agent, ExpertSource.parse(settings.planning.expert_source))
+    coordinator = running.coordinator = Coordinator(membership, planning_config(settings.planning), holder)
+    # no await since the server started: the routes are in place before any request runs
+    running.server.routes.update(
+        agent_http.agent_routes(membership, agent_metrics.AgentMetrics(membership), coordinator.status)
+    )
+    alog.info(
+        "starting: fabric on %s:%d (%s), http on %s:%d, etcd %s",
+        settings.fabric_host,
+        agent.port,
+        ",".join(b.value for b in agent.backends),
+        settings.http_host,
+        http_port,
+        ",".join(settings.etcd.endpoints),
+    )
+    return config, http_port
 
 
 def planning_config(p: agent_settings.PlanningSettings) -> PlanningConfig:

@@ -1,14 +1,20 @@
-"""Agent settings: one frozen object, every field documented, the environment parsed here only."""
+"""The fabric agent's config: one frozen object, every field documented.
+
+It reads no environment: the node agent builds it from `weft.api.agent_settings.AgentSettings`
+(`AgentConfig.from_settings`), the one reader of ``WEFT_*`` variables.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from weft.fabric import errors
 from weft.fabric.types import Backend
+
+if TYPE_CHECKING:
+    from weft.api.agent_settings import AgentSettings
 
 DEFAULT_BACKENDS: tuple[Backend, ...] = (Backend.LOCAL, Backend.TCP)
 
@@ -131,32 +137,23 @@ class AgentConfig:
         return AgentConfig(backends, **current)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> AgentConfig:
-        """Build a config from WEFT_* variables (the only place weft reads the environment).
+    def from_settings(cls, settings: AgentSettings) -> AgentConfig:
+        """The fabric's part of the agent's settings (which alone read the environment).
 
-        WEFT_BACKENDS (comma list), WEFT_SECRET, WEFT_LISTEN_HOST, WEFT_LISTEN_PORT,
-        WEFT_ADVERTISE_HOST, WEFT_TRANSFER_TIMEOUT. Keyword overrides win.
+        Args:
+            settings: the resolved `AgentSettings` (flags, ``WEFT_*`` variables, file).
+        Returns:
+            The config for the node agent's `Agent`.
+        Raises:
+            ConfigError: the join token cannot be read, or a fabric field is out of range.
         """
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        if "WEFT_BACKENDS" in env:
-            values["backends"] = [b for b in env["WEFT_BACKENDS"].split(",") if b.strip()]
-        if "WEFT_SECRET" in env:
-            values["secret"] = env["WEFT_SECRET"]
-        for var, key, conv in (
-            ("WEFT_LISTEN_HOST", "listen_host", str),
-            ("WEFT_LISTEN_PORT", "listen_port", int),
-            ("WEFT_ADVERTISE_HOST", "advertise_host", str),
-            ("WEFT_TRANSFER_TIMEOUT", "transfer_timeout", float),
-        ):
-            if var in env:
-                try:
-                    values[key] = conv(env[var])
-                except ValueError as exc:
-                    raise errors.ConfigError(f"{var}={env[var]!r}: {exc}") from exc
-        values.update(overrides)
-        backends = values.pop("backends", DEFAULT_BACKENDS)
-        return cls(backends, **values)
+        return cls(
+            settings.backends,
+            secret=settings.join_token(),
+            listen_host=settings.listen_host,
+            listen_port=settings.listen_port,
+            advertise_host=settings.advertise_host,
+        )
 
 
 def _parse_backends(backends: Iterable[str | Backend]) -> tuple[Backend, ...]:

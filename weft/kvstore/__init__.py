@@ -1,4 +1,4 @@
-"""weft.kvstore: LMCache-compatible KV-cache offload to storage tiers (issue 5, in progress)."""
+"""weft.kvstore: LMCache-compatible KV-cache offload to storage tiers."""
 
 from weft.kvstore.config import LMCacheConfig, NixlBackend, ObjParams, load_lmcache_config
 from weft.kvstore.store import KVStore

@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,147 @@ def _load(load: Mapping[int, float], e: int) -> float:
     return max(float(load.get(e, 1.0)), 1e-9)
 
 
+def _capacity(spec: ExpertSpec, counts: dict[int, int], n: int, load: Mapping[int, float]) -> int:
+    """Slots per member; when they cannot hold every replica, drops redundant ones (coldest
+    first) from `counts` in place."""
+    total = sum(counts.values())
+    # without a slot limit: an even spread plus one slot of slack, so that greedy packing of
+    # unequal loads never paints itself into a corner
+    cap = (
+        spec.slots_per_member if spec.slots_per_member is not None else (math.ceil(total / n) + 1 if n else 0)
+    )
+    if total > cap * n:  # not enough room: drop redundant replicas first, coldest first
+        base = min(spec.replication, n)
+        order = sorted(counts, key=lambda e: (_load(load, e) / counts[e], e))
+        excess = total - cap * n
+        for e in order:
+            while excess and counts[e] > base:
+                counts[e] -= 1
+                excess -= 1
+    return cap
+
+
+@dataclass
+class _Packing:
+    """The placement being built: who hosts what, each member's load and used slots."""
+
+    names: list[str]
+    counts: dict[int, int]
+    cap: int
+    weight: dict[int, float]
+    hosts: dict[int, list[str]] = field(init=False)
+    member_load: dict[str, float] = field(init=False)
+    used: dict[str, int] = field(init=False)
+    added: list[tuple[int, str]] = field(default_factory=list)
+    repairs: int = 0
+
+    def __post_init__(self) -> None:
+        self.hosts = {e: [] for e in self.counts}
+        self.member_load = dict.fromkeys(self.names, 0.0)
+        self.used = dict.fromkeys(self.names, 0)
+
+    def keep(self, previous: Mapping[int, Sequence[str]]) -> None:
+        """Step 2: the previous replicas on live members stay, within the counts and slots."""
+        live = set(self.names)
+        hosts, weight = self.hosts, self.weight
+        for e in sorted(self.counts):
+            for m in sorted(set(previous.get(e, ()))):
+                if m in live:
+                    hosts[e].append(m)
+        for e in sorted(self.counts):
+            while len(hosts[e]) > self.counts[e]:
+                kept_load = {m: sum(weight[x] for x in self.counts if m in hosts[x]) for m in hosts[e]}
+                drop = max(hosts[e], key=lambda m: (kept_load[m], m))
+                hosts[e].remove(drop)
+        for e, hs in hosts.items():
+            for m in hs:
+                self.member_load[m] += weight[e]
+                self.used[m] += 1
+        for m in self.names:
+            while self.used[m] > self.cap:  # a member over its limit sheds its lightest experts
+                mine = sorted((weight[e], e) for e in hosts if m in hosts[e])
+                _, e = mine[0]
+                hosts[e].remove(m)
+                self.member_load[m] -= weight[e]
+                self.used[m] -= 1
+
+    def _heap(self) -> list[tuple[float, int, str]]:
+        heap = [(self.member_load[m], self.used[m], m) for m in self.names if self.used[m] < self.cap]
+        heapq.heapify(heap)
+        return heap
+
+    def _pop_host(self, e: int, heap: list[tuple[float, int, str]]) -> str | None:
+        """The least loaded member with room that does not host `e` yet, off the heap."""
+        skipped = []
+        chosen = None
+        while heap:
+            item = heapq.heappop(heap)
+            m = item[2]
+            if item[0] != self.member_load[m] or item[1] != self.used[m] or self.used[m] >= self.cap:
+                continue  # stale heap entry
+            if m in self.hosts[e]:
+                skipped.append(item)
+                continue
+            chosen = m
+            break
+        for item in skipped:
+            heapq.heappush(heap, item)
+        return chosen
+
+    def fill(self) -> None:
+        """Step 3: place what is missing, hottest first, on the least loaded member with room."""
+        heap = self._heap()
+        for e in sorted(self.counts, key=lambda e: (-self.weight[e], e)):
+            while len(self.hosts[e]) < self.counts[e] and heap:
+                chosen = self._pop_host(e, heap)
+                if chosen is None:
+                    room = _make_room(
+                        e, self.hosts, self.names, self.used, self.cap, self.weight, self.member_load
+                    )
+                    if room is None:
+                        break
+                    chosen, moved, to = room
+                    self.repairs += 1
+                    self.added = [a for a in self.added if a != (moved, chosen)]
+                    self.added.append((moved, to))
+                    heap = self._heap()
+                self.hosts[e].append(chosen)
+                self.added.append((e, chosen))
+                self.member_load[chosen] += self.weight[e]
+                self.used[chosen] += 1
+                if self.used[chosen] < self.cap:
+                    heapq.heappush(heap, (self.member_load[chosen], self.used[chosen], chosen))
+
+    def rebalance(self, budget: int, imbalance: float) -> None:
+        """Step 4: up to `budget` single moves from the busiest to the idlest member while the
+        busiest carries more than `imbalance` times the mean."""
+        names, member_load, used = self.names, self.member_load, self.used
+        mean = sum(member_load.values()) / len(names)
+        for _ in range(budget):
+            hi = max(names, key=lambda m: (member_load[m], m))
+            lo = min(names, key=lambda m: (member_load[m], m))
+            gap = member_load[hi] - member_load[lo]
+            if member_load[hi] <= imbalance * mean or used[lo] >= self.cap:
+                break
+            # a move must strictly even out (w < gap, with room for rounding), or it just swaps
+            candidates = [
+                e
+                for e in self.hosts
+                if hi in self.hosts[e] and lo not in self.hosts[e] and self.weight[e] < gap * (1 - 1e-9)
+            ]
+            if not candidates:
+                break
+            e = min(candidates, key=lambda e: (abs(self.weight[e] - gap / 2), e))
+            self.hosts[e].remove(hi)
+            self.hosts[e].append(lo)
+            self.added = [a for a in self.added if a != (e, hi)]
+            self.added.append((e, lo))
+            member_load[hi] -= self.weight[e]
+            member_load[lo] += self.weight[e]
+            used[hi] -= 1
+            used[lo] += 1
+
+
 def place_experts(
     spec: ExpertSpec,
     members: Sequence[str],
@@ -129,120 +270,25 @@ def place_experts(
         members: live members eligible to host experts (draining and dead ones left out).
         previous: the previous placement (expert -> members); replicas on live members stay.
         load: relative load per expert (hits); missing experts count 1.0.
+
+    Returns:
+        The placement, the replicas it adds, the experts left under-replicated.
     """
     load = load or {}
     previous = previous or {}
     names = sorted(set(members))
-    live = set(names)
     n = len(names)
     counts = replica_counts(spec, n, load)
     base = min(spec.replication, n)
+    cap = _capacity(spec, counts, n, load)
     total = sum(counts.values())
-    # without a slot limit: an even spread plus one slot of slack, so that greedy packing of
-    # unequal loads never paints itself into a corner
-    cap = (
-        spec.slots_per_member if spec.slots_per_member is not None else (math.ceil(total / n) + 1 if n else 0)
-    )
-    if total > cap * n:  # not enough room: drop redundant replicas first, coldest first
-        order = sorted(counts, key=lambda e: (_load(load, e) / counts[e], e))
-        excess = total - cap * n
-        for e in order:
-            while excess and counts[e] > base:
-                counts[e] -= 1
-                excess -= 1
-        total = sum(counts.values())
-
     weight = {e: _load(load, e) / max(c, 1) for e, c in counts.items()}
-    hosts: dict[int, list[str]] = {e: [] for e in counts}
-    member_load = dict.fromkeys(names, 0.0)
-    used = dict.fromkeys(names, 0)
-    # 2. keep the previous replicas that still stand
-    for e in sorted(counts):
-        for m in sorted(set(previous.get(e, ()))):
-            if m in live:
-                hosts[e].append(m)
-    for e in sorted(counts):
-        while len(hosts[e]) > counts[e]:
-            kept_load = {m: sum(weight[x] for x in counts if m in hosts[x]) for m in hosts[e]}
-            drop = max(hosts[e], key=lambda m: (kept_load[m], m))
-            hosts[e].remove(drop)
-    for e, hs in hosts.items():
-        for m in hs:
-            member_load[m] += weight[e]
-            used[m] += 1
-    for m in names:
-        while used[m] > cap:  # a member over its limit sheds its lightest experts
-            mine = sorted((weight[e], e) for e in hosts if m in hosts[e])
-            _, e = mine[0]
-            hosts[e].remove(m)
-            member_load[m] -= weight[e]
-            used[m] -= 1
-
-    # 3. place what is missing, hottest first, on the least loaded member with room
-    added: list[tuple[int, str]] = []
-    repairs = 0
-    heap = [(member_load[m], used[m], m) for m in names if used[m] < cap]
-    heapq.heapify(heap)
-    for e in sorted(counts, key=lambda e: (-weight[e], e)):
-        while len(hosts[e]) < counts[e] and heap:
-            skipped = []
-            chosen = None
-            while heap:
-                item = heapq.heappop(heap)
-                m = item[2]
-                if item[0] != member_load[m] or item[1] != used[m] or used[m] >= cap:
-                    continue  # stale heap entry
-                if m in hosts[e]:
-                    skipped.append(item)
-                    continue
-                chosen = m
-                break
-            for item in skipped:
-                heapq.heappush(heap, item)
-            if chosen is None:
-                room = _make_room(e, hosts, names, used, cap, weight, member_load)
-                if room is None:
-                    break
-                chosen, moved, to = room
-                repairs += 1
-                added = [a for a in added if a != (moved, chosen)]
-                added.append((moved, to))
-                heap = [(member_load[m], used[m], m) for m in names if used[m] < cap]
-                heapq.heapify(heap)
-            hosts[e].append(chosen)
-            added.append((e, chosen))
-            member_load[chosen] += weight[e]
-            used[chosen] += 1
-            if used[chosen] < cap:
-                heapq.heappush(heap, (member_load[chosen], used[chosen], chosen))
-
-    # 4. a few moves to even out load (only when clearly unbalanced)
+    packing = _Packing(names, counts, cap, weight)
+    packing.keep(previous)
+    packing.fill()
     if n > 1 and total:
-        mean = sum(member_load.values()) / n
         # a first placement moves no data yet: balance it fully; a re-plan moves a bounded few
-        budget = spec.rebalance_moves if previous else 4 * total
-        for _ in range(budget):
-            hi = max(names, key=lambda m: (member_load[m], m))
-            lo = min(names, key=lambda m: (member_load[m], m))
-            gap = member_load[hi] - member_load[lo]
-            if member_load[hi] <= spec.imbalance * mean or used[lo] >= cap:
-                break
-            # a move must strictly even out (w < gap, with room for rounding), or it just swaps
-            candidates = [
-                e for e in hosts if hi in hosts[e] and lo not in hosts[e] and weight[e] < gap * (1 - 1e-9)
-            ]
-            if not candidates:
-                break
-            e = min(candidates, key=lambda e: (abs(weight[e] - gap / 2), e))
-            hosts[e].remove(hi)
-            hosts[e].append(lo)
-            added = [a for a in added if a != (e, hi)]
-            added.append((e, lo))
-            member_load[hi] -= weight[e]
-            member_load[lo] += weight[e]
-            used[hi] -= 1
-            used[lo] += 1
-
-    experts = {e: tuple(sorted(hs)) for e, hs in hosts.items()}
+        packing.rebalance(spec.rebalance_moves if previous else 4 * total, spec.imbalance)
+    experts = {e: tuple(sorted(hs)) for e, hs in packing.hosts.items()}
     under = tuple(e for e in sorted(experts) if len(experts[e]) < base or (spec.replication and n == 0))
-    return Placement(experts, under, tuple(sorted(added)), member_load, repairs)
+    return Placement(experts, under, tuple(sorted(packing.added)), packing.member_load, packing.repairs)
