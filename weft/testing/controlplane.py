@@ -35,6 +35,7 @@ SERVICE_RANGE = "198.19.0.0/24"  # RFC 2544 benchmarking space, never routed
 
 
 def cache_dir() -> Path:
+    """Where the Kubernetes binaries of `K8S_VERSION` are cached (`$WEFT_CACHE`, else ~/.cache/weft)."""
     return Path(os.environ.get("WEFT_CACHE", Path.home() / ".cache" / "weft")) / "k8s" / f"v{K8S_VERSION}"
 
 
