@@ -79,10 +79,10 @@ k8s:
 	@scripts/k8s-build.sh >/dev/null
 
 cluster-up: setup k8s
-	$(BIN)/python -m weft.operator.controlplane up
+	$(BIN)/python -m weft.testing.controlplane up
 
 cluster-down: setup
-	$(BIN)/python -m weft.operator.controlplane down
+	$(BIN)/python -m weft.testing.controlplane down
 
 test-unit: setup
 	$(BIN)/python -m pytest -m 'not integration' $(PYTEST_ARGS)

@@ -1284,12 +1284,12 @@ def make_server(workdir: Path) -> tuple[Any, str]:
     try:
         if str(REPO_ROOT) not in sys.path:
             sys.path.insert(0, str(REPO_ROOT))
-        from weft.membership.etcdserver import EtcdServer
+        from weft.testing.etcd import EtcdServer
 
         server = EtcdServer(None)
         try:
             server.start(30.0)
-            return server, "weft.membership.etcdserver.EtcdServer"
+            return server, "weft.testing.etcd.EtcdServer"
         except Exception as exc:
             server.close()
             note = f" (EtcdServer failed to start: {err_text(exc)})"

@@ -2,7 +2,7 @@
 """weft membership: how fast a dead agent is dropped, and what a 200-member watch costs.
 
 Everything runs against a real etcd (Debian's etcd-server, 3.4) started by the script through
-`weft.membership.etcdserver.EtcdServer` on free loopback ports, and every time compared is
+`weft.testing.etcd.EtcdServer` on free loopback ports, and every time compared is
 `time.time()` on this one host.
 
 Detection (``kill`` and ``stop``): N real ``weft agent`` processes (default 8) in one group,
@@ -1185,7 +1185,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     _weft_importable()
-    from weft.membership.etcdserver import EtcdServer, find_etcd_binary
+    from weft.testing.etcd import EtcdServer, find_etcd_binary
 
     t0 = time.monotonic()
     report: dict[str, Any] = {

@@ -28,9 +28,9 @@ from typing import Any
 from weft.api import records
 from weft.api.settings import EtcdSettings
 from weft.membership._etcd import Etcd
-from weft.membership.etcdserver import EtcdServer
-from weft.operator.controlplane import ControlPlane
 from weft.operator.kube import Kube
+from weft.testing.controlplane import ControlPlane
+from weft.testing.etcd import EtcdServer
 
 NS = "bench"
 TOKEN = b"bench-join-token-0123456789"

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from weft.agent.coordinator import Coordinator, PlanningConfig
 from weft.api.settings import EtcdSettings, GroupRef
-from weft.membership.etcdserver import EtcdServer
 from weft.membership.member import MemberConfig, Membership, MembershipEvent
 from weft.planner import ExpertSpec, RatioPolicy
+from weft.testing.etcd import EtcdServer
 
 SECRET = secrets.token_bytes(32)
 

@@ -2,7 +2,7 @@
 (`helm-python-sdk`, no helm binary), and install it for real.
 
 Validation goes past `helm lint`: every manifest the chart renders, for each value set in
-`VARIANTS`, is sent to a real kube-apiserver 1.20 (`weft.operator.controlplane`) as a
+`VARIANTS`, is sent to a real kube-apiserver 1.20 (`weft.testing.controlplane`) as a
 server-side dry run with kubectl's schema validation on, so unknown fields, wrong types and
 anything the API server's own validation refuses fail the check. The CRDs are applied first,
 so the example TransferGroup is checked against the CRD's schema too.
@@ -148,7 +148,7 @@ def check_all(kubectl: Any) -> dict[str, list[str]]:
 
 
 def _control_plane() -> Iterator[Any]:
-    from weft.operator.controlplane import ControlPlane
+    from weft.testing.controlplane import ControlPlane
 
     with tempfile.TemporaryDirectory(prefix="weft-helm-") as tmp, ControlPlane(Path(tmp)) as plane:
         yield plane

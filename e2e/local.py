@@ -4,7 +4,7 @@ packages, with weft installed by its Helm chart.
 What runs (all from Debian's packages or built from Debian's ``kubernetes`` source package by
 ``scripts/k8s-build.sh --node``, cached in ``~/.cache/weft/k8s``):
 
-- etcd + kube-apiserver + kube-controller-manager (`weft.operator.controlplane.ControlPlane`,
+- etcd + kube-apiserver + kube-controller-manager (`weft.testing.controlplane.ControlPlane`,
   serving on the node address), kube-scheduler, kubelet 1.20 with dockershim, kube-proxy in
   iptables mode;
 - dockerd from ``docker.io`` with its own socket and data root, started by hand;
@@ -46,8 +46,8 @@ from typing import Any
 from e2e import chart, images
 from e2e.driver import ETCD_SERVICE, RELEASE, TOKEN_SECRET, KubeDriver, Pod
 from e2e.shell import CommandError, isolate_argv, run, succeeds
-from weft.membership.etcdserver import _free_loopback_ports
-from weft.operator.controlplane import ControlPlane, cache_dir
+from weft.testing.controlplane import ControlPlane, cache_dir
+from weft.testing.etcd import free_loopback_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_IP, NODE_BRIDGE = "198.18.0.1", "weftnode0"
@@ -162,7 +162,7 @@ class LocalCluster:
                     "--cni-bin-dir=/usr/lib/cni", f"--cni-conf-dir={CNI_CONF.parent}",
                     f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_IP}", "--register-node=true",
                     f"--root-dir={root / 'root'}", f"--cert-dir={root / 'pki'}")  # fmt: skip
-        healthz, metrics = _free_loopback_ports(2)
+        healthz, metrics = free_loopback_ports(2)
         procs["kube-proxy"] = plane.spawn("kube-proxy", f"--kubeconfig={k}",
                     f"--hostname-override={NODE_NAME}", "--proxy-mode=iptables",
                     f"--cluster-cidr={POD_RANGE}", f"--bind-address={NODE_IP}",

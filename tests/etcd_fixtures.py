@@ -14,7 +14,7 @@ import pytest
 
 from tests.certs import TestCerts, make_certs
 from weft.fabric.errors import ConfigError
-from weft.membership.etcdserver import EtcdServer, EtcdTLS, find_etcd_binary
+from weft.testing.etcd import EtcdServer, EtcdTLS, find_etcd_binary
 
 AUTH_USER = "weft"
 AUTH_PASSWORD = "weft-test-password"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from weft.fabric.errors import ConfigError
-from weft.operator.controlplane import ControlPlane, find_binaries
+from weft.testing.controlplane import ControlPlane, find_binaries
 
 CRD_FILE = Path(__file__).resolve().parent.parent / "crds" / "transfergroup.yaml"
 

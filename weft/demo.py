@@ -34,7 +34,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Tr
 from rich.table import Table
 
 from weft.fabric import Agent, AgentConfig, Op
-from weft.membership.etcdserver import EtcdServer
+from weft.testing.etcd import EtcdServer
 
 BLOCK = 1 << 20
 BLOCKS = 256

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pytest
 
 from weft import cli
-from weft.membership.etcdserver import EtcdServer
+from weft.testing.etcd import EtcdServer
 
 integration = pytest.mark.integration
 

@@ -13,10 +13,10 @@ from weft.agent.coordinator import Coordinator, PlanningConfig, plan_from_record
 from weft.api import records
 from weft.api.settings import EtcdSettings, GroupRef
 from weft.membership._etcd import Etcd
-from weft.membership.etcdserver import EtcdServer
 from weft.membership.member import MemberConfig, Membership
 from weft.planner import ExpertSpec, LoadPolicy, RatioPolicy, next_plan
 from weft.planner.roles import role_counts
+from weft.testing.etcd import EtcdServer
 
 pytestmark = pytest.mark.integration
 

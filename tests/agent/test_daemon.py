@@ -19,8 +19,8 @@ from weft.api import agent_settings
 from weft.api.agent_settings import AgentSettings
 from weft.api.settings import EtcdSettings, GroupRef
 from weft.fabric.errors import ConfigError, WeftError
-from weft.membership.etcdserver import EtcdServer
 from weft.membership.member import MemberConfig, Membership
+from weft.testing.etcd import EtcdServer
 
 integration = pytest.mark.integration
 

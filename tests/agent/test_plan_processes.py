@@ -17,7 +17,7 @@ from tests.s3_fixtures import S3Server
 from weft.agent.experts import SyntheticExperts, publish_experts
 from weft.api.settings import EtcdSettings
 from weft.kvstore import KVStore
-from weft.membership.etcdserver import EtcdServer
+from weft.testing.etcd import EtcdServer
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ import pytest
 from e2e.observe import Observer, healthy
 from e2e.traffic import Traffic
 from tests.agent.test_cli import TOKEN, AgentProcess, start_agent, token_file, wait_for
-from weft.membership.etcdserver import EtcdServer
+from weft.testing.etcd import EtcdServer
 
 pytestmark = pytest.mark.integration
 __all__ = ["start_agent", "token_file"]

@@ -14,8 +14,8 @@ from tests.memberproc import MemberProcess, start_members
 from weft.api import records
 from weft.api.settings import EtcdSettings
 from weft.membership._etcd import Etcd
-from weft.membership.etcdserver import EtcdServer
 from weft.planner.experts import ExpertSpec, place_experts
+from weft.testing.etcd import EtcdServer
 
 pytestmark = pytest.mark.integration
 RANKS, EXPERTS, HIDDEN, TOKENS = 8, 32, 1024, 4096

@@ -10,7 +10,7 @@ import pytest
 
 from e2e import chart
 from tests.k8s_fixtures import control_plane  # noqa: F401  (fixture)
-from weft.operator.controlplane import ControlPlane
+from weft.testing.controlplane import ControlPlane
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -27,7 +27,7 @@ from weft.api import records
 from weft.api.records import MemberRecord
 from weft.api.settings import EtcdSettings, GroupRef
 from weft.membership._etcd import Etcd
-from weft.membership.etcdserver import EtcdServer
+from weft.testing.etcd import EtcdServer
 
 pytestmark = pytest.mark.integration
 

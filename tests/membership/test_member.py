@@ -20,8 +20,8 @@ from weft.api.records import MemberRecord
 from weft.api.settings import EtcdSettings, GroupRef
 from weft.membership import errors
 from weft.membership._etcd import Etcd
-from weft.membership.etcdserver import EtcdServer
 from weft.membership.member import MemberConfig, Membership, Phase
+from weft.testing.etcd import EtcdServer
 
 pytestmark = pytest.mark.integration
 

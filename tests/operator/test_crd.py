@@ -14,7 +14,7 @@ import pytest
 from tests.k8s_fixtures import CRD_FILE
 from weft.api.agent_settings import dump_yaml
 from weft.api.transfergroup import TransferGroupSpec, crd_yaml, cross_field_problems
-from weft.operator.controlplane import ControlPlane
+from weft.testing.controlplane import ControlPlane
 
 
 def test_the_crd_file_is_what_weft_crds_generates() -> None:

@@ -18,8 +18,8 @@ from tests.agent.test_cli import TOKEN, AgentProcess, start_agent, token_file, w
 from tests.k8s_fixtures import CRD_FILE
 from weft.api.agent_settings import parse_yaml
 from weft.kvstore import load_lmcache_config
-from weft.membership.etcdserver import EtcdServer
-from weft.operator.controlplane import ControlPlane
+from weft.testing.controlplane import ControlPlane
+from weft.testing.etcd import EtcdServer
 
 pytestmark = pytest.mark.integration
 __all__ = ["start_agent", "token_file"]  # the agent-process fixtures, shared

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from weft.fabric import _cuda, errors
+from weft.fabric import errors, gpu
 from weft.fabric.agent import Agent
 from weft.fabric.memory import Registration, RemoteRegion
 from weft.fabric.transfer import PreparedTransfer, Transfer
@@ -568,14 +568,14 @@ def _to_host(x: Any) -> np.ndarray:
     if iface.get("strides") is not None:
         raise errors.InvalidBufferError("CUDA activations must be C-contiguous")
     host = np.empty(tuple(iface["shape"]), dtype=np.dtype(iface["typestr"]))
-    _cuda.device_to_host(_cuda.cuda_pointer(x), host.reshape(-1).view(np.uint8).data)
+    gpu.device_to_host(gpu.cuda_pointer(x), host.reshape(-1).view(np.uint8).data)
     return host
 
 
 def _to_device(host: np.ndarray) -> Any:
     """`host` copied to a new device array (CuPy) of the same shape and dtype."""
-    dev = _cuda.alloc(host.nbytes)
-    _cuda.host_to_device(np.ascontiguousarray(host).reshape(-1).view(np.uint8).data, _cuda.cuda_pointer(dev))
+    dev = gpu.alloc(host.nbytes)
+    gpu.host_to_device(np.ascontiguousarray(host).reshape(-1).view(np.uint8).data, gpu.cuda_pointer(dev))
     return dev.view(host.dtype).reshape(host.shape)
 
 

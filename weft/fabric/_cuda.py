@@ -68,6 +68,7 @@ def device_of(obj: Any) -> int:
 
 
 def cuda_pointer(obj: Any) -> int:
+    """The device address of an object with `__cuda_array_interface__`."""
     iface = obj.__cuda_array_interface__
     return int(iface["data"][0])
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol, overload
 
 import numpy as np
 
-from weft.fabric import _cuda
+from weft.fabric import gpu
 from weft.fabric.errors import ConfigError, InvalidBufferError
 from weft.kvstore.config import LMCacheConfig, NixlBackend, load_lmcache_config
 from weft.kvstore.posix import FsyncPolicy, PosixTier
@@ -140,7 +140,7 @@ class KVStore:
                 f"(nixl_buffer_size={self.config.nixl_buffer_size})"
             )
         if self._staging is None:
-            _cuda.require_gpu("a device buffer in the KV store")
+            gpu.require_gpu("a device buffer in the KV store")
             self._staging = np.empty(self.config.nixl_buffer_size, np.uint8)
         return memoryview(self._staging)[:nbytes]
 
@@ -148,7 +148,7 @@ class KVStore:
         nbytes = _device_nbytes(data)
         with self._stage_lock:
             host = self._stage(nbytes)
-            _cuda.device_to_host(_cuda.cuda_pointer(data), host)
+            gpu.device_to_host(gpu.cuda_pointer(data), host)
             self._tier.put(key, host)
 
     def _get_device(self, key: str, into: Any) -> bool:
@@ -159,7 +159,7 @@ class KVStore:
             if got is None:
                 return False
             assert isinstance(got, int)
-            _cuda.host_to_device(host[:got], _cuda.cuda_pointer(into))
+            gpu.host_to_device(host[:got], gpu.cuda_pointer(into))
             return True
 
     # -- the API ----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import Self
 from weft.fabric.errors import ConfigError
 from weft.membership import errors
 
-log = logging.getLogger("weft.membership.etcd")
+log = logging.getLogger(__name__)
 
 _DEFAULT_BINARY = "/usr/bin/etcd"
 _DEFAULT_ETCDCTL = "/usr/bin/etcdctl"
@@ -135,8 +135,15 @@ def _find_tool(explicit: str | None, name: str, default: str, package: str) -> s
     raise ConfigError(f"etcd is needed but {where}; {_INSTALL_HINT} (Debian package {package})")
 
 
-def _free_loopback_ports(count: int) -> list[int]:
-    """Ports the kernel just handed out on 127.0.0.1 (free now; the race after close is accepted)."""
+def free_loopback_ports(count: int) -> list[int]:
+    """Ports the kernel just handed out on 127.0.0.1, free now (the race after close is accepted).
+
+    Args:
+        count: how many distinct ports to pick.
+
+    Returns:
+        `count` port numbers, all bound at once so that none repeats.
+    """
     with contextlib.ExitStack() as stack:
         ports = []
         for _ in range(count):
@@ -444,7 +451,7 @@ class EtcdServer:
 
     def _start_once(self, deadline: float) -> None:
         if self._ports is None:
-            client_port, peer_port = _free_loopback_ports(2)
+            client_port, peer_port = free_loopback_ports(2)
             self._ports = (client_port, peer_port)
         log_file = self._log_file
         assert log_file is not None  # set by _prepare_dirs

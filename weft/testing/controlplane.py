@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 
 from weft.fabric.errors import ConfigError
-from weft.membership.etcdserver import EtcdServer, _free_loopback_ports
+from weft.testing.etcd import EtcdServer, free_loopback_ports
 
 K8S_VERSION = "1.20.2"
 BINARIES = ("kube-apiserver", "kube-controller-manager", "kubectl")
@@ -35,6 +35,7 @@ SERVICE_RANGE = "198.19.0.0/24"  # RFC 2544 benchmarking space, never routed
 
 
 def cache_dir() -> Path:
+    """Where the Kubernetes binaries of `K8S_VERSION` are cached (`$WEFT_CACHE`, else ~/.cache/weft)."""
     return Path(os.environ.get("WEFT_CACHE", Path.home() / ".cache" / "weft")) / "k8s" / f"v{K8S_VERSION}"
 
 
@@ -122,7 +123,7 @@ class ControlPlane:
         self._certs(pki)
         self.etcd = EtcdServer(self.run_dir / "etcd", name="k8s-etcd", log_file=self.run_dir / "etcd.log")
         self.etcd.start()
-        self.port, kcm_port = _free_loopback_ports(2)
+        self.port, kcm_port = free_loopback_ports(2)
         (pki / "tokens.csv").write_text(f'{self.token},admin,uid-admin,"system:masters"\n')
         cluster = f"{{server: '{self.server}', certificate-authority: '{self.ca_file}'}}"
         self.kubeconfig.write_text(
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     ap = argparse.ArgumentParser(
-        prog="python -m weft.operator.controlplane", description=__doc__.split("\n\n")[0]
+        prog="python -m weft.testing.controlplane", description=__doc__.split("\n\n")[0]
     )
     ap.add_argument("action", choices=["up", "down"])
     ap.add_argument("--dir", type=Path, default=cache_dir().parent / "cluster", help="run directory")

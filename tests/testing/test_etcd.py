@@ -13,8 +13,8 @@ import pytest
 
 from tests.certs import TestCerts
 from weft.fabric.errors import ConfigError
-from weft.membership import etcdserver
-from weft.membership.etcdserver import EtcdServer, EtcdStartError
+from weft.testing import etcd as etcd_kit
+from weft.testing.etcd import EtcdServer, EtcdStartError
 
 integration = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def _health(server: EtcdServer, context: ssl.SSLContext | None = None) -> dict[s
 
 def _etcdctl(server: EtcdServer, *args: str) -> subprocess.CompletedProcess[str]:
     """etcdctl with nothing but the endpoint and `args`: no credentials added."""
-    cmd = [etcdserver.find_etcdctl_binary(), f"--endpoints={server.endpoint}", "--dial-timeout=1s"]
+    cmd = [etcd_kit.find_etcdctl_binary(), f"--endpoints={server.endpoint}", "--dial-timeout=1s"]
     return subprocess.run(
         [*cmd, "--command-timeout=2s", *args], capture_output=True, text=True, timeout=10, check=False
     )
@@ -138,9 +138,9 @@ def test_tls_accepts_client_certificate(etcd_tls: tuple[EtcdServer, TestCerts]) 
 @integration
 def test_auth_requires_user(etcd_auth: tuple[EtcdServer, str, str]) -> None:
     server, user, password = etcd_auth
-    with pytest.raises(etcdserver.EtcdctlError, match="user name is empty"):
+    with pytest.raises(etcd_kit.EtcdctlError, match="user name is empty"):
         server.etcdctl("put", "/t/auth", "v")
-    with pytest.raises(etcdserver.EtcdctlError, match="authentication failed"):
+    with pytest.raises(etcd_kit.EtcdctlError, match="authentication failed"):
         server.etcdctl("put", "/t/auth", "v", user=user, password="wrong")
     server.etcdctl("put", "/t/auth", "v", user=user, password=password)
     assert (
@@ -157,14 +157,14 @@ def test_missing_binary_is_a_config_error(tmp_path: Path) -> None:
 def test_missing_binary_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WEFT_ETCD_BIN", str(tmp_path / "no-etcd"))
     with pytest.raises(ConfigError, match="apt-get install etcd-server"):
-        etcdserver.find_etcd_binary()
+        etcd_kit.find_etcd_binary()
 
 
 @integration
 def test_first_start_retries_when_a_port_was_taken(
     etcd_binary: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = etcdserver._free_loopback_ports
+    real = etcd_kit.free_loopback_ports
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
@@ -174,7 +174,7 @@ def test_first_start_retries_when_a_port_was_taken(
         def first_pick_taken(count: int) -> list[int]:
             return next(picks, None) or real(count)
 
-        monkeypatch.setattr(etcdserver, "_free_loopback_ports", first_pick_taken)
+        monkeypatch.setattr(etcd_kit, "free_loopback_ports", first_pick_taken)
         with EtcdServer(tmp_path / "etcd", binary=etcd_binary) as server:
             assert server.client_port != taken
             assert _health(server)["health"] == "true"
