@@ -160,8 +160,13 @@ class GroupClients:
                     digest.update(
                         b"%s=%d:%s;" % (secret_key.encode(), len(files[secret_key]), files[secret_key])
                     )
-        endpoints = await asyncio.to_thread(self._resolve, list(spec.etcd.endpoints))
-        settings = EtcdSettings(endpoints=endpoints, **extra)
+        try:
+            endpoints = await asyncio.to_thread(self._resolve, list(spec.etcd.endpoints))
+            settings = EtcdSettings(endpoints=endpoints, **extra)
+        except BaseException:
+            if tls_dir is not None:
+                tls_dir.cleanup()
+            raise
         digest.update(repr(endpoints).encode())
         ref = spec.etcd.join_token_secret_ref
         token: bytes | None = None
