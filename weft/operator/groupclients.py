@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from weft.api.errors import WeftError
 from weft.api.settings import EtcdSettings, GroupRef
 from weft.api.transfergroup import TransferGroupSpec
 from weft.membership.client import GroupClient
@@ -38,7 +39,7 @@ class SecretReader(Protocol):
     def __call__(self, name: str, namespace: str) -> Mapping[str, bytes]: ...
 
 
-class TokenMissingError(Exception):
+class TokenMissingError(WeftError):
     """The join token's Secret could not be read (the drain step and the mirror need it)."""
 
 
