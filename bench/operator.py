@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from weft.api import records
-from weft.api.settings import EtcdSettings
-from weft.membership._etcd import Etcd
+from weft.api import records, vocab
+from weft.api.settings import EtcdSettings, GroupRef
+from weft.membership import GroupClient
+from weft.membership.keyspace import KeyKind
 from weft.operator.kube import Kube
 from weft.testing.controlplane import ControlPlane
 from weft.testing.etcd import EtcdServer
@@ -78,19 +79,21 @@ def children_latency(plane: ControlPlane, kube: Kube, etcd: str, groups: int) ->
 
 async def plan_latency(kube: Kube, etcd_endpoint: str, plans: int) -> list[float]:
     name = "g0"
-    prefix = f"/weft/v1/{NS}/{name}/"
-    etcd = Etcd(EtcdSettings(endpoints=[etcd_endpoint]))
+    group = GroupClient(EtcdSettings(endpoints=[etcd_endpoint]), GroupRef(namespace=NS, group=name), TOKEN)
     members = ["m0", "m1", "m2"]
     for i, m in enumerate(members):
         rec = records.MemberRecord(
-            name=m, generation=i + 1, instance=f"i{i}", incarnation=0, node="bench", state="active",
-            capabilities=records.Capabilities(), fabric="", lease_ttl=3.0, joined_at=time.time(),
+            name=m, generation=i + 1, instance=f"i{i}", incarnation=0, node="bench",
+            state=vocab.MemberState.ACTIVE, capabilities=records.Capabilities(), fabric="",
+            lease_ttl=3.0, joined_at=time.time(),
         )  # fmt: skip
-        key = f"{prefix}members/{m}"
-        await etcd.put(key.encode(), records.seal(rec, key, TOKEN))
+        await group.put_record(KeyKind.MEMBER, rec, m)
     out = []
     for epoch in range(1, plans + 1):
-        roles = {m: ("prefill" if (j + epoch) % 3 == 0 else "decode") for j, m in enumerate(members)}
+        roles = {
+            m: (vocab.Role.PREFILL if (j + epoch) % 3 == 0 else vocab.Role.DECODE)
+            for j, m in enumerate(members)
+        }
         plan = records.PlanRecord(
             epoch=epoch,
             members=members,
@@ -99,9 +102,8 @@ async def plan_latency(kube: Kube, etcd_endpoint: str, plans: int) -> list[float
             leader_generation=1,
             written_at=time.time(),
         )
-        key = f"{prefix}plan"
         started = time.perf_counter()
-        await etcd.put(key.encode(), records.seal(plan, key, TOKEN))
+        await group.put_record(KeyKind.PLAN, plan)
         deadline = time.monotonic() + 30
         while True:
             st = (kube.get("weft.dev/v1alpha1", "TransferGroup", name, NS) or {}).get("status") or {}
@@ -112,7 +114,7 @@ async def plan_latency(kube: Kube, etcd_endpoint: str, plans: int) -> list[float
             await asyncio.sleep(0.005)
         out.append(time.perf_counter() - started)
         await asyncio.sleep(0.3)  # let the rate limit (0.25 s) pass: each plan measured alone
-    await etcd.close()
+    await group.close()
     return out
 
 

@@ -20,6 +20,7 @@ from weft.api import records
 from weft.api.metadata import decode_metadata
 from weft.api.settings import EtcdSettings
 from weft.membership._etcd import Etcd
+from weft.membership.keyspace import KeyKind, Keyspace
 
 POLL_SECONDS = 0.25
 
@@ -57,7 +58,7 @@ class Observer(threading.Thread):
     def __init__(self, etcd: str, namespace: str, group: str, token: bytes) -> None:
         super().__init__(name="observer", daemon=True)
         self.settings = EtcdSettings(endpoints=[etcd], request_timeout=1.0)
-        self.prefix = f"/weft/v1/{namespace}/{group}/"
+        self.keyspace = Keyspace(namespace, group)
         self.token = token
         self.view = View()
         self.plan_checks = 0
@@ -94,13 +95,14 @@ class Observer(threading.Thread):
             await etcd.close()
 
     async def _read(self, etcd: Etcd) -> View:
-        _, kvs = await etcd.get_prefix(self.prefix.encode())
+        _, kvs = await etcd.get_prefix(self.keyspace.prefix.encode())
         view = View(at=time.time(), etcd_ok=True)
         for kv in kvs:
             key = kv.key.decode()
-            rest = key[len(self.prefix) :]
+            parsed = self.keyspace.parse(key)
+            kind = parsed.kind if parsed is not None else None
             try:
-                if rest.startswith("members/"):
+                if kind is KeyKind.MEMBER:
                     m = records.unseal(records.MemberRecord, kv.value, key, self.token)
                     md = decode_metadata(m.fabric_metadata(), self.token)
                     # the kernel reuses pid-namespace numbers, and a container's main process is
@@ -110,11 +112,11 @@ class Observer(threading.Thread):
                     view.members[m.name] = Member(
                         m.name, m.generation, process, m.fabric_metadata(), m.role, m.capabilities.gpus
                     )
-                elif rest == "plan":
+                elif kind is KeyKind.PLAN:
                     p = records.unseal(records.PlanRecord, kv.value, key, self.token)
                     view.plan = Plan(p.epoch, dict(p.roles), dict(p.experts), list(p.under_replicated))
                     self._check_plan(p.epoch, kv.version, p.model_dump_json(exclude={"written_at"}))
-                elif rest.startswith("acks/"):
+                elif kind is KeyKind.ACK:
                     a = records.unseal(records.AckRecord, kv.value, key, self.token)
                     view.acks[a.name] = a.epoch
             except records.RecordError as exc:

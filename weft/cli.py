@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -16,10 +15,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from weft.membership.status import read_group_status
+from weft.membership import read_group_status
 
 if TYPE_CHECKING:
-    pass
+    from weft.membership.status import GroupStatus
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -130,6 +129,12 @@ def _parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="exit 1 if the file differs from what would be written"
     )
 
+    _agent_parser(sub)
+    _status_parser(sub)
+    return parser
+
+
+def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     agent = sub.add_parser(
         "agent",
         help="run the node agent: fabric, group membership, /healthz /readyz /metrics /status",
@@ -184,6 +189,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     agent.add_argument("--log-level", metavar="L", help="DEBUG, INFO (default), WARNING, ERROR")
 
+
+def _status_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = sub.add_parser(
         "status",
         help="show a group's members as etcd has them",
@@ -194,7 +201,6 @@ def _parser() -> argparse.ArgumentParser:
     _group_flags(status)
     status.add_argument("--json", action="store_true", help="print JSON (schema below)")
     status.add_argument("--timeout", metavar="SECONDS", help="deadline of each etcd request (default 2)")
-    return parser
 
 
 def _group_flags(p: argparse.ArgumentParser) -> None:
@@ -292,45 +298,45 @@ def _status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print(f"weft status: etcd refused the read: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(report.to_json())
     else:
         _print_status(report)
     return EXIT_OK
 
 
-def _print_status(report: Mapping[str, Any]) -> None:
+def _print_status(report: GroupStatus) -> None:
     from rich.console import Console
     from rich.table import Table
 
     def show(value: object) -> str:
         return "-" if value is None else str(value)
 
-    leader = report["leader"]
+    leader = report.leader
     title = (
-        f"{report['namespace']}/{report['group']}: {len(report['members'])} members, "
-        f"leader {show(leader)}, plan epoch {show(report['plan_epoch'])}, revision {report['revision']}"
+        f"{report.namespace}/{report.group}: {len(report.members)} members, "
+        f"leader {show(leader)}, plan epoch {show(report.plan_epoch)}, revision {report.revision}"
     )
     table = Table(title=title)
     for column in ("name", "state", "generation", "node", "lease left", "role", "verified"):
         table.add_column(column)
-    for m in report["members"]:
-        name = m["name"] + (" (leader)" if m["name"] == leader else "")
-        lease = "-" if m["lease_ttl_left"] is None else f"{m['lease_ttl_left']} s"
-        verified = "yes" if m["verified"] else "[yellow]no"
-        table.add_row(name, m["state"], str(m["generation"]), m["node"], lease, show(m["role"]), verified)
+    for m in report.members:
+        name = m.name + (" (leader)" if m.name == leader else "")
+        lease = "-" if m.lease_ttl_left is None else f"{m.lease_ttl_left} s"
+        verified = "yes" if m.verified else "[yellow]no"
+        table.add_row(name, m.state, str(m.generation), m.node, lease, show(m.role), verified)
     console = Console()
     console.print(table)
-    plan = report.get("plan")
+    plan = report.plan
     if plan is not None:
-        roles = list(plan["roles"].values())
+        roles = [str(role) for role in plan.roles.values()]
         console.print(
-            f"plan {plan['epoch']} by {plan['leader']}: {roles.count('prefill')} prefill, "
-            f"{roles.count('decode')} decode, {len(plan['experts'])} experts, under-replicated "
-            f"{plan['under_replicated'] or 'none'}, acked by {len(plan['acked'])}/{len(plan['roles'])}",
+            f"plan {plan.epoch} by {plan.leader}: {roles.count('prefill')} prefill, "
+            f"{roles.count('decode')} decode, {len(plan.experts)} experts, under-replicated "
+            f"{list(plan.under_replicated) or 'none'}, acked by {len(plan.acked)}/{len(plan.roles)}",
             highlight=False,
         )
-    for bad in report["invalid"]:
-        console.print(f"[red]invalid record[/red] {bad['key']}: {bad['error']}", markup=True, highlight=False)
+    for bad in report.invalid:
+        console.print(f"[red]invalid record[/red] {bad.key}: {bad.error}", markup=True, highlight=False)
 
 
 if __name__ == "__main__":

@@ -1,152 +1,294 @@
-"""A group's state read once from etcd: members, leader, plan and acks (``weft status --json``,
-and the operator's status mirror)."""
+"""A group's state read once from etcd: members, leader, plan and acks, as a typed snapshot.
+
+`weft status` prints it (``--json``: `GroupStatus.to_json`, a format scripts parse, so its
+keys and their order are part of the interface) and the operator mirrors it into the
+TransferGroup's status and gates scale-down on it. Both read attributes of one frozen
+snapshot instead of indexing a dict whose shape only prose described.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from typing import TYPE_CHECKING, Any, TypeVar
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-if TYPE_CHECKING:
-    from weft.api.agent_settings import GroupClientSettings
-    from weft.api.records import AckRecord, LeaderRecord, MemberRecord, PlanRecord
-    from weft.membership._etcd import Etcd
+from weft.api import records, vocab
+from weft.membership import keyspace as ks
 
-R = TypeVar("R", "MemberRecord", "LeaderRecord", "PlanRecord", "AckRecord")
+R = TypeVar("R", bound=records.Record)
 
 
-async def read_group_status(settings: GroupClientSettings, secret: bytes | None) -> dict[str, Any]:
-    """Read a group's keys once and describe its members (the ``weft status --json`` object).
+@dataclass(frozen=True, slots=True)
+class MemberStatus:
+    """One member record as `weft status` shows it.
 
-    The object, keys in this order, members sorted by name::
+    Attributes:
+        name: the member's name.
+        generation: the member's generation (grows with every join).
+        state: joining, active or draining.
+        node: the node it runs on.
+        lease_ttl_left: whole seconds left on its lease; None without a lease or once it is gone.
+        role: the role it reports, if any.
+        verified: the record is signed with the join token the read was given.
+        incarnation: the process's restart count.
+        capabilities: its capabilities, as JSON values.
+        http: its HTTP endpoint, if any.
+    """
 
-        {"group": str, "namespace": str, "revision": int, "leader": str | None,
-         "plan_epoch": int | None,
-         "plan": None | {"epoch": int, "leader": str, "roles": {member: "prefill" | "decode"},
-                         "experts": {expert id (str): [member, ...]}, "under_replicated": [int],
-                         "verified": bool, "acked": [member, ...] (acked this epoch)},
-         "members": [{"name", "generation", "state", "node", "lease_ttl_left", "role",
-                      "verified", "incarnation", "capabilities", "http"}],
-         "invalid": [{"key", "error"}]}
+    name: str
+    generation: int
+    state: vocab.MemberState
+    node: str
+    lease_ttl_left: int | None
+    role: str | None
+    verified: bool
+    incarnation: int
+    capabilities: Mapping[str, Any]
+    http: str | None
 
-    ``lease_ttl_left`` is the lease's remaining whole seconds (None without a lease or when it
-    is gone); ``verified`` is true only when the record is signed with `secret`. A record that
-    fails the check is still listed (unverified); one that does not decode at all goes to
-    ``invalid``. Without `secret` the leader is read unchecked too.
+    def to_dict(self) -> dict[str, Any]:
+        """The member's ``weft status --json`` object (keys in their documented order)."""
+        return {
+            "name": self.name,
+            "generation": self.generation,
+            "state": self.state,
+            "node": self.node,
+            "lease_ttl_left": self.lease_ttl_left,
+            "role": self.role,
+            "verified": self.verified,
+            "incarnation": self.incarnation,
+            "capabilities": dict(self.capabilities),
+            "http": self.http,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PlanStatus:
+    """The group's plan and who applied it.
+
+    Attributes:
+        epoch: the plan's epoch.
+        leader: the leader that wrote it.
+        roles: member name -> "prefill" or "decode", sorted by name.
+        experts: expert id (decimal string) -> members holding it, sorted by expert id.
+        under_replicated: experts below their replication.
+        verified: the plan is signed with the join token the read was given.
+        acked: members whose ack names this epoch, sorted.
+    """
+
+    epoch: int
+    leader: str
+    roles: Mapping[str, vocab.Role]
+    experts: Mapping[str, Sequence[str]]
+    under_replicated: Sequence[int]
+    verified: bool
+    acked: Sequence[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan's ``weft status --json`` object."""
+        return {
+            "epoch": self.epoch,
+            "leader": self.leader,
+            "roles": dict(self.roles),
+            "experts": {e: list(holders) for e, holders in self.experts.items()},
+            "under_replicated": list(self.under_replicated),
+            "verified": self.verified,
+            "acked": list(self.acked),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidRecord:
+    """A key whose value does not decode as the record its key names.
+
+    Attributes:
+        key: the full etcd key.
+        error: why it does not decode.
+    """
+
+    key: str
+    error: str
+
+    def to_dict(self) -> dict[str, str]:
+        """The ``{"key", "error"}`` object of ``weft status --json``."""
+        return {"key": self.key, "error": self.error}
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStatus:
+    """A group's keys read at one etcd revision.
+
+    Attributes:
+        group: the group's name.
+        namespace: its namespace.
+        revision: the etcd revision the read is consistent at.
+        leader: the leader's name (only a signed leader record when a token was given).
+        plan_epoch: the plan's epoch, None without a plan.
+        plan: the plan, None without one.
+        members: the member records that decode, sorted by name (signed or not).
+        invalid: the records that do not decode, in key order.
+    """
+
+    group: str
+    namespace: str
+    revision: int
+    leader: str | None
+    plan_epoch: int | None
+    plan: PlanStatus | None
+    members: tuple[MemberStatus, ...]
+    invalid: tuple[InvalidRecord, ...]
+
+    @property
+    def verified_members(self) -> frozenset[str]:
+        """Names of the members whose records are signed with the join token."""
+        return frozenset(m.name for m in self.members if m.verified)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``weft status --json`` object: keys in their documented order."""
+        return {
+            "group": self.group,
+            "namespace": self.namespace,
+            "revision": self.revision,
+            "leader": self.leader,
+            "plan_epoch": self.plan_epoch,
+            "plan": None if self.plan is None else self.plan.to_dict(),
+            "members": [m.to_dict() for m in self.members],
+            "invalid": [bad.to_dict() for bad in self.invalid],
+        }
+
+    def to_json(self) -> str:
+        """What ``weft status --json`` prints (without the final newline)."""
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """A key and value as read from etcd, and the lease it is under (0: none)."""
+
+    key: bytes
+    value: bytes
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedGroup:
+    """A group's records decoded, before the member leases are looked up.
+
+    Attributes:
+        members: (record, lease, verified) per member record that decodes, in key order.
+        leader: see `GroupStatus.leader`.
+        plan: the plan record and whether it is signed.
+        acks: member name -> the epoch its ack names.
+        invalid: the records that do not decode.
+    """
+
+    members: tuple[tuple[records.MemberRecord, int, bool], ...]
+    leader: str | None
+    plan: tuple[records.PlanRecord, bool] | None
+    acks: Mapping[str, int]
+    invalid: tuple[InvalidRecord, ...]
+
+
+def decode_group(space: ks.Keyspace, kvs: Iterable[RawRecord], secret: bytes | None) -> DecodedGroup:
+    """Decode the member, leader, plan and ack records among a group's keys.
+
+    Keys of other kinds (drains, load) and keys that name no kind are skipped. A record that
+    fails the signature check is kept as unverified; one that does not decode at all becomes
+    an `InvalidRecord`. Without `secret` the leader is taken unchecked too.
 
     Args:
-        settings: etcd and the group.
+        space: the group's keyspace.
+        kvs: the keys read under its prefix.
         secret: the join token, or None to read without checking signatures.
-    Raises:
-        EtcdUnavailableError: no endpoint answered (each is tried once).
-        EtcdError: etcd refused the read (auth, permissions).
+    Returns:
+        The decoded records.
     """
-    from weft.api import records
-    from weft.membership import errors
-    from weft.membership._etcd import Etcd
+    members: list[tuple[records.MemberRecord, int, bool]] = []
+    invalid: list[InvalidRecord] = []
+    leader: str | None = None
+    plan: tuple[records.PlanRecord, bool] | None = None
+    acks: dict[str, int] = {}
+    for kv in kvs:
+        key = kv.key.decode("utf-8", "replace")
+        parsed = space.parse(key)
+        if parsed is None or parsed.kind in (ks.KeyKind.LOAD, ks.KeyKind.DRAIN):
+            continue
+        try:
+            record, verified = _unseal(ks.RECORD_TYPES[parsed.kind], kv.value, key, secret)
+        except records.RecordError as exc:
+            invalid.append(InvalidRecord(key, str(exc)))
+            continue
+        if isinstance(record, records.MemberRecord):
+            members.append((record, kv.lease, verified))
+        elif isinstance(record, records.LeaderRecord):
+            if verified or secret is None:
+                leader = record.name
+        elif isinstance(record, records.PlanRecord):
+            plan = (record, verified)
+        elif isinstance(record, records.AckRecord):
+            acks[record.name] = record.epoch
+    return DecodedGroup(tuple(members), leader, plan, acks, tuple(invalid))
 
-    prefix = settings.group.prefix
-    etcd = Etcd(settings.etcd)
-    try:
-        for attempt in range(len(settings.etcd.endpoints)):
-            try:
-                revision, kvs = await etcd.get_prefix(prefix.encode())
-                break
-            except errors.EtcdUnavailableError:
-                if attempt + 1 == len(settings.etcd.endpoints):
-                    raise
-        members: list[tuple[records.MemberRecord, int, bool]] = []
-        invalid: list[dict[str, str]] = []
-        leader: str | None = None
-        plan_epoch: int | None = None
-        plan: dict[str, Any] | None = None
-        acks: dict[str, int] = {}
-        for kv in kvs:
-            key = kv.key.decode("utf-8", "replace")
-            rest = key[len(prefix) :]
-            cls = _record_class(rest)
-            if cls is None:
-                continue
-            try:
-                record, verified = _unseal(cls, kv.value, key, secret)
-            except records.RecordError as exc:
-                invalid.append({"key": key, "error": str(exc)})
-                continue
-            if isinstance(record, records.MemberRecord):
-                members.append((record, kv.lease, verified))
-            elif isinstance(record, records.LeaderRecord):
-                if verified or secret is None:
-                    leader = record.name
-            elif isinstance(record, records.PlanRecord):
-                plan_epoch = record.epoch
-                plan = {
-                    "epoch": record.epoch,
-                    "leader": record.leader,
-                    "roles": dict(sorted(record.roles.items())),
-                    "experts": {e: record.experts[e] for e in sorted(record.experts, key=int)},
-                    "under_replicated": record.under_replicated,
-                    "verified": verified,
-                }
-            elif isinstance(record, records.AckRecord):
-                acks[record.name] = record.epoch
-        ttls = await asyncio.gather(*(_ttl_left(etcd, lease) for _, lease, _ in members))
-    finally:
-        await etcd.close()
+
+def group_status(
+    space: ks.Keyspace, revision: int, decoded: DecodedGroup, ttls: Sequence[int | None]
+) -> GroupStatus:
+    """The snapshot of a decoded group.
+
+    Args:
+        space: the group's keyspace.
+        revision: the etcd revision of the read.
+        decoded: its records (`decode_group`).
+        ttls: the seconds left on each member's lease, in the order of ``decoded.members``.
+    Returns:
+        The group's status.
+    """
     rows = [
-        {
-            "name": record.name,
-            "generation": record.generation,
-            "state": record.state,
-            "node": record.node,
-            "lease_ttl_left": ttl,
-            "role": record.role,
-            "verified": verified,
-            "incarnation": record.incarnation,
-            "capabilities": record.capabilities.model_dump(mode="json"),
-            "http": record.http,
-        }
-        for (record, _, verified), ttl in zip(members, ttls, strict=True)
+        MemberStatus(
+            name=record.name,
+            generation=record.generation,
+            state=record.state,
+            node=record.node,
+            lease_ttl_left=ttl,
+            role=record.role,
+            verified=verified,
+            incarnation=record.incarnation,
+            capabilities=record.capabilities.model_dump(mode="json"),
+            http=record.http,
+        )
+        for (record, _, verified), ttl in zip(decoded.members, ttls, strict=True)
     ]
-    rows.sort(key=lambda r: str(r["name"]))
-    return {
-        "group": settings.group.group,
-        "namespace": settings.group.namespace,
-        "revision": revision,
-        "leader": leader,
-        "plan_epoch": plan_epoch,
-        "plan": None
-        if plan is None
-        else plan | {"acked": sorted(n for n, e in acks.items() if e == plan_epoch)},
-        "members": rows,
-        "invalid": invalid,
-    }
-
-
-def _record_class(rest: str) -> Any:
-    """The record type stored under a group key (the part after the group's prefix); None
-    for keys this view does not read (drains, load)."""
-    from weft.api import records
-
-    if rest.startswith("members/"):
-        return records.MemberRecord
-    if rest.startswith("acks/"):
-        return records.AckRecord
-    return {"leader": records.LeaderRecord, "plan": records.PlanRecord}.get(rest)
+    rows.sort(key=lambda m: m.name)
+    plan: PlanStatus | None = None
+    if decoded.plan is not None:
+        p, verified = decoded.plan
+        plan = PlanStatus(
+            epoch=p.epoch,
+            leader=p.leader,
+            roles=dict(sorted(p.roles.items())),
+            experts={e: tuple(p.experts[e]) for e in sorted(p.experts, key=int)},
+            under_replicated=tuple(p.under_replicated),
+            verified=verified,
+            acked=tuple(sorted(n for n, e in decoded.acks.items() if e == p.epoch)),
+        )
+    return GroupStatus(
+        group=space.group,
+        namespace=space.namespace,
+        revision=revision,
+        leader=decoded.leader,
+        plan_epoch=None if plan is None else plan.epoch,
+        plan=plan,
+        members=tuple(rows),
+        invalid=decoded.invalid,
+    )
 
 
 def _unseal(cls: type[R], value: bytes, key: str, secret: bytes | None) -> tuple[R, bool]:
     """Decode a record: (record, signed with `secret`). Raises RecordError if it does not decode."""
-    from weft.api import records
-
     if secret is not None:
         try:
             return records.unseal(cls, value, key, secret), True
         except records.RecordError:
             pass
     return records.unseal(cls, value, key, None), False
-
-
-async def _ttl_left(etcd: Etcd, lease: int) -> int | None:
-    if not lease:
-        return None
-    ttl = await etcd.time_to_live(lease)
-    return ttl if ttl >= 0 else None

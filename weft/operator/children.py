@@ -165,17 +165,9 @@ def _field_env(var: str, path: str) -> dict[str, Any]:
     return {"name": var, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
-def stateful_set(
-    name: str,
-    namespace: str,
-    uid: str,
-    spec: TransferGroupSpec,
-    config_hash: str,
-    *,
-    replicas: int | None = None,
-) -> dict[str, Any]:
-    """`replicas`: what the StatefulSet runs now (the operator holds pods while they drain)."""
-    t = spec.template
+def _volumes(name: str, spec: TransferGroupSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The agent pod's volumes and the container's mounts: its config, the join token and,
+    when the spec names one, the etcd TLS Secret."""
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": f"{name}-agent"}},
         {"name": "join-token", "secret": {"secretName": spec.etcd.join_token_secret_ref.name}},
@@ -187,18 +179,39 @@ def stateful_set(
     if spec.etcd.tls_secret_ref is not None:
         volumes.append({"name": "etcd-tls", "secret": {"secretName": spec.etcd.tls_secret_ref.name}})
         mounts.append({"name": "etcd-tls", "mountPath": ETCD_TLS_DIR, "readOnly": True})
-    env_storage: list[dict[str, Any]] = []
+    return volumes, mounts
+
+
+def _storage_env(spec: TransferGroupSpec) -> list[dict[str, Any]]:
+    """The KV store's environment: its config file and the S3 credentials by reference."""
+    env: list[dict[str, Any]] = []
     if spec.storage is not None:
-        env_storage.append({"name": "LMCACHE_CONFIG_FILE", "value": f"{CONFIG_DIR}/lmcache-config.yaml"})
+        env.append({"name": "LMCACHE_CONFIG_FILE", "value": f"{CONFIG_DIR}/lmcache-config.yaml"})
         ref = spec.storage.credentials_secret_ref
         if ref is not None:
             for var, key in (("AWS_ACCESS_KEY_ID", "access_key"), ("AWS_SECRET_ACCESS_KEY", "secret_key")):
-                env_storage.append(
+                env.append(
                     {
                         "name": var,
                         "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key, "optional": True}},
                     }
                 )
+    return env
+
+
+def stateful_set(
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: TransferGroupSpec,
+    config_hash: str,
+    *,
+    replicas: int | None = None,
+) -> dict[str, Any]:
+    """`replicas`: what the StatefulSet runs now (the operator holds pods while they drain)."""
+    t = spec.template
+    volumes, mounts = _volumes(name, spec)
+    env_storage = _storage_env(spec)
     container: dict[str, Any] = {
         "name": "agent",
         "image": t.image,

@@ -11,6 +11,9 @@
   members, prefill/decode, epoch, under-replicated experts, Rebalancing and Degraded.
 - delete: kopf's finalizer holds the object until the group's etcd prefix
   (``/weft/v1/<namespace>/<name>/``) is removed; the children go by garbage collection.
+- etcd: one `GroupClient` per group (`weft.operator.groupclients`), shared by the drain
+  step, the mirror and the finalizer. The handlers are coroutines on kopf's loop, where
+  those clients live; blocking Kubernetes calls run in threads (`asyncio.to_thread`).
 - replicas of the operator elect the one that works with kopf's peering (`run`).
 
 Errors are decided, not left to chance: a Kubernetes or etcd error worth retrying becomes
@@ -29,10 +32,8 @@ import hashlib
 import logging
 import re
 import secrets
-import tempfile
 import threading
-import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -40,7 +41,6 @@ import kopf
 import pydantic
 
 from weft.api.agent_settings import dump_yaml
-from weft.api.settings import EtcdSettings
 from weft.api.transfergroup import (
     GROUP,
     PLURAL,
@@ -49,7 +49,8 @@ from weft.api.transfergroup import (
     TransferGroupSpec,
     cross_field_problems,
 )
-from weft.operator import children
+from weft.membership import GroupClient, GroupStatus, keyspace
+from weft.operator import children, groupclients
 from weft.operator.kube import Kube, KubeError
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ RESYNC_SECONDS = 10.0
 ETCD_CLEANUP_SECONDS = 30.0
 _kube_lock = threading.Lock()
 _kube: list[Kube] = []  # one connection per process, made at first use
+_clients: list[groupclients.GroupClients] = []  # one per process, made at first use (`group_clients`)
 
 
 def kube() -> Kube:
@@ -117,7 +119,7 @@ def _retry(exc: KubeError) -> kopf.TemporaryError | kopf.PermanentError:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
-def reconcile(
+async def reconcile(
     name: str,
     namespace: str | None,
     uid: str,
@@ -128,11 +130,11 @@ def reconcile(
     body: kopf.Body,
     **_: Any,
 ) -> None:
-    _reconcile(name, namespace or "default", uid, dict(spec), meta, dict(status), patch, body)
+    await _reconcile(name, namespace or "default", uid, dict(spec), meta, dict(status), patch, body)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-def resync(
+async def resync(
     name: str,
     namespace: str | None,
     uid: str,
@@ -144,10 +146,27 @@ def resync(
     **_: Any,
 ) -> None:
     """Children drift (edited, deleted) and pods become ready without the group changing."""
-    _reconcile(name, namespace or "default", uid, dict(spec), meta, dict(status), patch, body)
+    await _reconcile(name, namespace or "default", uid, dict(spec), meta, dict(status), patch, body)
 
 
-def _reconcile(
+@kopf.on.cleanup()
+async def _close_clients(**_: Any) -> None:
+    """The operator stops: close the groups' etcd connections."""
+    if _clients:
+        await _clients[0].close()
+
+
+@dataclass(frozen=True)
+class _Group:
+    """What a reconcile works on: the object's identity and its parsed spec."""
+
+    name: str
+    namespace: str
+    uid: str
+    spec: TransferGroupSpec
+
+
+async def _reconcile(
     name: str,
     namespace: str,
     uid: str,
@@ -158,70 +177,19 @@ def _reconcile(
     body: Any,
 ) -> None:
     generation = meta.get("generation")
-    try:
-        spec = TransferGroupSpec.model_validate(raw)
-    except pydantic.ValidationError as exc:  # the schema should have caught it: an older CRD?
-        problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5]]
-    else:
-        problems = cross_field_problems(spec)
-    if problems:
-        message = "; ".join(problems)
-        if status.get("phase") != "Invalid" or status.get("observedGeneration") != generation:
-            kopf.warn(body, reason="InvalidSpec", message=message)
-        patch.status["phase"] = "Invalid"
-        patch.status["observedGeneration"] = generation
-        patch.status["conditions"] = _conditions(
-            status.get("conditions"),
-            {
-                ConditionType.VALID: ("False", "InvalidSpec", message),
-                ConditionType.READY: ("False", "InvalidSpec", "the spec must be fixed first"),
-            },
-        )
+    spec = _checked_spec(raw, status, generation, patch, body)
+    if spec is None:
         return
-    k = kube()
-    config_yaml = dump_yaml(
-        children.agent_config(name, namespace, spec, endpoints=resolve_endpoints(list(spec.etcd.endpoints)))
-    )
-    kv = children.lmcache_config(spec)
-    lmcache_yaml = dump_yaml(kv) if kv is not None else None
-    config_hash = hashlib.sha256((config_yaml + (lmcache_yaml or "")).encode()).hexdigest()[:16]
+    group = _Group(name, namespace, uid, spec)
     try:
-        live_sts = k.get("apps/v1", "StatefulSet", name, namespace)
+        live_sts = await asyncio.to_thread(kube().get, "apps/v1", "StatefulSet", name, namespace)
     except KubeError as exc:
         raise _retry(exc) from None
     current = int(((live_sts or {}).get("spec") or {}).get("replicas") or 0)
-    replicas, drain_note = spec.replicas, ""
-    draining: list[str] = []
+    draining, drain_note, since = await _drain_hold(group, current, status, body)
+    replicas = current if draining else spec.replicas  # hold the pods the plan still needs
     try:
-        draining, drain_note = asyncio.run(_drain_step(spec, namespace, name, current))
-    except Exception as exc:  # etcd away: do not scale down blind, try again soon
-        if current > spec.replicas:
-            draining, drain_note = (
-                [f"{name}-{i}" for i in range(spec.replicas, current)],
-                f"etcd unreachable: {exc}",
-            )
-        else:
-            log.warning("drain bookkeeping of %s/%s: %s", namespace, name, exc)
-    since = status.get("drainingSince") or _now()
-    if draining and _age(since) < DRAIN_TIMEOUT_SECONDS:
-        replicas = current  # hold the pods until the plan no longer needs them
-    elif draining:
-        kopf.warn(
-            body,
-            reason="DrainTimedOut",
-            message=f"scaling down after {DRAIN_TIMEOUT_SECONDS:.0f} s: {drain_note}",
-        )
-        draining = []
-    try:
-        pdb_version = k.preferred_version("policy", "PodDisruptionBudget", ["policy/v1", "policy/v1beta1"])
-        wanted = [
-            children.config_map(name, namespace, uid, spec, config_yaml, lmcache_yaml),
-            children.service(name, namespace, uid),
-            children.stateful_set(name, namespace, uid, spec, config_hash, replicas=replicas),
-            children.disruption_budget(name, namespace, uid, pdb_version),
-        ]
-        done = {m["kind"]: k.apply(m) for m in wanted}
-        sts = k.get("apps/v1", "StatefulSet", name, namespace) or {}
+        done, sts = await asyncio.to_thread(_apply_children, group, replicas)
     except KubeError as exc:
         raise _retry(exc) from None
     patch.status["draining"] = draining
@@ -231,6 +199,104 @@ def _reconcile(
     for kind, what in done.items():
         if what != "unchanged":
             kopf.info(body, reason=what.capitalize(), message=f"{kind} {name}: {what}")
+    _report_ready(group, sts, generation, status, patch, body, draining, drain_note)
+
+
+def _checked_spec(
+    raw: dict[str, Any], status: dict[str, Any], generation: Any, patch: kopf.Patch, body: Any
+) -> TransferGroupSpec | None:
+    """The spec, or None when it cannot work (then the status says why: phase Invalid)."""
+    try:
+        spec = TransferGroupSpec.model_validate(raw)
+    except pydantic.ValidationError as exc:  # the schema should have caught it: an older CRD?
+        problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5]]
+    else:
+        problems = cross_field_problems(spec)
+    if not problems:
+        return spec
+    message = "; ".join(problems)
+    if status.get("phase") != "Invalid" or status.get("observedGeneration") != generation:
+        kopf.warn(body, reason="InvalidSpec", message=message)
+    patch.status["phase"] = "Invalid"
+    patch.status["observedGeneration"] = generation
+    patch.status["conditions"] = _conditions(
+        status.get("conditions"),
+        {
+            ConditionType.VALID: ("False", "InvalidSpec", message),
+            ConditionType.READY: ("False", "InvalidSpec", "the spec must be fixed first"),
+        },
+    )
+    return None
+
+
+async def _drain_hold(
+    group: _Group, current: int, status: dict[str, Any], body: Any
+) -> tuple[list[str], str, str]:
+    """The pods to keep while the plan still needs them, why, and since when (`_drain_step`;
+    after `DRAIN_TIMEOUT_SECONDS` the scale-down goes ahead, with a warning)."""
+    spec, name = group.spec, group.name
+    draining: list[str] = []
+    drain_note = ""
+    try:
+        draining, drain_note = await _drain_step(spec, group.namespace, name, current)
+    except Exception as exc:  # etcd away: do not scale down blind, try again soon
+        if current > spec.replicas:
+            draining, drain_note = (
+                [f"{name}-{i}" for i in range(spec.replicas, current)],
+                f"etcd unreachable: {exc}",
+            )
+        else:
+            log.warning("drain bookkeeping of %s/%s: %s", group.namespace, name, exc)
+    since = status.get("drainingSince") or _now()
+    if draining and _age(since) >= DRAIN_TIMEOUT_SECONDS:
+        kopf.warn(
+            body,
+            reason="DrainTimedOut",
+            message=f"scaling down after {DRAIN_TIMEOUT_SECONDS:.0f} s: {drain_note}",
+        )
+        draining = []
+    return draining, drain_note, since
+
+
+def _apply_children(group: _Group, replicas: int) -> tuple[dict[str, str], dict[str, Any]]:
+    """Make the children what the spec says (blocking: run in a thread); what each apply did
+    (created, repaired, unchanged) and the StatefulSet as it is now.
+
+    Raises:
+        KubeError: the API refused or did not answer.
+    """
+    name, namespace, uid, spec = group.name, group.namespace, group.uid, group.spec
+    k = kube()
+    config_yaml = dump_yaml(
+        children.agent_config(name, namespace, spec, endpoints=resolve_endpoints(list(spec.etcd.endpoints)))
+    )
+    kv = children.lmcache_config(spec)
+    lmcache_yaml = dump_yaml(kv) if kv is not None else None
+    config_hash = hashlib.sha256((config_yaml + (lmcache_yaml or "")).encode()).hexdigest()[:16]
+    pdb_version = k.preferred_version("policy", "PodDisruptionBudget", ["policy/v1", "policy/v1beta1"])
+    wanted = [
+        children.config_map(name, namespace, uid, spec, config_yaml, lmcache_yaml),
+        children.service(name, namespace, uid),
+        children.stateful_set(name, namespace, uid, spec, config_hash, replicas=replicas),
+        children.disruption_budget(name, namespace, uid, pdb_version),
+    ]
+    done = {m["kind"]: k.apply(m) for m in wanted}
+    return done, k.get("apps/v1", "StatefulSet", name, namespace) or {}
+
+
+def _report_ready(
+    group: _Group,
+    sts: dict[str, Any],
+    generation: Any,
+    status: dict[str, Any],
+    patch: kopf.Patch,
+    body: Any,
+    draining: list[str],
+    drain_note: str,
+) -> None:
+    """Phase, replicas, selector and the Valid, Ready (and while draining Rebalancing)
+    conditions from the StatefulSet's status."""
+    spec = group.spec
     sts_status = sts.get("status") or {}
     current, ready = int(sts_status.get("replicas") or 0), int(sts_status.get("readyReplicas") or 0)
     all_ready = ready == spec.replicas and sts_status.get("observedGeneration") == (
@@ -243,7 +309,7 @@ def _reconcile(
     patch.status["observedGeneration"] = generation
     patch.status["replicas"] = current
     patch.status["readyReplicas"] = ready
-    patch.status["selector"] = children.selector_string(name)
+    patch.status["selector"] = children.selector_string(group.name)
     extra: dict[ConditionType, tuple[str, str, str]] = {}
     if draining:
         extra[ConditionType.REBALANCING] = (
@@ -275,19 +341,24 @@ async def cleanup(name: str, namespace: str | None, spec: kopf.Spec, body: kopf.
         kopf.warn(body, reason="EtcdCleanupSkipped", message="the spec has no usable etcd section")
         return
     namespace = namespace or "default"
-    prefix = f"/weft/v1/{namespace}/{name}/"
+    prefix = keyspace.Keyspace(namespace, name).prefix
     deadline = asyncio.get_running_loop().time() + ETCD_CLEANUP_SECONDS
     last: Exception | None = None
-    while asyncio.get_running_loop().time() < deadline:
-        try:
-            removed = await _delete_prefix(parsed, namespace, prefix)
-        except Exception as exc:  # etcd away, or the TLS Secret missing: retry until the deadline
-            last = exc
-            log.warning("removing %s from etcd failed (%s); retrying", prefix, exc)
-            await asyncio.sleep(2.0)
-            continue
-        kopf.info(body, reason="EtcdCleaned", message=f"removed {removed} keys under {prefix}")
-        return
+    clients = group_clients()
+    try:
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                client = await clients.get(namespace, name, parsed, need_token=False)
+                removed = await client.delete_group()
+            except Exception as exc:  # etcd away, or the TLS Secret missing: retry until the deadline
+                last = exc
+                log.warning("removing %s from etcd failed (%s); retrying", prefix, exc)
+                await asyncio.sleep(2.0)
+                continue
+            kopf.info(body, reason="EtcdCleaned", message=f"removed {removed} keys under {prefix}")
+            return
+    finally:
+        await clients.drop(namespace, name)
     kopf.warn(
         body,
         reason="EtcdCleanupFailed",
@@ -329,44 +400,16 @@ def _resolve(url: str) -> str:
     return urlunsplit(parts._replace(netloc=ip if parts.port is None else f"{ip}:{parts.port}"))
 
 
-async def _etcd_settings(spec: TransferGroupSpec, namespace: str, tmp: str) -> EtcdSettings:
-    """The group's etcd (Service names resolved, `resolve_endpoints`); TLS material comes
-    from its Secret, written under `tmp` (0600)."""
-    extra: dict[str, Any] = {}
-    if spec.etcd.tls_secret_ref is not None:
-        files = await asyncio.to_thread(kube().read_secret, spec.etcd.tls_secret_ref.name, namespace)
-        for key, field in (("ca.crt", "ca_file"), ("tls.crt", "cert_file"), ("tls.key", "key_file")):
-            if key in files:
-                path = Path(tmp) / key
-                path.write_bytes(files[key])
-                path.chmod(0o600)
-                extra[field] = path
-    endpoints = await asyncio.to_thread(resolve_endpoints, list(spec.etcd.endpoints))
-    return EtcdSettings(endpoints=endpoints, **extra)
+def _read_secret(name: str, namespace: str) -> dict[str, bytes]:
+    return kube().read_secret(name, namespace)
 
 
-async def _delete_prefix(spec: TransferGroupSpec, namespace: str, prefix: str) -> int:
-    from weft.membership._etcd import Etcd
-
-    with tempfile.TemporaryDirectory(prefix="weft-etcd-tls-") as tmp:
-        async with Etcd(await _etcd_settings(spec, namespace, tmp)) as etcd:
-            return await etcd.delete_prefix(prefix.encode())
-
-
-async def _read_group(
-    spec: TransferGroupSpec, namespace: str, name: str, settings: EtcdSettings
-) -> tuple[dict[str, Any], bytes]:
-    """The group's etcd state (`read_group_status`, records checked against the join token
-    from its Secret) and that token (empty when the Secret holds none)."""
-    from weft.api.agent_settings import GroupClientSettings
-    from weft.api.settings import GroupRef
-    from weft.membership.status import read_group_status
-
-    ref = spec.etcd.join_token_secret_ref
-    secret = await asyncio.to_thread(kube().read_secret, ref.name, namespace)
-    token = secret.get(ref.key or "token", b"").strip()
-    client = GroupClientSettings(group=GroupRef(namespace=namespace, group=name), etcd=settings)
-    return await read_group_status(client, token or None), token
+def group_clients() -> groupclients.GroupClients:
+    """The operator's etcd clients, one per group (made at first use)."""
+    with _kube_lock:
+        if not _clients:
+            _clients.append(groupclients.GroupClients(_read_secret, resolve_endpoints))
+        return _clients[0]
 
 
 # -- drain before scale-down -----------------------------------------------------------------
@@ -387,41 +430,30 @@ async def _drain_step(
     """Members still to be planned out before the StatefulSet may shrink to ``spec.replicas``
     (empty: go ahead), and why. Writes ``drain/<member>`` for the leaving pods that are members,
     and removes drain keys nobody needs any more (the member is gone, or scaled back up)."""
-    from weft.api import records
-    from weft.membership._etcd import Etcd
-
     leaving = {f"{name}-{i}" for i in range(spec.replicas, current)}
-    prefix = f"/weft/v1/{namespace}/{name}/"
-    with tempfile.TemporaryDirectory(prefix="weft-etcd-tls-") as tmp:
-        settings = await _etcd_settings(spec, namespace, tmp)
-        doc, token = await _read_group(spec, namespace, name, settings)
-        members = {m["name"] for m in doc["members"] if m["verified"]}
-        async with Etcd(settings) as etcd:
-            _, kvs = await etcd.get_prefix(f"{prefix}drain/".encode())
-            asked = {kv.key.decode()[len(prefix) + len("drain/") :] for kv in kvs}
-            for gone in asked - (leaving & members):
-                await etcd.delete(f"{prefix}drain/{gone}".encode())
-            to_drain = sorted(leaving & members)
-            if to_drain and not token:
-                return to_drain, "no join token to sign the drain request with"
-            for member in set(to_drain) - asked:
-                key = f"{prefix}drain/{member}"
-                rec = records.DrainRecord(
-                    name=member, reason=f"scale-down to {spec.replicas}", at=time.time()
-                )
-                await etcd.put(key.encode(), records.seal(rec, key, token))
+    client = await group_clients().get(namespace, name, spec)
+    doc = await client.read_status()
+    members = doc.verified_members
+    asked = await client.drain_requests()
+    for gone in asked - (leaving & members):
+        await client.cancel_drain(gone)
+    to_drain = sorted(leaving & members)
+    if to_drain and not client.secret:
+        return to_drain, "no join token to sign the drain request with"
+    for member in set(to_drain) - asked:
+        await client.request_drain(member, f"scale-down to {spec.replicas}")
     if not to_drain:
         return [], ""
-    plan = doc.get("plan")
+    plan = doc.plan
     stay = members - leaving
     if plan is None:
         return to_drain, "waiting for a plan"
-    still = sorted(set(plan.get("roles", {})) & set(to_drain))
+    still = sorted(set(plan.roles) & set(to_drain))
     if still:
-        return to_drain, f"plan epoch {plan['epoch']} still gives work to {', '.join(still)}"
-    waiting = sorted(stay - set(plan.get("acked", [])))
+        return to_drain, f"plan epoch {plan.epoch} still gives work to {', '.join(still)}"
+    waiting = sorted(stay - set(plan.acked))
     if waiting:
-        return to_drain, f"waiting for {', '.join(waiting)} to apply epoch {plan['epoch']}"
+        return to_drain, f"waiting for {', '.join(waiting)} to apply epoch {plan.epoch}"
     return [], ""
 
 
@@ -430,16 +462,16 @@ MIRROR_MIN_INTERVAL = 0.25  # seconds between two status patches of one group
 MIRROR_IDLE_RECHECK = 5.0  # re-read at least this often, changes or not
 
 
-def mirror_fields(doc: dict[str, Any], old_conditions: list[dict[str, Any]] | None) -> dict[str, Any]:
-    """Status fields from a group's etcd state (`read_group_status`): members and roles count
+def mirror_fields(doc: GroupStatus, old_conditions: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Status fields from a group's etcd state (`GroupStatus`): members and roles count
     only signed members that are live; Rebalancing while some have not applied the plan."""
-    live = {m["name"] for m in doc["members"] if m["verified"]}
-    plan = doc.get("plan")
-    roles = {n: r for n, r in (plan or {}).get("roles", {}).items() if n in live}
-    acked = set((plan or {}).get("acked", []))
-    under = sorted(int(e) for e in (plan or {}).get("under_replicated", []))
+    live = doc.verified_members
+    plan = doc.plan
+    roles = {n: r for n, r in (plan.roles if plan else {}).items() if n in live}
+    acked = set(plan.acked if plan else ())
+    under = sorted(int(e) for e in (plan.under_replicated if plan else ()))
     waiting = sorted(live - acked)
-    epoch = plan["epoch"] if plan else None
+    epoch = plan.epoch if plan else None
     return {
         "members": len(live),
         "prefill": sum(1 for r in roles.values() if r == "prefill"),
@@ -498,20 +530,19 @@ async def mirror(
             await stopped.wait(MIRROR_IDLE_RECHECK)
             continue
         try:
-            with tempfile.TemporaryDirectory(prefix="weft-etcd-tls-") as tmp:
-                settings = await _etcd_settings(parsed, namespace, tmp)
-                doc, _token = await _read_group(parsed, namespace, name, settings)
-                fields = mirror_fields(doc, list(dict(status).get("conditions") or []))
-                comparable = {k: v for k, v in fields.items() if k != "conditions"} | {
-                    "c": [(c["type"], c["status"], c["message"]) for c in fields["conditions"]]
-                }
-                if comparable != last:
-                    await asyncio.sleep(max(0.0, last_patch + MIRROR_MIN_INTERVAL - loop.time()))
-                    await asyncio.to_thread(
-                        kube().patch_status, f"{GROUP}/{VERSION}", "TransferGroup", name, namespace, fields
-                    )
-                    last, last_patch = comparable, loop.time()
-                await _next_change(settings, f"/weft/v1/{namespace}/{name}/", int(doc["revision"]), stopped)
+            client = await group_clients().get(namespace, name, parsed)
+            doc = await client.read_status()
+            fields = mirror_fields(doc, list(dict(status).get("conditions") or []))
+            comparable = {k: v for k, v in fields.items() if k != "conditions"} | {
+                "c": [(c["type"], c["status"], c["message"]) for c in fields["conditions"]]
+            }
+            if comparable != last:
+                await asyncio.sleep(max(0.0, last_patch + MIRROR_MIN_INTERVAL - loop.time()))
+                await asyncio.to_thread(
+                    kube().patch_status, f"{GROUP}/{VERSION}", "TransferGroup", name, namespace, fields
+                )
+                last, last_patch = comparable, loop.time()
+            await _next_change(client, doc.revision, stopped)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # etcd down, Secret missing, API hiccup: say so, keep going
@@ -519,27 +550,24 @@ async def mirror(
             await stopped.wait(2.0)
 
 
-async def _next_change(
-    settings: EtcdSettings, prefix: str, revision: int, stopped: kopf.DaemonStopped
-) -> None:
-    """Return at the group's next change in etcd, after `MIRROR_IDLE_RECHECK`, or when stopped."""
-    from weft.membership._etcd import Etcd
+async def _next_change(client: GroupClient, revision: int, stopped: kopf.DaemonStopped) -> None:
+    """Return at the group's next change in etcd, after `MIRROR_IDLE_RECHECK`, or when stopped.
 
-    async with Etcd(settings) as etcd:
-        changes = etcd.watch_prefix(prefix.encode(), revision + 1)
-        try:
-            await anext(changes)  # the watch is confirmed from here on
-            waiter = asyncio.ensure_future(anext(changes))
-            stop = asyncio.ensure_future(stopped.wait())
-            await asyncio.wait(
-                {waiter, stop}, timeout=MIRROR_IDLE_RECHECK, return_when=asyncio.FIRST_COMPLETED
-            )
-            for f in (waiter, stop):
-                f.cancel()
-                with contextlib.suppress(BaseException):
-                    await f
-        finally:
-            await changes.aclose()  # type: ignore[attr-defined]
+    Raises:
+        EtcdError: the watch could not be set up.
+    """
+    waiter = asyncio.ensure_future(client.next_change(revision, MIRROR_IDLE_RECHECK))
+    stop = asyncio.ensure_future(stopped.wait())
+    try:
+        await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for f in (waiter, stop):
+            f.cancel()
+            with contextlib.suppress(BaseException):
+                await f
+    failed = waiter.exception() if waiter.done() and not waiter.cancelled() else None
+    if failed is not None:
+        raise failed
 
 
 def _ensure_peering(name: str, namespaces: list[str], clusterwide: bool) -> None:
