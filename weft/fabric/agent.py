@@ -10,26 +10,22 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
-import threading
 import time
 import uuid
-import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
 
 from weft.api import metadata as md_api
-from weft.fabric import _cuda, backends, errors, memory, peers, wire
-from weft.fabric.backend import DataPath
+from weft.fabric import _cuda, backends, dispatch, errors, memory, peers, wire
 from weft.fabric.config import AgentConfig
 from weft.fabric.host import AgentHost, LostHook
 from weft.fabric.listener import Listener
 from weft.fabric.memory import DescList, Registration, RemoteRegion
 from weft.fabric.notify import Notification
 from weft.fabric.transfer import PreparedTransfer, Transfer
-from weft.fabric.types import Backend, MemoryKind, Op, TransferState
+from weft.fabric.types import Backend, MemoryKind, Op
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +55,15 @@ class Agent:
         self._closed = False
         self._fenced = False
         self._serve_until: float | None = None
-        self._posted: weakref.WeakSet[Transfer] = weakref.WeakSet()
-        self._counts = {"transfers": 0, "bytes": 0, "errors": 0}
-        self._count_lock = threading.Lock()
         #: What backends and peer connections may ask of this agent (`BackendHost`).
         self.backend_host = AgentHost(self, self._region_dropped)
         self._lock = self.backend_host.lock
         self._peers = self.backend_host.peers
         self._inbox = self.backend_host.inbox
-        self._probe = bytearray(secrets.token_bytes(16))
-        self._probe_addr = int(np.frombuffer(self._probe, np.uint8).ctypes.data)
-        self._backends = self._load_backends()
+        self._dispatch = dispatch.Dispatcher(
+            self, backends.load_backends(self.config.backends, self.backend_host)
+        )
+        self._backends = self._dispatch.backends
         self._listener = Listener(self.backend_host)
         self.port = self._listener.port
         if self.config.secret is None:
@@ -80,24 +74,6 @@ class Agent:
                 self.config.listen_host,
                 self.port,
             )
-
-    def _load_backends(self) -> list[DataPath]:
-        loaded: list[DataPath] = []
-        for kind in self.config.backends:
-            try:
-                loaded.append(backends.load_backend(kind)(self.backend_host))
-            except Exception as exc:  # a missing optional library must not stop the agent
-                log.warning(
-                    "agent %s: backend %r unavailable (%s); continuing without it",
-                    self.name,
-                    kind.value,
-                    exc,
-                )
-        if not loaded:
-            raise errors.ConfigError(
-                f"none of the backends {[b.value for b in self.config.backends]} is available"
-            )
-        return loaded
 
     # -- metadata and peers --------------------------------------------------------------
     @property
@@ -111,38 +87,8 @@ class Agent:
         return [b.kind for b in self._backends]
 
     def _metadata_record(self) -> md_api.AgentMetadata:
-        with self._lock:
-            regions = [
-                md_api.RegionInfo(
-                    id=r.id,
-                    name=r.name,
-                    kind=r.kind,
-                    size=r.size,
-                    addr=r.addr,
-                    readonly=r.readonly,
-                    device=r.device,
-                )
-                for r in self.backend_host.regions.snapshot().values()
-            ]
-        machine = self.backend_host.machine
-        return md_api.AgentMetadata(
-            name=self.name,
-            instance=self.instance,
-            generation=self.generation,
-            host=md_api.HostInfo(
-                hostname=machine.hostname[:255],
-                boot_id=machine.boot_id[:64],
-                pid_ns=machine.pid_ns[:64],
-                pid=machine.pid,
-            ),
-            listen=md_api.ListenInfo(
-                host=self.config.advertise_host or self.config.listen_host, port=self.port
-            ),
-            backends=list(self.backends),
-            auth=self.config.secret is not None,
-            probe=md_api.ProbeInfo(addr=self._probe_addr, token=bytes(self._probe).hex()),
-            regions=regions,
-            endpoints={b.kind: ep for b in self._backends if (ep := b.endpoint()) is not None},
+        return self.backend_host.record(
+            {b.kind: ep for b in self._backends if (ep := b.endpoint()) is not None}
         )
 
     def metadata(self) -> bytes:
@@ -168,30 +114,7 @@ class Agent:
             raise errors.AuthenticationError(str(exc)) from None
         except md_api.MetadataDecodeError as exc:
             raise errors.MetadataError(str(exc)) from None
-        if md.name == self.name and md.instance == self.instance:
-            raise errors.MetadataError("an agent cannot add itself as a peer")
-        old: Peer | None = None
-        with self._lock:
-            current = self._peers.get(md.name)
-            if current is not None and current.instance == md.instance:
-                current.update(md)
-                return md.name
-            if current is not None and md.generation <= current.generation:
-                raise errors.StalePeerError(
-                    f"peer {md.name!r} generation {md.generation} is not newer than "
-                    f"the known {current.generation}"
-                )
-            old = current
-            self._peers[md.name] = Peer(self, md)
-        if old is not None:
-            old.close(errors.StalePeerError(f"peer {md.name!r} was replaced by generation {md.generation}"))
-            log.info(
-                "agent %s: peer %s replaced: generation %d -> %d",
-                self.name,
-                md.name,
-                old.generation,
-                md.generation,
-            )
+        self.backend_host.admit(md)
         return md.name
 
     def remove_peer(self, name: str) -> None:
@@ -321,73 +244,7 @@ class Agent:
         Raises:
             InvalidDescriptorError, UnknownPeerError, StalePeerError, BackendUnavailableError.
         """
-        try:
-            operation = Op.parse(op)
-        except ValueError as exc:
-            raise errors.InvalidDescriptorError(str(exc)) from None
-        if not isinstance(local, DescList) or not isinstance(remote, DescList):
-            raise errors.InvalidDescriptorError(
-                "local and remote must be DescList objects (Registration.descs())"
-            )
-        self._check_notify(notify)
-        p = self._peer(peer)
-        region = self.backend_host.local_region(local)
-        owner = remote.owner
-        if not isinstance(owner, RemoteRegion):
-            raise errors.InvalidDescriptorError("remote descriptors must come from Agent.remote(...)")
-        if owner.peer != peer:
-            raise errors.InvalidDescriptorError(f"remote descriptors belong to {owner.peer!r}, not {peer!r}")
-        if owner.instance != p.instance:
-            raise errors.StalePeerError(f"remote descriptors are from an older generation of {peer!r}")
-        if len(local) != len(remote) or not np.array_equal(local.lengths, remote.lengths):
-            raise errors.InvalidDescriptorError(
-                f"local and remote descriptors must match one to one in length "
-                f"({len(local)} local, {len(remote)} remote descriptors)"
-            )
-        if len(local) > self.config.max_descriptors:
-            raise errors.InvalidDescriptorError(
-                f"{len(local)} descriptors exceed max_descriptors={self.config.max_descriptors}"
-            )
-        if operation is Op.WRITE and owner.readonly:
-            raise errors.RegistrationError(f"remote region {owner.name or owner.id} is read-only")
-        if operation is Op.READ and region.readonly:
-            raise errors.RegistrationError("cannot READ into a read-only local region")
-        p.check_alive()
-        for backend in self._backends:
-            if backend.usable(p, region.kind, owner.kind):
-                plan = (backend, p, backend.plan(operation, local, p, remote))
-                return PreparedTransfer(self._post, operation, local, peer, remote, notify, plan)
-        raise errors.BackendUnavailableError(
-            f"no configured backend moves {region.kind.value} -> {owner.kind.value} to {peer!r} "
-            f"(configured: {[b.value for b in self.backends]})"
-        )
-
-    def _post(
-        self, prepared: PreparedTransfer, plan: Any, notify: bytes | None, timeout: float | None
-    ) -> Transfer:
-        self._check_open()
-        if self.fenced:
-            raise errors.FencedError(f"agent {self.name!r} is fenced: it lost its group lease")
-        self._check_notify(notify)
-        backend: DataPath = plan[0]
-        peer: Peer = plan[1]
-        current = self._peers.get(peer.name)
-        if current is not peer:
-            raise errors.StalePeerError(f"peer {peer.name!r} was replaced or removed since prepare()")
-        limit = self.config.transfer_timeout if timeout is None else timeout
-        if limit <= 0:
-            raise errors.ConfigError("timeout must be > 0")
-        t = Transfer(prepared.op, peer.name, prepared.local.total, limit, backend.kind)
-        self._posted.add(t)
-        with self._count_lock:
-            self._counts["transfers"] += 1
-            self._counts["bytes"] += t.nbytes
-        t.on_done(lambda: self._count_end(t))
-        try:
-            backend.post(plan[2], t, notify)
-        except errors.WeftError as exc:
-            t.complete(exc)
-        return t
+        return self._dispatch.prepare(op, local, peer, remote, notify)
 
     def transfer(
         self,
@@ -427,20 +284,10 @@ class Agent:
         return self.transfer(Op.READ, local, peer, remote, notify, timeout=timeout)
 
     # -- notifications -------------------------------------------------------------------
-    def _check_notify(self, notify: bytes | None) -> None:
-        if notify is None:
-            return
-        if not isinstance(notify, bytes):
-            raise errors.InvalidDescriptorError("notify must be bytes")
-        if len(notify) > self.config.max_notification_bytes:
-            raise errors.InvalidDescriptorError(
-                f"notification of {len(notify)} bytes exceeds max_notification_bytes"
-            )
-
     def send_notification(self, peer: str, message: bytes) -> None:
         """Send a notification alone (no data) to a peer we added or that connected to us."""
         self._check_open()
-        self._check_notify(message)
+        self._dispatch.check_notify(message)
         frame = [wire.header(wire.NOTIFY, length=len(message)), message]
         with self._lock:
             known = self._peers.get(peer)
@@ -525,16 +372,11 @@ class Agent:
                 raise errors.ConfigError(f"generation {generation} is the current one")
             self.instance = uuid.uuid4().hex
             self.generation = generation
-            taken = self._take_peers()
+            taken = self.backend_host.take_peers()
         exc = errors.StalePeerError(f"agent {self.name!r} rejoined as generation {generation}")
         for p in taken:
             p.close(exc)
         self._listener.close_connections()
-
-    def _count_end(self, t: Transfer) -> None:
-        if t.error is not None:
-            with self._count_lock:
-                self._counts["errors"] += 1
 
     def stats(self) -> dict[str, int]:
         """Counters since the agent started, for metrics.
@@ -543,20 +385,13 @@ class Agent:
         that failed. ``served``/``served_bytes``/``refused``: requests peers made of it (tcp
         and ucx paths; same-host copies are made by the initiator alone and counted there).
         """
-        with self._count_lock:
-            out = dict(self._counts)
+        out = self._dispatch.counts()
         out.update(self._listener.served())
         return out
 
-    def _take_peers(self) -> list[Peer]:
-        """With `_lock` held: every peer, forgotten here."""
-        taken = list(self._peers.values())
-        self._peers.clear()
-        return taken
-
     def in_flight(self) -> int:
         """Transfers this agent posted that have not ended, plus requests it is serving now."""
-        return self._listener.busy() + sum(1 for t in list(self._posted) if t.state is TransferState.POSTED)
+        return self._listener.busy() + self._dispatch.in_flight()
 
     def unfence(self) -> None:
         self._fenced = False
@@ -583,13 +418,12 @@ class Agent:
             if self._closed:
                 return
             self._closed = True
-            taken = self._take_peers()
+            taken = self.backend_host.take_peers()
         exc = errors.AgentClosedError(f"agent {self.name!r} closed")
         for p in taken:
             p.close(exc)
         self._listener.close()
-        for b in self._backends:
-            b.close()
+        self._dispatch.close()
         self._inbox.close()
 
     def __enter__(self) -> Agent:

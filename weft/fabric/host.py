@@ -9,19 +9,23 @@ what backends report (a lost peer, a refused stranger), so a backend needs nothi
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from weft.fabric import _cuda, _sys, errors, handshake
+import numpy as np
+
+from weft.api import metadata as md_api
+from weft.fabric import _cuda, _sys, errors, handshake, peers
 from weft.fabric.notify import Inbox
 from weft.fabric.regions import RegionTable, Resolved
+from weft.fabric.types import Backend
 
 if TYPE_CHECKING:
     from weft.fabric.agent import Agent
     from weft.fabric.config import AgentConfig
     from weft.fabric.memory import DescList, Region
-    from weft.fabric.peers import Peer
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +46,13 @@ class AgentHost:
     def __init__(self, agent: Agent, on_region_drop: Callable[[int], None]) -> None:
         self._agent = agent
         self.lock = threading.RLock()
-        self.peers: dict[str, Peer] = {}
+        self.peers: dict[str, peers.Peer] = {}
         self.regions = RegionTable(agent.name, on_region_drop)
         self.inbox = Inbox(agent.config.max_pending_notifications)
         self.machine = _sys.host_identity()
+        # a same-host peer proves it may read our memory by reading these bytes (cross_memory_ok)
+        self.probe = bytearray(secrets.token_bytes(16))
+        self.probe_addr = int(np.frombuffer(self.probe, np.uint8).ctypes.data)
         self._strangers: set[str] = set()
         self._lost_hooks: list[LostHook] = []
 
@@ -69,6 +76,40 @@ class AgentHost:
     def metadata(self) -> bytes:
         return self._agent.metadata()
 
+    def record(self, endpoints: dict[Backend, str]) -> md_api.AgentMetadata:
+        """The agent's metadata record: identity, host, listen address, backends, regions."""
+        a, machine = self._agent, self.machine
+        with self.lock:
+            regions = [
+                md_api.RegionInfo(
+                    id=r.id,
+                    name=r.name,
+                    kind=r.kind,
+                    size=r.size,
+                    addr=r.addr,
+                    readonly=r.readonly,
+                    device=r.device,
+                )
+                for r in self.regions.snapshot().values()
+            ]
+        return md_api.AgentMetadata(
+            name=a.name,
+            instance=a.instance,
+            generation=a.generation,
+            host=md_api.HostInfo(
+                hostname=machine.hostname[:255],
+                boot_id=machine.boot_id[:64],
+                pid_ns=machine.pid_ns[:64],
+                pid=machine.pid,
+            ),
+            listen=md_api.ListenInfo(host=a.config.advertise_host or a.config.listen_host, port=a.port),
+            backends=list(a.backends),
+            auth=a.config.secret is not None,
+            probe=md_api.ProbeInfo(addr=self.probe_addr, token=bytes(self.probe).hex()),
+            regions=regions,
+            endpoints=endpoints,
+        )
+
     # -- memory --------------------------------------------------------------------------
     def local_region(self, descs: DescList) -> Region:
         return self.regions.local(descs)
@@ -87,14 +128,51 @@ class AgentHost:
         self.inbox.put(peer, message)
 
     # -- peers ---------------------------------------------------------------------------
-    def peer(self, name: str) -> Peer:
+    def peer(self, name: str) -> peers.Peer:
         with self.lock:
             found = self.peers.get(name)
         if found is None:
             raise errors.UnknownPeerError(f"no peer named {name!r} (add_peer its metadata first)")
         return found
 
-    def peer_failed(self, peer: Peer, exc: errors.WeftError) -> None:
+    def admit(self, md: md_api.AgentMetadata) -> None:
+        """Add a peer from verified metadata, refresh its regions, or replace an older generation.
+
+        Raises:
+            MetadataError: it is this agent. StalePeerError: not newer than the known generation.
+        """
+        if md.name == self.name and md.instance == self._agent.instance:
+            raise errors.MetadataError("an agent cannot add itself as a peer")
+        with self.lock:
+            current = self.peers.get(md.name)
+            if current is not None and current.instance == md.instance:
+                current.update(md)
+                return
+            if current is not None and md.generation <= current.generation:
+                raise errors.StalePeerError(
+                    f"peer {md.name!r} generation {md.generation} is not newer than "
+                    f"the known {current.generation}"
+                )
+            self.peers[md.name] = peers.Peer(self._agent, md)
+        if current is not None:
+            current.close(
+                errors.StalePeerError(f"peer {md.name!r} was replaced by generation {md.generation}")
+            )
+            log.info(
+                "agent %s: peer %s replaced: generation %d -> %d",
+                self.name,
+                md.name,
+                current.generation,
+                md.generation,
+            )
+
+    def take_peers(self) -> list[peers.Peer]:
+        """With `lock` held: every peer, forgotten here."""
+        taken = list(self.peers.values())
+        self.peers.clear()
+        return taken
+
+    def peer_failed(self, peer: peers.Peer, exc: errors.WeftError) -> None:
         if self._agent.closed:
             return
         with self.lock:
@@ -105,7 +183,7 @@ class AgentHost:
     def on_peer_lost(self, hook: LostHook) -> None:
         self._lost_hooks.append(hook)
 
-    def peer_lost(self, peer: Peer, exc: errors.WeftError) -> None:
+    def peer_lost(self, peer: peers.Peer, exc: errors.WeftError) -> None:
         """Run the peer-lost hooks (membership's) for an invalidated peer."""
         for hook in self._lost_hooks:
             try:

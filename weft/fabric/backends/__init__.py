@@ -11,12 +11,16 @@ one `register_backend` line at the bottom of this file.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 
-from weft.fabric.backend import DataPath, Factory
+from weft.fabric import errors
+from weft.fabric.backend import BackendHost, DataPath, Factory
 from weft.fabric.types import Backend
 
-__all__ = ["DataPath", "Factory", "load_backend", "register_backend"]
+__all__ = ["DataPath", "Factory", "load_backend", "load_backends", "register_backend"]
+
+log = logging.getLogger(__name__)
 
 _FACTORIES: dict[Backend, Callable[[], Factory]] = {}
 
@@ -39,6 +43,25 @@ def load_backend(kind: Backend) -> Factory:
     except KeyError:
         raise ImportError(f"no backend registered for {kind.value!r}") from None
     return loader()
+
+
+def load_backends(kinds: Sequence[Backend], host: BackendHost) -> list[DataPath]:
+    """Build the backends of `kinds` for one agent, in order; a missing one is logged and skipped.
+
+    Raises:
+        ConfigError: none of them is available.
+    """
+    loaded: list[DataPath] = []
+    for kind in kinds:
+        try:
+            loaded.append(load_backend(kind)(host))
+        except Exception as exc:  # a missing optional library must not stop the agent
+            log.warning(
+                "agent %s: backend %r unavailable (%s); continuing without it", host.name, kind.value, exc
+            )
+    if not loaded:
+        raise errors.ConfigError(f"none of the backends {[b.value for b in kinds]} is available")
+    return loaded
 
 
 def _tcp() -> Factory:
