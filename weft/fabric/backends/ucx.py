@@ -27,6 +27,11 @@ the answer and every receive are in.
 Threads: one progress thread per backend owns the worker (every UCX call happens on it).
 `post` queues the request and wakes it through an eventfd; it waits in `epoll` on the
 worker's event fd when idle (`ucp_worker_arm`), so an idle agent costs no CPU.
+
+Modules: this one holds the loader and `UcxBackend` (the `DataPath`, the progress loop, the
+initiator side); `ucx_links` the endpoints and the handshake (`weft.fabric.handshake`, ucx
+scheme); `ucx_target` the serving side; `ucx_proto` the control header, tags and records.
+Only this module imports ucxx; the others get its classes from here.
 """
 
 from __future__ import annotations
