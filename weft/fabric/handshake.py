@@ -59,7 +59,7 @@ TCP = Scheme(wire.VERSION, b"client", b"server", with_generation=True)
 UCX = Scheme(1, b"ucx-client", b"ucx-server", with_ids=True, label=" over ucx")
 
 
-class Refused(Exception):
+class Refused(errors.WeftError):
     """The target refuses an AUTH: send REJECT with `reason`, then treat `error` as the cause.
 
     Attributes:
@@ -79,17 +79,19 @@ def _valid_id(value: Any, scheme: Scheme) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value < scheme.max_id
 
 
-def _client_fields(
+def _client_proof(
+    secret: bytes,
     scheme: Scheme,
-    nonce_s: str,
-    nonce_c: str,
-    client: Identity | tuple[str, str],
+    nonces: tuple[str, str],
+    client: tuple[str, str],
     target: str,
     ids: tuple[int, int],
-) -> tuple[str, ...]:
-    name, instance = (client.name, client.instance) if isinstance(client, Identity) else client
-    fields = (nonce_s, nonce_c, name, instance, target)
-    return (*fields, str(ids[0]), str(ids[1])) if scheme.with_ids else fields
+) -> str:
+    """The client's proof: both nonces, its name and instance, the target instance (and both ids)."""
+    fields: tuple[str, ...] = (*nonces, *client, target)
+    if scheme.with_ids:
+        fields = (*fields, str(ids[0]), str(ids[1]))
+    return wire.proof(secret, scheme.client_role, *fields)
 
 
 class Client:
@@ -150,10 +152,14 @@ class Client:
         if scheme.with_ids:
             body["id"] = self.conn_id
         if me.secret is not None:
-            fields = _client_fields(
-                scheme, self.nonce_s, self.nonce_c, me, self.peer_instance, (self.conn_id, self.remote_id)
+            body["proof"] = _client_proof(
+                me.secret,
+                scheme,
+                (self.nonce_s, self.nonce_c),
+                (me.name, me.instance),
+                self.peer_instance,
+                (self.conn_id, self.remote_id),
             )
-            body["proof"] = wire.proof(me.secret, scheme.client_role, *fields)
         return body
 
     def check_welcome(self, body: dict[str, Any]) -> None:
@@ -233,10 +239,14 @@ class Server:
             self.remote_id = int(body["id"])
         reply: dict[str, Any] = {}
         if me.secret is not None:
-            fields = _client_fields(
-                scheme, self.nonce_s, nonce_c, (name, instance), me.instance, (self.remote_id, self.conn_id)
+            want = _client_proof(
+                me.secret,
+                scheme,
+                (self.nonce_s, nonce_c),
+                (name, instance),
+                me.instance,
+                (self.remote_id, self.conn_id),
             )
-            want = wire.proof(me.secret, scheme.client_role, *fields)
             if not wire.check_proof(want, body.get("proof")):
                 raise Refused(
                     "authentication failed",
