@@ -108,14 +108,7 @@ class Agent:
             secret. StalePeerError: older than the generation already known.
         """
         self._check_open()
-        try:
-            md = md_api.decode_metadata(metadata, self.config.secret)
-        except md_api.MetadataAuthError as exc:
-            raise errors.AuthenticationError(str(exc)) from None
-        except md_api.MetadataDecodeError as exc:
-            raise errors.MetadataError(str(exc)) from None
-        self.backend_host.admit(md)
-        return md.name
+        return self.backend_host.admit(metadata)
 
     def remove_peer(self, name: str) -> None:
         """Forget a peer; its transfers in flight fail with `PeerLostError`."""

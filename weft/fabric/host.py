@@ -135,19 +135,28 @@ class AgentHost:
             raise errors.UnknownPeerError(f"no peer named {name!r} (add_peer its metadata first)")
         return found
 
-    def admit(self, md: md_api.AgentMetadata) -> None:
-        """Add a peer from verified metadata, refresh its regions, or replace an older generation.
+    def admit(self, metadata: bytes) -> str:
+        """Add a peer from its signed metadata, refresh its regions, or replace an older generation.
 
+        Returns:
+            the peer's name.
         Raises:
-            MetadataError: it is this agent. StalePeerError: not newer than the known generation.
+            MetadataError: not valid metadata, or this agent's own. AuthenticationError: not signed
+            with the group secret. StalePeerError: not newer than the known generation.
         """
+        try:
+            md = md_api.decode_metadata(metadata, self.config.secret)
+        except md_api.MetadataAuthError as exc:
+            raise errors.AuthenticationError(str(exc)) from None
+        except md_api.MetadataDecodeError as exc:
+            raise errors.MetadataError(str(exc)) from None
         if md.name == self.name and md.instance == self._agent.instance:
             raise errors.MetadataError("an agent cannot add itself as a peer")
         with self.lock:
             current = self.peers.get(md.name)
             if current is not None and current.instance == md.instance:
                 current.update(md)
-                return
+                return md.name
             if current is not None and md.generation <= current.generation:
                 raise errors.StalePeerError(
                     f"peer {md.name!r} generation {md.generation} is not newer than "
@@ -165,6 +174,7 @@ class AgentHost:
                 current.generation,
                 md.generation,
             )
+        return md.name
 
     def take_peers(self) -> list[peers.Peer]:
         """With `lock` held: every peer, forgotten here."""
