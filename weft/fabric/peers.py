@@ -11,26 +11,43 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from weft.api import metadata as md_api
 from weft.fabric import _sys, connection, errors, wire
+from weft.fabric.backend import BackendHost
 from weft.fabric.memory import RemoteRegion
 from weft.fabric.types import MemoryKind
 
-if TYPE_CHECKING:
-    from weft.fabric.agent import Agent
-
 log = logging.getLogger(__name__)
+
+
+class PeerHost(BackendHost, Protocol):
+    """What a peer needs of its agent beyond the backend interface."""
+
+    @property
+    def machine(self) -> _sys.HostIdentity:
+        """This host and process (same-host checks)."""
+        ...
+
+    def peer_lost(self, peer: Peer, exc: errors.WeftError) -> None:
+        """Tell the agent's listeners (membership) that `peer` was invalidated."""
+        ...
+
+
+class Owner(Protocol):
+    """The agent a peer belongs to (`Agent`): only its side of the backend interface is used."""
+
+    @property
+    def backend_host(self) -> PeerHost: ...
 
 
 class Peer:
     """What this agent knows about one remote agent (one generation of it)."""
 
-    def __init__(self, agent: Agent, md: md_api.AgentMetadata) -> None:
-        self.agent = agent
+    def __init__(self, agent: Owner, md: md_api.AgentMetadata) -> None:
         self.host = agent.backend_host
         self.md = md
         self.name = md.name
@@ -106,7 +123,7 @@ class Peer:
             s.fail(exc)
         log.warning(
             "agent %s: peer %s (generation %d) invalidated: %s",
-            self.agent.name,
+            self.host.name,
             self.name,
             self.generation,
             exc,
@@ -133,7 +150,7 @@ class Peer:
             if s is not None and s.alive:
                 return s
             self.check_alive()
-            s = connection.connect(self.host, self, self.agent.config.connect_timeout)
+            s = connection.connect(self.host, self, self.host.config.connect_timeout)
             with self._lock:
                 if self._failure is not None:
                     s.fail(self._failure)
@@ -169,13 +186,13 @@ class Peer:
         elif probe is None or "local" not in self.md.backends:
             why = "peer does not offer the local backend"
         if not ok:
-            log.info("agent %s: no same-host fast path to %s (%s)", self.agent.name, self.name, why)
+            log.info("agent %s: no same-host fast path to %s (%s)", self.host.name, self.name, why)
         self._cma = ok
         return ok
 
     def disable_cross_memory(self, why: str) -> None:
         self._cma = False
-        log.warning("agent %s: same-host fast path to %s disabled: %s", self.agent.name, self.name, why)
+        log.warning("agent %s: same-host fast path to %s disabled: %s", self.host.name, self.name, why)
 
     # -- requests on the stream ----------------------------------------------------------
     def fetch_metadata(self, timeout: float) -> None:
@@ -201,7 +218,7 @@ class Peer:
                 f"peer {self.name!r} did not send its metadata within {timeout} s"
             )
         try:
-            md = md_api.decode_metadata(box[0], self.agent.config.secret)
+            md = md_api.decode_metadata(box[0], self.host.config.secret)
         except md_api.MetadataDecodeError as exc:
             raise errors.MetadataError(f"peer {self.name!r} sent invalid metadata: {exc}") from None
         if md.instance != self.instance:
