@@ -17,19 +17,18 @@ import collections
 import contextlib
 import itertools
 import logging
-import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-from weft.fabric import errors, wire
-from weft.fabric.memory import Region
-from weft.fabric.types import MemoryKind
+from weft.fabric import errors, handshake, wire
 
 if TYPE_CHECKING:
-    from weft.fabric.agent import Agent, Peer
+    from weft.fabric.backend import BackendHost
+    from weft.fabric.peers import Peer
+    from weft.fabric.regions import Span
     from weft.fabric.transfer import Transfer
 
 log = logging.getLogger(__name__)
@@ -57,8 +56,8 @@ class Pending:
 class Outbound:
     """This agent's authenticated connection to one peer."""
 
-    def __init__(self, agent: Agent, peer: Peer, sock: socket.socket) -> None:
-        self.agent = agent
+    def __init__(self, host: BackendHost, peer: Peer, sock: socket.socket) -> None:
+        self.host = host
         self.peer = peer
         self.sock = sock
         self._ids = itertools.count(1)
@@ -73,7 +72,7 @@ class Outbound:
         self._busy = False
         self._closed = False
         self._failed: errors.WeftError | None = None
-        tag = f"{agent.name}->{peer.name}"
+        tag = f"{host.name}->{peer.name}"
         self._reader = threading.Thread(target=self._read_loop, name=f"weft-rx {tag}", daemon=True)
         self._sender = threading.Thread(target=self._send_loop, name=f"weft-tx {tag}", daemon=True)
         self._reader.start()
@@ -97,7 +96,7 @@ class Outbound:
                     raise self._failed or errors.PeerLostError(f"connection to {self.peer.name!r} closed")
                 self._pending[req_id] = pending
             if pending.transfer is not None:
-                pending.transfer._cancel_hook = lambda: self.forget(req_id)
+                pending.transfer.on_cancel(lambda: self.forget(req_id))
         elif self._closed:
             raise self._failed or errors.PeerLostError(f"connection to {self.peer.name!r} closed")
         with self._cv:
@@ -162,9 +161,9 @@ class Outbound:
                     message = wire.recv_exact(sock, length).decode(errors="replace")
                     self._complete(req_id, errors.error_from_code(count, message))
                 elif ftype == wire.NOTIFY:
-                    if length > self.agent.config.max_notification_bytes:
+                    if length > self.host.config.max_notification_bytes:
                         raise errors.ProtocolError(f"notification of {length} bytes is too large")
-                    self.agent._deliver(self.peer.name, bytes(wire.recv_exact(sock, length)))
+                    self.host.deliver(self.peer.name, bytes(wire.recv_exact(sock, length)))
                 elif ftype == wire.MD_RESP:
                     if length > (16 << 20):
                         raise errors.ProtocolError("oversized metadata")
@@ -188,7 +187,7 @@ class Outbound:
         except errors.ProtocolError as exc:
             log.warning(
                 "agent %s: peer %s broke the protocol (%s); disconnecting",
-                self.agent.name,
+                self.host.name,
                 self.peer.name,
                 exc,
             )
@@ -210,7 +209,7 @@ class Outbound:
             except errors.WeftError as exc:
                 error = exc
         if p.transfer is not None:
-            p.transfer._finish(error)
+            p.transfer.complete(error)
 
     def _read_data(self, req_id: int, length: int) -> None:
         with self._plock:
@@ -239,10 +238,10 @@ class Outbound:
         _shutdown(self.sock)
         for p in pending.values():
             if p.transfer is not None:
-                p.transfer._finish(exc)
+                p.transfer.complete(exc)
         if log.isEnabledFor(_DEBUG):
-            log.debug("agent %s: connection to %s closed: %s", self.agent.name, self.peer.name, exc)
-        self.agent._connection_failed(self.peer, exc)
+            log.debug("agent %s: connection to %s closed: %s", self.host.name, self.peer.name, exc)
+        self.host.peer_failed(self.peer, exc)
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -252,7 +251,7 @@ def _shutdown(sock: socket.socket) -> None:
         sock.close()
 
 
-def connect(agent: Agent, peer: Peer, timeout: float) -> Outbound:
+def connect(host: BackendHost, peer: Peer, timeout: float) -> Outbound:
     """Open and authenticate a connection to `peer` (client side of the handshake)."""
     md = peer.md
     try:
@@ -263,44 +262,19 @@ def connect(agent: Agent, peer: Peer, timeout: float) -> Outbound:
         ) from exc
     try:
         sock.settimeout(timeout)
-        wire.tune(sock, agent.config.socket_buffer_bytes)
+        wire.tune(sock, host.config.socket_buffer_bytes)
         deadline = time.monotonic() + timeout
-        hello = _recv_handshake(sock, wire.HELLO, deadline)
-        if hello.get("name") != peer.name or hello.get("instance") != peer.instance:
-            raise errors.StalePeerError(
-                f"{md.listen.host}:{md.listen.port} is now {hello.get('name')!r} instance "
-                f"{hello.get('instance')!r}, not the {peer.name!r} we were given"
-            )
-        secret = agent.config.secret
-        if bool(hello.get("auth")) != (secret is not None):
-            raise errors.AuthenticationError(
-                f"peer {peer.name!r} {'requires' if hello.get('auth') else 'does not use'} a group secret "
-                f"and this agent {'has one' if secret else 'has none'}"
-            )
-        nonce_s = str(hello.get("nonce", ""))
-        nonce_c = secrets.token_hex(16)
-        body: dict[str, Any] = {
-            "name": agent.name,
-            "instance": agent.instance,
-            "generation": agent.generation,
-            "target": peer.instance,
-            "nonce": nonce_c,
-        }
-        if secret is not None:
-            body["proof"] = wire.proof(
-                secret, b"client", nonce_s, nonce_c, agent.name, agent.instance, peer.instance
-            )
-        payload = wire.json_body(body)
+        client = handshake.Client(
+            host.identity(), handshake.TCP, peer.name, peer.instance, f"{md.listen.host}:{md.listen.port}"
+        )
+        payload = wire.json_body(client.answer(_recv_handshake(sock, wire.HELLO, deadline)))
         sock.sendall(wire.header(wire.AUTH, length=len(payload)) + payload)
         reply_type, reply = _recv_any_handshake(sock, deadline)
         if reply_type == wire.REJECT:
-            raise errors.AuthenticationError(f"peer {peer.name!r} refused us: {reply.get('reason')}")
+            raise client.rejected(reply)
         if reply_type != wire.WELCOME:
             raise errors.ProtocolError(f"unexpected handshake frame {reply_type}")
-        if secret is not None:
-            want = wire.proof(secret, b"server", nonce_s, nonce_c, peer.instance, agent.instance)
-            if not wire.check_proof(want, reply.get("proof")):
-                raise errors.AuthenticationError(f"peer {peer.name!r} could not prove the group secret")
+        client.check_welcome(reply)
         sock.settimeout(None)
     except (OSError, wire.ConnectionClosed) as exc:
         _shutdown(sock)
@@ -308,7 +282,7 @@ def connect(agent: Agent, peer: Peer, timeout: float) -> Outbound:
     except errors.WeftError:
         _shutdown(sock)
         raise
-    return Outbound(agent, peer, sock)
+    return Outbound(host, peer, sock)
 
 
 def _recv_any_handshake(sock: socket.socket, deadline: float) -> tuple[int, dict[str, Any]]:
@@ -329,8 +303,11 @@ def _recv_handshake(sock: socket.socket, expected: int, deadline: float) -> dict
 class Inbound:
     """A peer's connection to us. Serves its requests on one thread."""
 
-    def __init__(self, agent: Agent, sock: socket.socket, addr: Any) -> None:
-        self.agent = agent
+    def __init__(
+        self, host: BackendHost, sock: socket.socket, addr: Any, gone: Callable[[Inbound], None]
+    ) -> None:
+        self.host = host
+        self._gone = gone
         self.sock = sock
         self.addr = addr
         self.peer_name: str | None = None
@@ -339,7 +316,7 @@ class Inbound:
         self.served = self.served_bytes = self.refused = 0  # written by this connection's thread only
         self._send_lock = threading.Lock()
         self._closed = False
-        self.thread = threading.Thread(target=self._serve, name=f"weft-in {agent.name}<-{addr}", daemon=True)
+        self.thread = threading.Thread(target=self._serve, name=f"weft-in {host.name}<-{addr}", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
@@ -354,61 +331,40 @@ class Inbound:
 
     # -- serving -------------------------------------------------------------------------
     def _serve(self) -> None:
-        agent = self.agent
+        host = self.host
         try:
             self._handshake()
-            agent._inbound_ready(self)
+            log.debug("agent %s: %s connected from %s", host.name, self.peer_name, self.addr)
             self._loop()
         except (errors.ProtocolError, errors.AuthenticationError) as exc:
-            agent._log_stranger(self.addr, exc)
+            host.refused(self.addr, exc)
         except (OSError, wire.ConnectionClosed):
             pass
         except Exception:  # never let a peer crash the agent; say what happened
-            log.exception("agent %s: error serving %s", agent.name, self.addr)
+            log.exception("agent %s: error serving %s", host.name, self.addr)
         finally:
             self.close()
-            agent._inbound_gone(self)
+            self._gone(self)
 
     def _handshake(self) -> None:
-        agent = self.agent
-        secret = agent.config.secret
-        deadline = time.monotonic() + agent.config.handshake_timeout
-        self.sock.settimeout(agent.config.handshake_timeout)
-        nonce_s = secrets.token_hex(16)
-        hello = wire.json_body(
-            {
-                "v": wire.VERSION,
-                "name": agent.name,
-                "instance": agent.instance,
-                "nonce": nonce_s,
-                "auth": secret is not None,
-            }
-        )
+        timeout = self.host.config.handshake_timeout
+        deadline = time.monotonic() + timeout
+        self.sock.settimeout(timeout)
+        server = handshake.Server(self.host.identity(), handshake.TCP)
+        hello = wire.json_body(server.hello())
         self.sock.sendall(wire.header(wire.HELLO, length=len(hello)) + hello)
         try:
             body = _recv_handshake(self.sock, wire.AUTH, deadline)
         except TimeoutError:
             raise errors.ProtocolError("handshake timed out") from None
-        name, instance, nonce_c = body.get("name"), body.get("instance"), body.get("nonce")
-        if not isinstance(name, str) or not isinstance(instance, str) or not isinstance(nonce_c, str):
-            self._reject("malformed handshake")
-            raise errors.ProtocolError("malformed handshake")
-        if body.get("target") != agent.instance:
-            self._reject("stale metadata: this is a different instance")
-            raise errors.AuthenticationError(f"{name!r} addressed instance {body.get('target')!r}")
-        if secret is not None:
-            want = wire.proof(secret, b"client", nonce_s, nonce_c, name, instance, agent.instance)
-            if not wire.check_proof(want, body.get("proof")):
-                self._reject("authentication failed")
-                raise errors.AuthenticationError(f"{name!r} failed the group-secret handshake")
-            reply = wire.json_body(
-                {"proof": wire.proof(secret, b"server", nonce_s, nonce_c, agent.instance, instance)}
-            )
-        else:
-            reply = wire.json_body({})
+        try:
+            reply = wire.json_body(server.check(body))
+        except handshake.Refused as refused:
+            self._reject(refused.reason)
+            raise refused.error from None
         self.sock.sendall(wire.header(wire.WELCOME, length=len(reply)) + reply)
         self.sock.settimeout(None)
-        self.peer_name, self.peer_instance = name, instance
+        self.peer_name, self.peer_instance = server.peer_name, server.peer_instance
 
     def _reject(self, reason: str) -> None:
         body = wire.json_body({"reason": reason})
@@ -416,14 +372,14 @@ class Inbound:
             self.sock.sendall(wire.header(wire.REJECT, length=len(body)) + body)
 
     def _loop(self) -> None:
-        agent = self.agent
+        host = self.host
         sock = self.sock
         hdr = bytearray(wire.HEADER_SIZE)
         hview = memoryview(hdr)
         peer = self.peer_name
         assert peer is not None
-        max_desc = agent.config.max_descriptors
-        max_notify = agent.config.max_notification_bytes
+        max_desc = host.config.max_descriptors
+        max_notify = host.config.max_notification_bytes
         while True:
             wire.recv_into_exact(sock, hview)
             ftype, flags, count, req_id, length = wire.parse_header(hdr)
@@ -464,16 +420,16 @@ class Inbound:
             elif ftype == wire.NOTIFY:
                 if length > max_notify:
                     raise errors.ProtocolError(f"notification of {length} bytes is too large")
-                agent._deliver(peer, bytes(wire.recv_exact(sock, length)))
+                host.deliver(peer, bytes(wire.recv_exact(sock, length)))
             elif ftype == wire.PING:
                 if length:
                     raise errors.ProtocolError("PING carries a body")
-                if not agent.fenced:  # a fenced agent is silent: peers drop it rather than wait
+                if not host.fenced:  # a fenced agent is silent: peers drop it rather than wait
                     self.send([wire.header(wire.PONG, req_id)])
             elif ftype == wire.MD_REQ:
                 if length:
                     raise errors.ProtocolError("MD_REQ carries a body")
-                md = agent.metadata()
+                md = host.metadata()
                 self.send([wire.header(wire.MD_RESP, req_id, len(md)), md])
             elif ftype == wire.BYE:
                 return
@@ -485,7 +441,7 @@ class Inbound:
         self.send([wire.header(wire.ERROR, req_id, len(body), count=code), body])
 
     def _serve_write(self, req_id: int, table: Any, notify: bytes | None, payload: int) -> None:
-        spans, code, message = resolve_descriptors(self.agent, table, write=True)
+        spans, code, message = self.host.resolve(table, write=True)
         if spans is None:
             wire.drain(self.sock, payload)
             self.refused += 1  # before the answer: the initiator may read stats right after it
@@ -504,13 +460,13 @@ class Inbound:
                 device_copies.append((staging, span))
         wire.recv_scatter(self.sock, views)
         for staging, span in device_copies:
-            self.agent._host_to_device(staging, span.region, span.offset)
+            self.host.host_to_device(staging, span.region, span.offset)
         if notify is not None:
-            self.agent._deliver(self.peer_name or "?", notify)
+            self.host.deliver(self.peer_name or "?", notify)
         self.send([wire.header(wire.DONE, req_id)])
 
     def _serve_read(self, req_id: int, table: Any, notify: bytes | None, total: int) -> None:
-        spans, code, message = resolve_descriptors(self.agent, table, write=False)
+        spans, code, message = self.host.resolve(table, write=False)
         if spans is None:
             self.refused += 1
             self._error(req_id, code, message)
@@ -523,51 +479,8 @@ class Inbound:
                 views.append(span.view)
             else:
                 staging = memoryview(bytearray(span.length))
-                self.agent._device_to_host(span.region, span.offset, staging)
+                self.host.device_to_host(span.region, span.offset, staging)
                 views.append(staging)
         self.send([wire.header(wire.READ_DATA, req_id, total), *views])
         if notify is not None:
-            self.agent._deliver(self.peer_name or "?", notify)
-
-
-class Span(NamedTuple):
-    region: Region
-    offset: int
-    length: int
-    view: memoryview | None  # host regions: the bytes themselves
-
-
-def resolve_descriptors(agent: Agent, table: Any, write: bool) -> tuple[list[Span] | None, int, str]:
-    """Check every descriptor of a request against `agent`'s regions; take views of host ones.
-
-    Every backend that serves requests (tcp here, ucx) calls this before any byte moves.
-
-    Views are taken here, so a region released while the request is served stays
-    mapped until the views go (its release then defers); a region released before
-    this point is simply unknown. Returns (spans, error code, message).
-    """
-    if agent.fenced:
-        return None, errors.ErrorCode.FENCED, f"{agent.name!r} is fenced: it lost its group lease"
-    regions = agent._regions_snapshot()
-    spans: list[Span] = []
-    for i, (rid, off, n) in enumerate(table.tolist()):
-        region = regions.get(rid)
-        if region is None:
-            return None, errors.ErrorCode.UNKNOWN_REGION, f"{agent.name!r} has no region #{rid}"
-        if n == 0 or off + n > region.size:
-            return (
-                None,
-                errors.ErrorCode.OUT_OF_BOUNDS,
-                f"descriptor {i} (offset {off}, length {n}) is outside region "
-                f"{region.label} of {region.size} bytes",
-            )
-        if write and region.readonly:
-            return None, errors.ErrorCode.READ_ONLY, f"region {region.label} is read-only"
-        view = None
-        if region.kind is MemoryKind.DRAM:
-            try:
-                view = region.view[off : off + n]
-            except errors.RegistrationError:
-                return None, errors.ErrorCode.UNKNOWN_REGION, f"region #{rid} was just deregistered"
-        spans.append(Span(region, off, n, view))
-    return spans, 0, ""
+            self.host.deliver(self.peer_name or "?", notify)

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from weft.fabric import _cuda, errors
 from weft.fabric.types import MemoryKind
-
-if TYPE_CHECKING:
-    from weft.fabric.agent import Agent
 
 U64Array = npt.NDArray[np.uint64]
 
@@ -230,13 +227,19 @@ _BLOCKS_DOC = """Descriptors for fixed-size blocks by index (KV-cache pages): bl
         i * block_bytes."""
 
 
+class Registry(Protocol):
+    """Where a registration goes back to when it is released (an agent's region table)."""
+
+    def deregister(self, region: Region) -> None: ...
+
+
 class Registration:
     """A handle on memory registered with an agent; `release()` (or `with`) deregisters it."""
 
-    __slots__ = ("__weakref__", "_agent", "_lock", "_region")
+    __slots__ = ("__weakref__", "_lock", "_region", "registry")
 
-    def __init__(self, agent: Agent, region: Region) -> None:
-        self._agent = agent
+    def __init__(self, registry: Registry, region: Region) -> None:
+        self.registry = registry
         self._region: Region | None = region
         self._lock = threading.Lock()
 
@@ -290,7 +293,7 @@ class Registration:
         with self._lock:
             region, self._region = self._region, None
         if region is not None:
-            self._agent._deregister(region)
+            self.registry.deregister(region)
 
     def __enter__(self) -> Registration:
         return self

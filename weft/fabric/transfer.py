@@ -1,9 +1,10 @@
 """Transfer handles: post, wait (threads or asyncio), deadlines, release.
 
-A `Transfer` is one posted request. Backends finish it from their own threads with
-`_finish`; waiters block on an event or an asyncio future. Deadlines are enforced lazily
-(any look at the state past the deadline fails the transfer) and by waits, so no timer
-thread is needed and no transfer can outlive its deadline unnoticed.
+A `Transfer` is one posted request. Backends end it from their own threads with
+`complete` (exactly once: later calls have no effect); waiters block on an event or an
+asyncio future. Deadlines are enforced lazily (any look at the state past the deadline
+fails the transfer) and by waits, so no timer thread is needed and no transfer can outlive
+its deadline unnoticed.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from weft.fabric import errors
 from weft.fabric.types import Backend, Op, TransferState
 
 if TYPE_CHECKING:
-    from weft.fabric.agent import Agent
     from weft.fabric.memory import DescList
+
+#: How a prepared transfer is posted: (itself, its plan, notification, timeout) -> Transfer.
+Poster = Callable[["PreparedTransfer", Any, "bytes | None", "float | None"], "Transfer"]
 
 
 class Transfer:
@@ -74,8 +77,17 @@ class Transfer:
         """Seconds from post to completion (None while in flight)."""
         return None if self.t_done is None else self.t_done - self.t_posted
 
-    def _finish(self, error: errors.WeftError | None = None) -> bool:
-        """Called by backends, once; later calls are ignored. Returns True if it took effect."""
+    def complete(self, error: errors.WeftError | None = None) -> bool:
+        """End the transfer: DONE without `error`, ERROR with it. Backends call this.
+
+        Exactly once takes effect: the first call sets the state, wakes waiters and runs the
+        callbacks; every later call (a late answer after a timeout, a second error) is ignored.
+
+        Args:
+            error: why the transfer failed; None when every byte is in place.
+        Returns:
+            True if this call ended the transfer, False if it had already ended.
+        """
         with self._lock:
             if self._state is not TransferState.POSTED:
                 return False
@@ -93,7 +105,7 @@ class Transfer:
         waited = time.monotonic() - self.t_posted
         hook = self._cancel_hook
         if (
-            self._finish(
+            self.complete(
                 errors.TransferTimeoutError(
                     f"{self.op.value} of {self.nbytes} bytes to {self.peer!r} did not finish "
                     f"within its deadline ({waited:.3f} s)"
@@ -103,12 +115,18 @@ class Transfer:
         ):
             hook()
 
-    def _on_done(self, cb: Callable[[], None]) -> None:
+    def on_done(self, cb: Callable[[], None]) -> None:
+        """Run `cb()` once the transfer ends (at once if it already has), on the ending thread."""
         with self._lock:
             if self._state is TransferState.POSTED:
                 self._callbacks.append(cb)
                 return
         cb()
+
+    def on_cancel(self, hook: Callable[[], None] | None) -> None:
+        """Set what a backend runs when the transfer ends early (deadline passed or released):
+        typically forgetting the request so a late answer is dropped. None clears it."""
+        self._cancel_hook = hook
 
     # -- waiting -----------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> Transfer:
@@ -143,7 +161,7 @@ class Transfer:
                 with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
                     loop.call_soon_threadsafe(set_result)
 
-            self._on_done(wake)
+            self.on_done(wake)
             now = time.monotonic()
             limit = self.deadline if timeout is None else min(self.deadline, now + timeout)
             try:
@@ -166,7 +184,7 @@ class Transfer:
         """Give the handle back; a transfer still in flight is cancelled (its late bytes may
         still land in local memory, as with any RDMA library: quiesce before reusing it)."""
         hook = self._cancel_hook
-        cancelled = self._finish(errors.TransferCancelledError("transfer released before it finished"))
+        cancelled = self.complete(errors.TransferCancelledError("transfer released before it finished"))
         if cancelled and hook is not None:
             hook()
 
@@ -186,11 +204,11 @@ class Transfer:
 class PreparedTransfer:
     """A request validated and laid out once, posted many times (NIXL's prepared handle)."""
 
-    __slots__ = ("_agent", "_plan", "local", "notify", "op", "peer", "remote")
+    __slots__ = ("_plan", "_poster", "local", "notify", "op", "peer", "remote")
 
     def __init__(
         self,
-        agent: Agent,
+        poster: Poster,
         op: Op,
         local: DescList,
         peer: str,
@@ -198,7 +216,7 @@ class PreparedTransfer:
         notify: bytes | None,
         plan: Any,
     ) -> None:
-        self._agent = agent
+        self._poster = poster
         self.op = op
         self.local = local
         self.peer = peer
@@ -215,7 +233,7 @@ class PreparedTransfer:
         """
         if self._plan is None:
             raise errors.RegistrationError("prepared transfer was released")
-        return self._agent._post(self, self.notify if notify is None else notify, timeout)
+        return self._poster(self, self._plan, self.notify if notify is None else notify, timeout)
 
     def release(self) -> None:
         self._plan = None

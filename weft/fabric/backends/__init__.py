@@ -1,51 +1,27 @@
-"""Data-path backends: plugins chosen per (local memory kind, remote memory kind, peer).
+"""Data-path backends, registered by kind: one module per backend, one line below each.
 
-A backend turns a validated request into bytes moved. The agent asks each configured
-backend, in the order of `AgentConfig.backends`, whether it can serve a request
-(`usable`), lays the request out once (`plan`, reused by every post of a prepared
-transfer) and posts it (`post`), which must end the transfer exactly once, from any thread.
+The interface a backend implements (`weft.fabric.backend.DataPath`) and the agent services it
+may use (`weft.fabric.backend.BackendHost`) are in `weft.fabric.backend`. A backend module
+is imported only when an agent configured with its kind starts (`load_backend`), so a
+missing optional library (ucxx) costs nothing until then.
 
-Adding a backend: write a class with this shape in a module of this package (or any
-package), and register a factory for its `Backend` member with `register_backend`. See
-DEVELOPMENT.md, "Adding a backend".
+Adding a backend: write its module here (or in any package), add a loader function and
+one `register_backend` line at the bottom of this file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+import logging
+from collections.abc import Callable, Sequence
 
-from weft.fabric.types import Backend, MemoryKind, Op
+from weft.fabric import errors
+from weft.fabric.backend import BackendHost, DataPath, Factory
+from weft.fabric.types import Backend
 
-if TYPE_CHECKING:
-    from weft.fabric.agent import Agent, Peer
-    from weft.fabric.memory import DescList
-    from weft.fabric.transfer import Transfer
+__all__ = ["DataPath", "Factory", "load_backend", "load_backends", "register_backend"]
 
+log = logging.getLogger(__name__)
 
-class DataPath(Protocol):
-    kind: Backend
-
-    def usable(self, peer: Peer, local: MemoryKind, remote: MemoryKind) -> bool:
-        """Can this backend move bytes between these kinds for this peer right now?"""
-        ...
-
-    def plan(self, op: Op, local: DescList, peer: Peer, remote: DescList) -> Any:
-        """Lay out a request once; the result is passed to every `post`."""
-        ...
-
-    def post(self, plan: Any, transfer: Transfer, notify: bytes | None) -> None:
-        """Start moving bytes; finish `transfer` (DONE or error) exactly once."""
-        ...
-
-    def endpoint(self) -> str | None:
-        """This backend's own address for peers (published in metadata), or None."""
-        ...
-
-    def close(self) -> None: ...
-
-
-Factory = Callable[["Agent"], DataPath]
 _FACTORIES: dict[Backend, Callable[[], Factory]] = {}
 
 
@@ -57,11 +33,35 @@ def register_backend(kind: Backend, loader: Callable[[], Factory]) -> None:
 
 
 def load_backend(kind: Backend) -> Factory:
+    """The factory registered for `kind` (imports its module now).
+
+    Raises:
+        ImportError (or what the loader raises): nothing registered, or its library is missing.
+    """
     try:
         loader = _FACTORIES[kind]
     except KeyError:
         raise ImportError(f"no backend registered for {kind.value!r}") from None
     return loader()
+
+
+def load_backends(kinds: Sequence[Backend], host: BackendHost) -> list[DataPath]:
+    """Build the backends of `kinds` for one agent, in order; a missing one is logged and skipped.
+
+    Raises:
+        ConfigError: none of them is available.
+    """
+    loaded: list[DataPath] = []
+    for kind in kinds:
+        try:
+            loaded.append(load_backend(kind)(host))
+        except Exception as exc:  # a missing optional library must not stop the agent
+            log.warning(
+                "agent %s: backend %r unavailable (%s); continuing without it", host.name, kind.value, exc
+            )
+    if not loaded:
+        raise errors.ConfigError(f"none of the backends {[b.value for b in kinds]} is available")
+    return loaded
 
 
 def _tcp() -> Factory:

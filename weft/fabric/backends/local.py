@@ -27,8 +27,9 @@ from weft.fabric import _sys, errors, wire
 from weft.fabric.types import Backend, MemoryKind, Op
 
 if TYPE_CHECKING:
-    from weft.fabric.agent import Agent, Peer
+    from weft.fabric.backend import BackendHost
     from weft.fabric.memory import DescList
+    from weft.fabric.peers import Peer
     from weft.fabric.transfer import Transfer
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class _Joint:
         self._left = n
         self._error: errors.WeftError | None = None
         self._lock = threading.Lock()
-        self._finish = finish
+        self._end = finish
 
     def done(self, error: errors.WeftError | None) -> None:
         with self._lock:
@@ -53,7 +54,7 @@ class _Joint:
                 self._error = error
             last = self._left == 0
         if last:
-            self._finish(self._error)
+            self._end(self._error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +71,10 @@ class LocalPlan:
 class LocalBackend:
     kind = Backend.LOCAL
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, host: BackendHost) -> None:
         if not _sys.cma_supported():
             raise ImportError("process_vm_readv/writev is not available on this system")
-        self.agent = agent
+        self.host = host
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -84,24 +85,24 @@ class LocalBackend:
         return peer.cross_memory_ok()
 
     def plan(self, op: Op, local: DescList, peer: Peer, remote: DescList) -> LocalPlan:
-        region = self.agent._local_region(local)
+        region = self.host.local_region(local)
         rregion = peer.region_by_id(remote.region_id)
         local_iov = _sys.make_iovecs(np.uint64(region.addr) + local.offsets, local.lengths)
         remote_iov = _sys.make_iovecs(np.uint64(rregion.addr) + remote.offsets, remote.lengths)
-        workers = self.agent.config.local_workers
+        workers = self.host.config.local_workers
         parts = workers if local.total >= PARALLEL_BYTES and workers > 1 else 1
         pieces = _sys.split_iovecs(local_iov, remote_iov, parts) if parts > 1 else []
         return LocalPlan(op, peer, remote.region_id, local_iov, remote_iov, local.total, pieces)
 
     def post(self, plan: LocalPlan, transfer: Transfer, notify: bytes | None) -> None:
-        if plan.total <= self.agent.config.inline_bytes:
+        if plan.total <= self.host.config.inline_bytes:
             self._run(plan, transfer, notify)
             return
         self._ensure_workers()
         if not plan.pieces:
             self._jobs.put(lambda: self._run(plan, transfer, notify))
             return
-        joint = _Joint(len(plan.pieces), lambda err: self._finish(plan, transfer, notify, err))
+        joint = _Joint(len(plan.pieces), lambda err: self._end(plan, transfer, notify, err))
         for liov, riov in plan.pieces:
             self._jobs.put(functools.partial(self._piece, joint, plan, liov, riov))
 
@@ -120,7 +121,7 @@ class LocalBackend:
             return exc
         return None
 
-    def _finish(
+    def _end(
         self, plan: LocalPlan, transfer: Transfer, notify: bytes | None, err: errors.WeftError | None
     ) -> None:
         if err is None and notify is not None:
@@ -128,10 +129,10 @@ class LocalBackend:
                 plan.peer.stream().send_now([wire.header(wire.NOTIFY, length=len(notify)), notify])
             except errors.WeftError as exc:
                 err = exc
-        transfer._finish(err)
+        transfer.complete(err)
 
     def _run(self, plan: LocalPlan, transfer: Transfer, notify: bytes | None) -> None:
-        self._finish(plan, transfer, notify, self._copy(plan, plan.local_iov, plan.remote_iov))
+        self._end(plan, transfer, notify, self._copy(plan, plan.local_iov, plan.remote_iov))
 
     def _translate(self, peer: Peer, exc: _sys.CrossMemoryError) -> errors.WeftError:
         if exc.errno == errno.ESRCH:
@@ -149,8 +150,8 @@ class LocalBackend:
         if self._workers:
             return
         with self._lock:
-            while len(self._workers) < self.agent.config.local_workers:
-                t = threading.Thread(target=self._work, name=f"weft-local {self.agent.name}", daemon=True)
+            while len(self._workers) < self.host.config.local_workers:
+                t = threading.Thread(target=self._work, name=f"weft-local {self.host.name}", daemon=True)
                 t.start()
                 self._workers.append(t)
 
@@ -162,7 +163,7 @@ class LocalBackend:
             try:
                 job()
             except Exception:  # a job finishes its transfer itself; this is a bug, say so
-                log.exception("agent %s: local transfer job crashed", self.agent.name)
+                log.exception("agent %s: local transfer job crashed", self.host.name)
 
     def endpoint(self) -> str | None:
         return None

@@ -16,8 +16,9 @@ from weft.fabric.connection import Pending
 from weft.fabric.types import Backend, MemoryKind, Op
 
 if TYPE_CHECKING:
-    from weft.fabric.agent import Agent, Peer
+    from weft.fabric.backend import BackendHost
     from weft.fabric.memory import DescList, Region
+    from weft.fabric.peers import Peer
     from weft.fabric.transfer import Transfer
 
 _HOST_KINDS = (MemoryKind.DRAM, MemoryKind.VRAM)
@@ -38,14 +39,14 @@ class TcpPlan:
 class TcpBackend:
     kind = Backend.TCP
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, host: BackendHost) -> None:
+        self.host = host
 
     def usable(self, peer: Peer, local: MemoryKind, remote: MemoryKind) -> bool:
         return local in _HOST_KINDS and remote in _HOST_KINDS
 
     def plan(self, op: Op, local: DescList, peer: Peer, remote: DescList) -> TcpPlan:
-        region = self.agent._local_region(local)
+        region = self.host.local_region(local)
         spans = tuple(local.pairs())
         views = None
         if region.kind is MemoryKind.DRAM:
@@ -80,13 +81,13 @@ class TcpBackend:
         out = []
         for off, n in plan.spans:
             staging = memoryview(bytearray(n))
-            self.agent._device_to_host(plan.region, off, staging)
+            self.host.device_to_host(plan.region, off, staging)
             out.append(staging)
         return out
 
     def _stage_in(self, plan: TcpPlan, staging: list[memoryview]) -> None:
         for (off, _n), buf in zip(plan.spans, staging, strict=True):
-            self.agent._host_to_device(buf, plan.region, off)
+            self.host.host_to_device(buf, plan.region, off)
 
     def endpoint(self) -> str | None:
         return None

@@ -1,0 +1,137 @@
+"""The two sides of a data-path backend, as types.
+
+A backend turns a validated request into bytes moved. Two interfaces meet here, in the
+manner of NIXL's backend engines:
+
+- `DataPath`: what the agent asks of a backend. The agent asks each configured backend, in
+  the order of `AgentConfig.backends`, whether it can serve a request (`usable`), lays the
+  request out once (`plan`, reused by every post of a prepared transfer) and posts it
+  (`post`). `endpoint` is what the backend publishes in the agent's metadata (a listener
+  address) and `close` stops it.
+- `BackendHost`: what a backend may ask of the agent. It finds the region under local
+  descriptors, checks a peer's request against the registered regions, delivers a
+  notification, reports a peer it lost, logs a refused stranger, copies to and from device
+  memory, and gives the identity and secret the handshake (`weft.fabric.handshake`) needs.
+
+A backend ends each posted transfer with `Transfer.complete(error)`, exactly once in effect
+(later calls are ignored), from any thread, and sets `Transfer.on_cancel` when it must hear
+of a transfer that ended early. It touches nothing else of the agent. A `Factory` builds a
+backend for one agent; `weft.fabric.backends.register_backend` makes it available.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from weft.fabric.types import Backend, MemoryKind, Op
+
+if TYPE_CHECKING:
+    from weft.fabric import errors
+    from weft.fabric.config import AgentConfig
+    from weft.fabric.handshake import Identity
+    from weft.fabric.memory import DescList, Region
+    from weft.fabric.peers import Peer
+    from weft.fabric.regions import Resolved
+    from weft.fabric.transfer import Transfer
+
+
+class DataPath(Protocol):
+    """What the agent asks of a backend."""
+
+    kind: Backend
+
+    def usable(self, peer: Peer, local: MemoryKind, remote: MemoryKind) -> bool:
+        """Can this backend move bytes between these kinds for this peer right now?"""
+        ...
+
+    def plan(self, op: Op, local: DescList, peer: Peer, remote: DescList) -> Any:
+        """Lay out a request once; the result is passed to every `post`.
+
+        Raises:
+            WeftError: the request cannot be served by this backend.
+        """
+        ...
+
+    def post(self, plan: Any, transfer: Transfer, notify: bytes | None) -> None:
+        """Start moving bytes; end `transfer` with `Transfer.complete` (DONE or error).
+
+        Raises:
+            WeftError: the request could not even start (the agent completes it with this).
+        """
+        ...
+
+    def endpoint(self) -> str | None:
+        """This backend's own address for peers (published in metadata), or None."""
+        ...
+
+    def close(self) -> None:
+        """Stop: transfers still in flight end with `AgentClosedError`."""
+        ...
+
+
+class BackendHost(Protocol):
+    """What a backend (or the agent's own peer stream) may ask of the agent."""
+
+    @property
+    def name(self) -> str:
+        """The agent's name."""
+        ...
+
+    @property
+    def config(self) -> AgentConfig:
+        """The agent's settings (limits, timeouts, advertised host)."""
+        ...
+
+    @property
+    def fenced(self) -> bool:
+        """True while the agent must serve nothing."""
+        ...
+
+    def identity(self) -> Identity:
+        """Name, current instance and generation, and group secret, for the handshake."""
+        ...
+
+    def metadata(self) -> bytes:
+        """The agent's signed metadata (what a peer asks for with MD_REQ)."""
+        ...
+
+    def local_region(self, descs: DescList) -> Region:
+        """The local region under descriptors of this agent's registration.
+
+        Raises:
+            InvalidDescriptorError, RegistrationError.
+        """
+        ...
+
+    def resolve(self, table: Any, write: bool) -> Resolved:
+        """Check a peer's descriptor table (`wire.DESC_DTYPE`) against the registered regions."""
+        ...
+
+    def deliver(self, peer: str, message: bytes) -> None:
+        """Hand a notification from `peer` to the agent's inbox (blocks while the inbox is full)."""
+        ...
+
+    def peer(self, name: str) -> Peer:
+        """A known peer by name. Raises UnknownPeerError."""
+        ...
+
+    def peer_failed(self, peer: Peer, exc: errors.WeftError) -> None:
+        """A connection to `peer` failed: the peer is invalidated if it is still the current one."""
+        ...
+
+    def refused(self, addr: object, exc: Exception) -> None:
+        """Log a connection refused before it authenticated (once per address)."""
+        ...
+
+    def host_to_device(self, src: memoryview, region: Region, offset: int) -> None:
+        """Copy host bytes into a device region at `offset`."""
+        ...
+
+    def device_to_host(self, region: Region, offset: int, dst: memoryview) -> None:
+        """Copy a device region's bytes at `offset` into host memory."""
+        ...
+
+
+#: Builds a backend for one agent; may raise (ImportError, ...) when its library is missing.
+Factory = Callable[[BackendHost], DataPath]

@@ -1,0 +1,152 @@
+"""From a request to a running transfer: validate once, pick a backend, post, count.
+
+`Dispatcher` is the agent's initiator side. `prepare` checks a request completely (kinds,
+ownership, generations, lengths, read-only regions) and asks the configured backends, in
+order, for the first that can move it (`DataPath.usable`), which lays it out once
+(`DataPath.plan`). Every `post` of the prepared transfer re-checks only what can change
+(closed, fenced, the peer replaced) and hands the plan to the backend.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from weft.fabric import errors
+from weft.fabric.memory import DescList, RemoteRegion
+from weft.fabric.transfer import PreparedTransfer, Transfer
+from weft.fabric.types import Op, TransferState
+
+if TYPE_CHECKING:
+    from weft.fabric.agent import Agent
+    from weft.fabric.backend import DataPath
+    from weft.fabric.peers import Peer
+
+
+class Dispatcher:
+    """Prepares and posts the transfers of one agent through its backends.
+
+    Args:
+        agent: the agent (its public state, settings and `backend_host` are read).
+        backends: the loaded backends, in order of preference.
+    """
+
+    def __init__(self, agent: Agent, backends: list[DataPath]) -> None:
+        self._agent = agent
+        self.backends = backends
+        self._posted: weakref.WeakSet[Transfer] = weakref.WeakSet()
+        self._counts = {"transfers": 0, "bytes": 0, "errors": 0}
+        self._lock = threading.Lock()
+
+    def check_notify(self, notify: bytes | None) -> None:
+        """Raises InvalidDescriptorError unless `notify` is None or bytes within the limit."""
+        if notify is None:
+            return
+        if not isinstance(notify, bytes):
+            raise errors.InvalidDescriptorError("notify must be bytes")
+        if len(notify) > self._agent.config.max_notification_bytes:
+            raise errors.InvalidDescriptorError(
+                f"notification of {len(notify)} bytes exceeds max_notification_bytes"
+            )
+
+    def _check_open(self) -> None:
+        if self._agent.closed:
+            raise errors.AgentClosedError(f"agent {self._agent.name!r} is closed")
+
+    def prepare(
+        self, op: Op | str, local: DescList, peer: str, remote: DescList, notify: bytes | None
+    ) -> PreparedTransfer:
+        """`Agent.prepare`: validate and lay out a request once."""
+        try:
+            operation = Op.parse(op)
+        except ValueError as exc:
+            raise errors.InvalidDescriptorError(str(exc)) from None
+        if not isinstance(local, DescList) or not isinstance(remote, DescList):
+            raise errors.InvalidDescriptorError(
+                "local and remote must be DescList objects (Registration.descs())"
+            )
+        self.check_notify(notify)
+        self._check_open()
+        host = self._agent.backend_host
+        p = host.peer(peer)
+        region = host.local_region(local)
+        owner = remote.owner
+        if not isinstance(owner, RemoteRegion):
+            raise errors.InvalidDescriptorError("remote descriptors must come from Agent.remote(...)")
+        if owner.peer != peer:
+            raise errors.InvalidDescriptorError(f"remote descriptors belong to {owner.peer!r}, not {peer!r}")
+        if owner.instance != p.instance:
+            raise errors.StalePeerError(f"remote descriptors are from an older generation of {peer!r}")
+        if len(local) != len(remote) or not np.array_equal(local.lengths, remote.lengths):
+            raise errors.InvalidDescriptorError(
+                f"local and remote descriptors must match one to one in length "
+                f"({len(local)} local, {len(remote)} remote descriptors)"
+            )
+        limit = self._agent.config.max_descriptors
+        if len(local) > limit:
+            raise errors.InvalidDescriptorError(f"{len(local)} descriptors exceed max_descriptors={limit}")
+        if operation is Op.WRITE and owner.readonly:
+            raise errors.RegistrationError(f"remote region {owner.name or owner.id} is read-only")
+        if operation is Op.READ and region.readonly:
+            raise errors.RegistrationError("cannot READ into a read-only local region")
+        p.check_alive()
+        for backend in self.backends:
+            if backend.usable(p, region.kind, owner.kind):
+                plan = (backend, p, backend.plan(operation, local, p, remote))
+                return PreparedTransfer(self.post, operation, local, peer, remote, notify, plan)
+        raise errors.BackendUnavailableError(
+            f"no configured backend moves {region.kind.value} -> {owner.kind.value} to {peer!r} "
+            f"(configured: {[b.kind.value for b in self.backends]})"
+        )
+
+    def post(
+        self, prepared: PreparedTransfer, plan: Any, notify: bytes | None, timeout: float | None
+    ) -> Transfer:
+        """Post a prepared transfer once (`PreparedTransfer.post`)."""
+        self._check_open()
+        agent = self._agent
+        if agent.fenced:
+            raise errors.FencedError(f"agent {agent.name!r} is fenced: it lost its group lease")
+        self.check_notify(notify)
+        backend: DataPath = plan[0]
+        peer: Peer = plan[1]
+        with agent.backend_host.lock:
+            current = agent.backend_host.peers.get(peer.name)
+        if current is not peer:
+            raise errors.StalePeerError(f"peer {peer.name!r} was replaced or removed since prepare()")
+        limit = agent.config.transfer_timeout if timeout is None else timeout
+        if limit <= 0:
+            raise errors.ConfigError("timeout must be > 0")
+        t = Transfer(prepared.op, peer.name, prepared.local.total, limit, backend.kind)
+        self._posted.add(t)
+        with self._lock:
+            self._counts["transfers"] += 1
+            self._counts["bytes"] += t.nbytes
+        t.on_done(lambda: self._count_end(t))
+        try:
+            backend.post(plan[2], t, notify)
+        except errors.WeftError as exc:
+            t.complete(exc)
+        return t
+
+    def _count_end(self, t: Transfer) -> None:
+        if t.error is not None:
+            with self._lock:
+                self._counts["errors"] += 1
+
+    def counts(self) -> dict[str, int]:
+        """Transfers posted, their bytes, those that failed."""
+        with self._lock:
+            return dict(self._counts)
+
+    def in_flight(self) -> int:
+        """Transfers posted that have not ended."""
+        return sum(1 for t in list(self._posted) if t.state is TransferState.POSTED)
+
+    def close(self) -> None:
+        """Close every backend."""
+        for b in self.backends:
+            b.close()
