@@ -100,3 +100,11 @@ def test_a_new_batch_to_a_peer_needs_a_new_acknowledgement() -> None:
     d.acked.add("r1")
     step_mod.sent(d, "r1", np.array([0]), 1, now=1.0)
     assert "r1" not in d.acked
+
+
+def test_a_rank_masked_while_the_step_ran_is_reported_even_if_it_held_nothing() -> None:
+    d = _start([0])
+    d.masked_before = frozenset({"r3"})
+    step_mod.drop(d, "r1")
+    step_mod.note_masked(d, {"r1", "r2", "r3"})
+    assert d.masked == ["r1", "r2"]

@@ -214,6 +214,7 @@ class Exchange:
             plan, masked = self._plan, self._dead | self._silent
             self._open.add((plan.epoch, self._step))
             d = step_mod.Dispatched.start(plan, self._step, np.ascontiguousarray(x), ids)
+            d.masked_before = frozenset(masked)
         d.on_device = on_device
         self._send(d, step_mod.resend(d, masked))
         return d
@@ -279,6 +280,8 @@ class Exchange:
                     raise TimeoutError(f"step {d.step}: no answer from {sorted(d.pending)}")
         finally:
             self._forget(d)
+        with self._lock:
+            step_mod.note_masked(d, self._dead | self._silent)
         out = _to_device(d.out) if d.on_device else d.out
         return step_mod.Combined(out, d.missing, tuple(d.masked), d.redispatched, tuple(d.stragglers))
 

@@ -45,6 +45,7 @@ class Dispatched:
     lost: set[str] = field(default_factory=set)  # peers whose WRITE could not be posted
     transfers: dict[str, Transfer] = field(default_factory=dict)
     masked: list[str] = field(default_factory=list)  # peers masked during this step
+    masked_before: frozenset[str] = frozenset()  # masked for the epoch when the step started
     stragglers: list[str] = field(default_factory=list)  # alive but late during this step
     redispatched: int = 0
     next_round: int = 0
@@ -101,6 +102,12 @@ def take(d: Dispatched, peer: str, rows: np.ndarray) -> None:
     fresh = ~d.done[idx]
     d.out[idx[fresh]] = rows[fresh]
     d.done[idx] = True
+
+
+def note_masked(d: Dispatched, masked: Set[str]) -> None:
+    """Ranks masked for the epoch while the step ran count as masked during it, whether or
+    not they held its tokens (a rank lost after answering is still reported)."""
+    d.masked.extend(sorted(set(masked) - d.masked_before - set(d.masked)))
 
 
 def drop(d: Dispatched, peer: str) -> None:
