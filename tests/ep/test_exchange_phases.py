@@ -108,3 +108,16 @@ def test_a_rank_masked_while_the_step_ran_is_reported_even_if_it_held_nothing() 
     step_mod.drop(d, "r1")
     step_mod.note_masked(d, {"r1", "r2", "r3"})
     assert d.masked == ["r1", "r2"]
+
+
+def test_tokens_of_a_dead_rank_whose_other_replica_straggles_wait_for_the_straggler() -> None:
+    d = _start([1, 1, 2, 2])  # 1 on r1, r2; 2 on r2, r3
+    _send_all(d, {"r1": np.array([0, 1]), "r2": np.array([2, 3])}, now=0.0)
+    d.acked.add("r2")
+    d.stragglers.extend(step_mod.overdue(d, 1.5, DEADLINE).late)  # r2 late, r1 silent
+    step_mod.drop(d, "r1")  # then found dead
+    routes = step_mod.resend(d, masked={"r1"})  # r2's own tokens to r3; r1's wait: r2 is busy
+    assert {p: t.tolist() for p, t in routes.items()} == {"r3": [2, 3]} and not d.missing.any()
+    step_mod.take(d, "r2", np.ones((2, HIDDEN), dtype=np.float16))
+    routes = step_mod.resend(d, masked={"r1"})
+    assert {p: t.tolist() for p, t in routes.items()} == {"r2": [0, 1]} and not d.missing.any()

@@ -146,10 +146,11 @@ def uncovered(d: Dispatched) -> np.ndarray:
 def resend(d: Dispatched, masked: Set[str]) -> dict[str, np.ndarray]:
     """Where the uncovered tokens go now; tokens that cannot go anywhere are flagged missing.
 
-    Live replicas are those neither `masked` nor stragglers of this step. A token with none:
-    missing, unless a straggler still holds it (it is alive: its answer is awaited). A peer
-    still holding a batch of this step gets nothing now (its slot is busy); the tokens are
-    routed again once it has answered.
+    Live replicas are those not `masked`; stragglers of this step are live but used only for
+    tokens that have no other live replica. A token with no live replica at all is missing,
+    unless a straggler still holds it (its answer is awaited). A peer still holding a batch
+    of this step gets nothing now (its slot is busy); the tokens are routed again once it
+    has answered.
 
     Returns:
         Peer (possibly this rank) -> tokens to send it.
@@ -158,10 +159,14 @@ def resend(d: Dispatched, masked: Set[str]) -> dict[str, np.ndarray]:
     if not len(tokens):
         return {}
     routes = plan_mod.route(d.plan, d.expert_ids, tokens, set(masked) | set(d.stragglers))
-    nowhere = np.asarray(routes.pop("", []), dtype=np.int64)
-    if len(nowhere):
+    rest = np.asarray(routes.pop("", []), dtype=np.int64)
+    if len(rest) and d.stragglers:  # only a straggler is left for them: it is alive
+        for p, t in plan_mod.route(d.plan, d.expert_ids, rest, set(masked)).items():
+            routes.setdefault(p, []).extend(t)
+        rest = np.asarray(routes.pop("", []), dtype=np.int64)
+    if len(rest):
         held = np.zeros(len(d.done), dtype=bool)
         for idx in d.pending.values():
             held[idx] = True
-        d.missing[nowhere[~held[nowhere]]] = True
+        d.missing[rest[~held[rest]]] = True
     return {p: np.asarray(t, dtype=np.int64) for p, t in routes.items() if p not in d.pending}
