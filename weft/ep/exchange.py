@@ -94,6 +94,7 @@ class Exchange:
         self.row_bytes, self.slot_bytes = self._slots.row_bytes, self._slots.slot_bytes
         self._dead: set[str] = set()  # lost by the fabric or masked by the caller, this epoch
         self._silent: set[str] = set()  # did not acknowledge in time; unmasked when heard from
+        self._reported: frozenset[str] = frozenset()  # masks as of the last step's result
         self._step = 0
         self._open: set[tuple[int, int]] = set()  # (epoch, step) of the steps in flight
         self._arrived: dict[_Key, int] = {}  # -> tokens
@@ -152,7 +153,7 @@ class Exchange:
                 raise errors.ConfigError(
                     f"{len(plan.ranks)} ranks, but slots for {self._slots.world} (make a new Exchange)"
                 )
-            self._plan, self._dead, self._silent = plan, set(), set()
+            self._plan, self._dead, self._silent, self._reported = plan, set(), set(), frozenset()
             self._slots.forget_all()  # peers may have restarted: their regions are asked again
             self._lock.notify_all()
 
@@ -214,7 +215,7 @@ class Exchange:
             plan, masked = self._plan, self._dead | self._silent
             self._open.add((plan.epoch, self._step))
             d = step_mod.Dispatched.start(plan, self._step, np.ascontiguousarray(x), ids)
-            d.masked_before = frozenset(masked)
+            d.masked_before = self._reported
         d.on_device = on_device
         self._send(d, step_mod.resend(d, masked))
         return d
@@ -282,6 +283,7 @@ class Exchange:
             self._forget(d)
         with self._lock:
             step_mod.note_masked(d, self._dead | self._silent)
+            self._reported = frozenset(self._dead | self._silent)
         out = _to_device(d.out) if d.on_device else d.out
         return step_mod.Combined(out, d.missing, tuple(d.masked), d.redispatched, tuple(d.stragglers))
 

@@ -45,7 +45,7 @@ class Dispatched:
     lost: set[str] = field(default_factory=set)  # peers whose WRITE could not be posted
     transfers: dict[str, Transfer] = field(default_factory=dict)
     masked: list[str] = field(default_factory=list)  # peers masked during this step
-    masked_before: frozenset[str] = frozenset()  # masked for the epoch when the step started
+    masked_before: frozenset[str] = frozenset()  # masks the previous step's result reported
     stragglers: list[str] = field(default_factory=list)  # alive but late during this step
     redispatched: int = 0
     next_round: int = 0
@@ -76,7 +76,7 @@ class Combined:
 
     out: Any  # [n, hidden] in the original token order: numpy, or CuPy when x was on a GPU
     missing: np.ndarray  # bool [n]: tokens whose expert had no live replica (rows are zero)
-    masked: tuple[str, ...]  # ranks masked during the step
+    masked: tuple[str, ...]  # ranks masked since the previous step's result (each once)
     redispatched: int  # tokens sent again after a rank was masked or fell behind
     stragglers: tuple[str, ...] = ()  # ranks alive but late: their tokens went to a replica
 
@@ -105,8 +105,9 @@ def take(d: Dispatched, peer: str, rows: np.ndarray) -> None:
 
 
 def note_masked(d: Dispatched, masked: Set[str]) -> None:
-    """Ranks masked for the epoch while the step ran count as masked during it, whether or
-    not they held its tokens (a rank lost after answering is still reported)."""
+    """Ranks masked for the epoch since the previous step's result count as masked in this
+    one, whether or not they held its tokens: each masking is reported once, even when it
+    happened between two steps or after the rank had answered."""
     d.masked.extend(sorted(set(masked) - d.masked_before - set(d.masked)))
 
 
