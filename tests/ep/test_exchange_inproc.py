@@ -184,3 +184,5 @@ def test_a_rank_lost_by_the_fabric_is_masked_without_waiting_for_the_deadline(ra
     started = time.monotonic()
     got = ex.step(np.ones((64, HIDDEN), dtype=np.float16), np.arange(64) % 8)
     assert not got.missing.any() and time.monotonic() - started < ex.deadline
+    assert got.masked == ("r2",)  # lost between two steps: reported by the next one, once
+    assert ex.step(np.ones((8, HIDDEN), dtype=np.float16), np.arange(8)).masked == ()
