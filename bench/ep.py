@@ -196,7 +196,7 @@ class WeftRank:
 def _rank_main(conn: Connection, contender: str, rank: int, hidden: int, max_tokens: int) -> None:
     try:
         placement = _placement()
-        from weft.ep.exchange import EpPlan, route  # the NIXL ranks route exactly as weft does
+        from weft.ep import EpPlan, route  # the NIXL ranks route exactly as weft does
 
         names = [f"r{i}" for i in range(RANKS)]
         r: Any = (NixlRank(rank, max_tokens * hidden * 2) if contender == "nixl"

@@ -4,12 +4,13 @@ wire, the slots, routing, masking and epochs, before the OS-process tests."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
-from weft.ep import EpochMismatchError, EpPlan, Exchange
+from weft.ep import EpochMismatchError, EpPlan, Exchange, ExpertFn
 from weft.fabric import gpu_available
 from weft.fabric.agent import Agent
 from weft.fabric.config import AgentConfig
@@ -140,3 +141,48 @@ def test_cupy_activations_come_back_on_the_device(ranks: list[Exchange]) -> None
     assert hasattr(got.out, "__cuda_array_interface__")
     want = np.stack([scale(int(e), row[None])[0] for row, e in zip(cupy.asnumpy(x), ids, strict=True)])
     assert np.array_equal(cupy.asnumpy(got.out), want)
+
+
+def _slow_on(rank: str, seconds: float) -> ExpertFn:
+    def fn(e: int, rows: np.ndarray) -> np.ndarray:
+        if threading.current_thread().name.endswith(rank):
+            time.sleep(seconds)
+        return scale(e, rows)
+
+    return fn
+
+
+def test_a_slow_rank_is_a_straggler_not_masked(ranks: list[Exchange]) -> None:
+    slow = ranks[1]
+    slow._server.expert_fn = _slow_on("r1", 0.8)  # past the 0.5 s deadline, but it acknowledges
+    ex = ranks[0]
+    x = np.ones((64, HIDDEN), dtype=np.float16)
+    ids = np.arange(64) % 8
+    got = ex.step(x, ids)
+    assert got.stragglers == ("r1",) and got.masked == () and ex.masked == frozenset()
+    assert not got.missing.any() and got.redispatched > 0
+    assert np.array_equal(got.out, np.stack([scale(int(e), x[:1])[0] for e in ids]))
+
+
+def test_a_rank_masked_by_the_caller_is_avoided_at_once(ranks: list[Exchange]) -> None:
+    ex = ranks[0]
+    ex.mask("r2")
+    served = ranks[2].served
+    got = ex.step(np.ones((64, HIDDEN), dtype=np.float16), np.arange(64) % 8)
+    assert not got.missing.any() and got.redispatched == 0
+    assert ranks[2].served == served and ex.masked == frozenset({"r2"})
+
+
+def test_a_rank_lost_by_the_fabric_is_masked_without_waiting_for_the_deadline(ranks: list[Exchange]) -> None:
+    ex = ranks[0]
+    ex.step(np.ones((8, HIDDEN), dtype=np.float16), np.arange(8))  # connections up
+    ranks[2].agent.close()
+    deadline = time.monotonic() + 5
+    while "r2" not in ex.masked:  # the agent's peer-lost hook, before any step
+        assert time.monotonic() < deadline, "r2 was not masked"
+        time.sleep(0.01)
+    started = time.monotonic()
+    got = ex.step(np.ones((64, HIDDEN), dtype=np.float16), np.arange(64) % 8)
+    assert not got.missing.any() and time.monotonic() - started < ex.deadline
+    assert got.masked == ("r2",)  # lost between two steps: reported by the next one, once
+    assert ex.step(np.ones((8, HIDDEN), dtype=np.float16), np.arange(8)).masked == ()

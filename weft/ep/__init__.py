@@ -1,14 +1,19 @@
 """weft.ep: expert-parallel token dispatch and combine over the fabric, epoch-aware and
-elastic (a rank that does not answer is masked and its tokens go to surviving replicas)."""
+elastic: a rank the fabric loses is masked at once and its tokens go to surviving replicas;
+a rank that is alive but late has its tokens sent to a replica for that step only."""
 
-from weft.ep.exchange import (
-    Combined,
-    Dispatched,
-    EpError,
-    EpochMismatchError,
-    EpPlan,
-    Exchange,
-    ExpertFn,
-)
+from weft.ep.exchange import Exchange
+from weft.ep.plan import EpPlan, ExpertFn, route
+from weft.ep.step import Combined, Dispatched
+from weft.ep.wire import EpError, EpochMismatchError
 
-__all__ = ["Combined", "Dispatched", "EpError", "EpPlan", "EpochMismatchError", "Exchange", "ExpertFn"]
+__all__ = [
+    "Combined",
+    "Dispatched",
+    "EpError",
+    "EpPlan",
+    "EpochMismatchError",
+    "Exchange",
+    "ExpertFn",
+    "route",
+]
