@@ -32,6 +32,7 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
+from tests import signals
 from tests.peerproc import digest, pattern
 
 T = TypeVar("T")
@@ -505,7 +506,8 @@ class MemberProcess:
 
     # -- signals and lifetime ----------------------------------------------------------------
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        os.kill(self.pid, sig)
+        """Send `sig`; a SIGSTOP returns once the whole process is stopped."""
+        signals.send(self.pid, sig)
         if sig == signal.SIGSTOP:
             self.stopped = True
         elif sig == signal.SIGCONT:

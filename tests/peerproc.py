@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from tests import signals
+
 RNG_PATTERN_CACHE: dict[tuple[int, int], np.ndarray] = {}
 
 
@@ -117,7 +119,8 @@ class PeerProcess:
         return result
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        os.kill(self.pid, sig)
+        """Send `sig`; a SIGSTOP returns once the whole process is stopped."""
+        signals.send(self.pid, sig)
 
     def close(self) -> None:
         if self.proc.is_alive():

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests import signals
 from tests.agent.test_cli import AgentProcess, wait_for
 from tests.agent.test_coordinator import assert_one_plan_per_epoch, plan_history
 from tests.s3_fixtures import S3Server
@@ -96,7 +97,7 @@ def test_a_stopped_leader_cannot_write_and_each_epoch_has_one_plan(
     first = wait_for("four agents on one plan", lambda: settled(agents), 30.0)
     leader_name = first["a0"]["leader"]
     leader = next(a for a in agents if a.name == leader_name)
-    leader.proc.send_signal(signal.SIGSTOP)  # paused in the middle of its work
+    signals.send(leader.proc.pid, signal.SIGSTOP)  # paused in the middle of its work
     try:
         agents.append(start_agent("late", "--ratio", "1:1", "--lease-ttl", "2"))  # a change to plan
         others = [a for a in agents if a is not leader]
