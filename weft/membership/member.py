@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import socket
@@ -176,10 +177,18 @@ class Membership:
     def plan(self) -> records.PlanRecord | None:
         return self.view.plan
 
+    @plan.setter
+    def plan(self, plan: records.PlanRecord | None) -> None:  # a test plays a paused leader
+        self.view = dataclasses.replace(self.view, plan=plan)
+
     @property
     def plan_revision(self) -> int:
         """Mod revision of the ``plan`` key (0: none yet): the CAS guard of `write_plan`."""
         return self.view.plan_revision
+
+    @plan_revision.setter
+    def plan_revision(self, revision: int) -> None:
+        self.view = dataclasses.replace(self.view, plan_revision=revision)
 
     @property
     def plan_invalid(self) -> bool:
