@@ -23,6 +23,7 @@ from pathlib import Path
 
 from weft.agent.coordinator import Coordinator, PlanningConfig
 from weft.api.settings import EtcdSettings, GroupRef
+from weft.membership.events import EventKind
 from weft.membership.member import MemberConfig, Membership, MembershipEvent
 from weft.planner import ExpertSpec, RatioPolicy
 from weft.testing.etcd import EtcdServer
@@ -40,7 +41,7 @@ async def trial_group(
 
     def watcher(observer: str) -> object:
         def on(ev: MembershipEvent) -> None:
-            if ev.kind == "removed":
+            if ev.kind is EventKind.REMOVED:
                 removed_at.setdefault((observer, ev.name), time.monotonic())
 
         return on

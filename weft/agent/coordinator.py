@@ -24,10 +24,25 @@ from weft.agent.experts import ExpertHolder
 from weft.api import records
 from weft.api.vocab import MemberState
 from weft.fabric.errors import WeftError
+from weft.membership.events import EventKind
 from weft.membership.member import Membership, MembershipEvent, Phase, stop_tasks
 from weft.planner import ExpertSpec, LoadPolicy, MemberInfo, Plan, RatioPolicy, next_plan
 
 log = logging.getLogger(__name__)
+
+# the events after which the plan may need to change (or be applied again)
+_REPLAN_ON = frozenset(
+    {
+        EventKind.ADDED,
+        EventKind.UPDATED,
+        EventKind.REMOVED,
+        EventKind.LEADER,
+        EventKind.PLAN,
+        EventKind.REJOINED,
+        EventKind.LOAD,
+        EventKind.DRAIN,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -116,9 +131,9 @@ class Coordinator:
         return out
 
     def _on_event(self, ev: MembershipEvent) -> None:
-        if ev.kind == "rejoined":
+        if ev.kind is EventKind.REJOINED:
             self.applied_epoch = 0  # its ack went with the old lease: apply (and ack) again
-        if ev.kind in ("added", "updated", "removed", "leader", "plan", "rejoined", "load", "drain"):
+        if ev.kind in _REPLAN_ON:
             self._wake.set()
 
     async def start(self) -> None:
