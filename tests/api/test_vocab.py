@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import enum
+import importlib
 import json
+import pkgutil
 
 import pytest
 
+import weft
 from weft import api, fabric, kvstore, planner
 from weft.api import agent_settings, errors, metadata, records, transfergroup, vocab
 
@@ -22,6 +26,23 @@ from weft.api import agent_settings, errors, metadata, records, transfergroup, v
         (vocab.Role, ["prefill", "decode"]),
         (vocab.RolePolicy, ["ratio", "load"]),
         (vocab.MemberState, ["joining", "active", "draining"]),
+        (
+            vocab.EventKind,
+            [
+                "added",
+                "updated",
+                "removed",
+                "leader",
+                "fenced",
+                "rejoined",
+                "left",
+                "etcd-lost",
+                "etcd-back",
+                "load",
+                "plan",
+                "drain",
+            ],
+        ),
     ],
 )
 def test_values_are_the_strings_on_the_wire(enum: type[vocab.enum.StrEnum], values: list[str]) -> None:
@@ -36,6 +57,23 @@ def test_every_layer_names_the_same_classes() -> None:
     assert kvstore.NixlBackend is vocab.StorageBackend
     assert transfergroup.StorageBackend is vocab.StorageBackend
     assert transfergroup.RolePolicy is vocab.RolePolicy
+
+
+def test_no_enum_is_declared_twice() -> None:
+    """Every enum class in weft, imported module by module: no two share a value set, so a
+    second declaration of a shared vocabulary cannot come back unnoticed."""
+    declared: dict[frozenset[str], str] = {}
+    for info in pkgutil.walk_packages(weft.__path__, "weft."):
+        if info.name.startswith("weft.testing") or info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if isinstance(obj, type) and issubclass(obj, enum.Enum) and obj.__module__ == info.name:
+                values = frozenset(str(m.value) for m in obj)
+                where = f"{info.name}.{name}"
+                assert values not in declared, f"{where} repeats {declared[values]}"
+                declared[values] = where
+    assert "weft.api.vocab.Backend" in declared.values()
 
 
 def test_policy_defaults_agree_between_the_crd_the_agent_and_the_planner() -> None:

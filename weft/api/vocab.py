@@ -107,3 +107,20 @@ class MemberState(enum.StrEnum):
     JOINING = "joining"  # registered, not yet serving
     ACTIVE = "active"  # serving and counted by the planner
     DRAINING = "draining"  # finishing in-flight work, planned out, then leaving
+
+
+class EventKind(enum.StrEnum):
+    """What a membership event reports (an agent's `/status` lists them by these names)."""
+
+    ADDED = "added"
+    UPDATED = "updated"
+    REMOVED = "removed"
+    LEADER = "leader"
+    FENCED = "fenced"
+    REJOINED = "rejoined"
+    LEFT = "left"
+    ETCD_LOST = "etcd-lost"
+    ETCD_BACK = "etcd-back"
+    LOAD = "load"
+    PLAN = "plan"
+    DRAIN = "drain"

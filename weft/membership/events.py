@@ -9,31 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from weft.api.vocab import EventKind
+
+__all__ = ["EventBus", "EventKind", "MembershipEvent"]
+
 log = logging.getLogger(__name__)
-
-
-class EventKind(enum.StrEnum):
-    """What a `MembershipEvent` reports."""
-
-    ADDED = "added"
-    UPDATED = "updated"
-    REMOVED = "removed"
-    LEADER = "leader"
-    FENCED = "fenced"
-    REJOINED = "rejoined"
-    LEFT = "left"
-    ETCD_LOST = "etcd-lost"
-    ETCD_BACK = "etcd-back"
-    LOAD = "load"
-    PLAN = "plan"
-    DRAIN = "drain"
 
 
 @dataclass(frozen=True)
