@@ -242,7 +242,9 @@ class Fleet:
         self.endpoint = endpoint
         self.log_level = log_level
         self.group = group
-        self.prefix = f"/weft/v1/default/{group}/"  # GroupRef(namespace="default", group=group).prefix
+        from weft.membership.keyspace import Keyspace
+
+        self.keys = Keyspace("default", group)
         self.ttl = ttl
         self.workdir = workdir
         self.env = {**os.environ, "WEFT_SECRET": secret, "PYTHONUNBUFFERED": "1"}
@@ -504,7 +506,7 @@ def detection_trial(
     trial["visible_from_own_join_s"] = None
     trial["own_join_after_origin_s"] = None
     if new_gen != gen:
-        t_written = key_written_at(etcd, f"{fleet.prefix}members/{victim}", secret)
+        t_written = key_written_at(etcd, fleet.keys.member(victim), secret)
         trial["visible_from_own_join_s"] = t_visible - t_written
         trial["own_join_after_origin_s"] = t_written - origin
     trial["survivors_fenced"] = sorted(  # should stay empty: a survivor that fenced itself is a finding
