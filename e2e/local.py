@@ -222,7 +222,16 @@ class LocalCluster:
         return run(argv, timeout, input=input, check=check)
 
     def container_pid(self, container: str) -> int:
-        return int(run([*self.docker, "inspect", "-f", "{{.State.Pid}}", container], 30).strip())
+        """The host pid of the container's main process.
+
+        Raises:
+            ClusterError: the container is not running (docker reports pid 0, and a signal to
+                pid 0 would go to this process's own group).
+        """
+        pid = int(run([*self.docker, "inspect", "-f", "{{.State.Pid}}", container], 30).strip())
+        if pid <= 0:
+            raise ClusterError(f"container {container} is not running (pid {pid})")
+        return pid
 
     def stop(self) -> None:
         """Containers first (the kubelet would restart them), then the processes, then the

@@ -132,11 +132,8 @@ class Run:
         for w in watchers:
             w.start()
         time.sleep(BASELINE_SECONDS + 1)
-        names = list(SCENARIOS)
-        order = self.rng.sample(names, len(names))
-        order += [self.rng.choice(names) for _ in range(max(0, self.rounds - len(order)))]
         try:
-            for i, name in enumerate(order[: max(self.rounds, len(names))]):
+            for i, name in enumerate(round_order(self.rng, list(SCENARIOS), self.rounds)):
                 self.results.append(self.round(i, name))
         finally:
             self._stop.set()
@@ -411,6 +408,17 @@ SCENARIOS: dict[str, Callable[[Run, Round], None]] = {
     "kill-operator": kill_operator,
     "gpu-less": gpu_less,
 }
+
+
+def round_order(rng: random.Random, names: list[str], rounds: int) -> list[str]:
+    """The scenarios of `rounds` rounds (at least one of each): shuffled decks of every name,
+    one after another, so each runs at most once per deck and no fault piles up (the kubelet
+    backs off a container it restarts often, 10 s, 20 s, 40 s, ..., and resets only after
+    10 min of running)."""
+    order: list[str] = []
+    while len(order) < max(rounds, len(names)):
+        order += rng.sample(names, len(names))
+    return order[: max(rounds, len(names))]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from e2e import report
+from e2e import report, scenarios
 
 
 def _round(n: int, scenario: str, t: float, ok: bool = True, **figures: float | None) -> dict[str, Any]:
@@ -106,3 +107,16 @@ def test_main_renders_the_png_next_to_the_report(tmp_path: Path, capsys: pytest.
     assert report.main([str(path)]) == 0
     assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert "kill-agent" in capsys.readouterr().out
+
+
+def test_round_order_runs_every_scenario_and_none_more_than_once_per_deck() -> None:
+    names = sorted(scenarios.SCENARIOS)
+    for seed in range(200):
+        order = scenarios.round_order(random.Random(seed), names, 20)
+        assert len(order) == 20 and set(order) == set(names)
+        decks = [order[i : i + len(names)] for i in range(0, len(order), len(names))]
+        assert all(len(set(deck)) == len(deck) for deck in decks)
+        assert max(order.count(n) for n in names) <= -(-20 // len(names))
+    assert scenarios.round_order(random.Random(0), names, 3) == scenarios.round_order(
+        random.Random(0), names, 0
+    )
