@@ -248,9 +248,12 @@ class _KillOutcome:
 def _kill_the_leader(watch: _Watch, procs: dict[str, subprocess.Popen[bytes]]) -> _KillOutcome:
     """SIGKILL the leader; time the survivors' removal of it, the new leader and the re-plan."""
     names, dead = watch.names, watch.dead
-    watch.until(15, lambda: True if _all_see(names, watch.ports, dead) else None, pause=0.1)
-    watch.until(15, lambda: _plan_applied(names, watch.ports, dead), pause=0.1)
-    first_epoch = _plan_applied(names, watch.ports, dead) or 0
+
+    def settled() -> int | None:
+        """The plan epoch every agent applied, once they all see each other."""
+        return _plan_applied(names, watch.ports, dead) if _all_see(names, watch.ports, dead) else None
+
+    first_epoch = watch.until(15, settled, pause=0.1) or _plan_applied(names, watch.ports, dead) or 0
     time.sleep(0.5)
     victim = watch.status(names[0]).get("leader") or names[-1]  # the survivors elect a new one
     victim_gen = watch.status(victim).get("generation")
