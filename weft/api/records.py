@@ -32,6 +32,7 @@ __all__ = [
     "LeaderRecord",
     "LoadRecord",
     "MemberRecord",
+    "Percentiles",
     "PlanRecord",
     "Record",
     "RecordError",
@@ -137,13 +138,33 @@ class AckRecord(_Record):
     epoch: U64
 
 
+Millis = Annotated[float, pydantic.Field(ge=0, lt=1e9)]
+
+
+class Percentiles(_Strict):
+    """A latency distribution as engines report it: milliseconds at p50, p90 and p99."""
+
+    p50: Millis = 0.0
+    p90: Millis = 0.0
+    p99: Millis = 0.0
+
+
 class LoadRecord(_Record):
-    """``load/<name>``: load figures for the planner, under the member's lease."""
+    """``load/<name>``: load figures for the planner, under the member's lease.
+
+    `queue_depth` is the requests waiting to start (vLLM's ``num_requests_waiting``),
+    `running` the ones being served; TTFT and ITL are recent percentiles, None when the
+    engine has served nothing recently (the agent daemon reports none)."""
 
     kind: ClassVar[RecordKind] = RecordKind.LOAD
     name: Name
     generation: U64
     queue_depth: Annotated[int, pydantic.Field(ge=0, lt=1 << 31)] = 0
+    running: Annotated[int, pydantic.Field(ge=0, lt=1 << 31)] = 0
+    kv_cache_usage: Annotated[float, pydantic.Field(ge=0, le=1)] = 0.0
+    """Fraction of the engine's KV-cache blocks in use."""
+    ttft_ms: Percentiles | None = None
+    itl_ms: Percentiles | None = None
     tokens_per_s: Annotated[float, pydantic.Field(ge=0, lt=1e12)] = 0.0
     expert_hits: Annotated[
         dict[ExpertId, Annotated[int, pydantic.Field(ge=0, lt=1 << 62)]], pydantic.Field(max_length=1 << 16)

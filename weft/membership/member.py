@@ -38,6 +38,8 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import pydantic
+
 from weft.api import records
 from weft.api.records import Capabilities, MemberRecord
 from weft.api.settings import EtcdSettings, GroupRef
@@ -380,15 +382,26 @@ class Membership:
         await self._etcd.put(key.encode(), records.seal(record, key, self.config.secret), lease=self.lease)
 
     async def put_load(
-        self, queue_depth: int = 0, tokens_per_s: float = 0.0, expert_hits: Mapping[int, int] | None = None
+        self,
+        queue_depth: int = 0,
+        tokens_per_s: float = 0.0,
+        expert_hits: Mapping[int, int] | None = None,
+        *,
+        running: int = 0,
+        kv_cache_usage: float = 0.0,
+        ttft_ms: records.Percentiles | None = None,
+        itl_ms: records.Percentiles | None = None,
     ) -> None:
-        """Publish ``load/<name>`` for the planner.
+        """Publish ``load/<name>`` for the planner (and the operator's status and autoscaler).
 
         Args:
-            queue_depth: requests waiting. tokens_per_s: recent throughput.
+            queue_depth: requests waiting to start. running: requests being served.
+            tokens_per_s: recent throughput. kv_cache_usage: fraction of KV blocks in use.
+            ttft_ms, itl_ms: recent time-to-first-token and inter-token latency percentiles.
             expert_hits: expert id -> tokens routed to it since the last report.
         Raises:
-            ConfigError: an expert id is not a non-negative integer.
+            ConfigError: an expert id is not a non-negative integer, or a figure is out of
+                range (negative, a usage above 1).
         """
         hits = dict(expert_hits or {})
         if not all(isinstance(e, int) and 0 <= e < 10**9 for e in hits):
@@ -396,12 +409,21 @@ class Membership:
                 f"expert_hits keys are expert ids (integers >= 0), got {list(hits)}"
             )
         key = self.keyspace.load(self.config.name)
-        record = records.LoadRecord(
-            name=self.config.name,
-            generation=self.generation,
-            queue_depth=queue_depth,
-            tokens_per_s=tokens_per_s,
-            expert_hits={str(e): n for e, n in hits.items()},
-            at=time.time(),
-        )
+        try:
+            record = records.LoadRecord(
+                name=self.config.name,
+                generation=self.generation,
+                queue_depth=queue_depth,
+                running=running,
+                kv_cache_usage=float(kv_cache_usage),
+                ttft_ms=ttft_ms,
+                itl_ms=itl_ms,
+                tokens_per_s=float(tokens_per_s),
+                expert_hits={str(e): n for e, n in hits.items()},
+                at=time.time(),
+            )
+        except pydantic.ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "load"
+            raise fabric_errors.ConfigError(f"load figure {where}: {first.get('msg', 'invalid')}") from None
         await self._etcd.put(key.encode(), records.seal(record, key, self.config.secret), lease=self.lease)
