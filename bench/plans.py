@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from weft.agent.coordinator import Coordinator, PlanningConfig
 from weft.api.settings import EtcdSettings, GroupRef
+from weft.engine.coordinator import Coordinator, PlanningConfig
 from weft.membership.events import EventKind
 from weft.membership.member import MemberConfig, Membership, MembershipEvent
 from weft.planner import ExpertSpec, RatioPolicy

@@ -59,7 +59,7 @@ def test_the_rules_are_declared() -> None:
     assert kinds["adapters"] == "forbidden"
     # every package with modules of its own has its inner order declared
     inner = {name.removesuffix("-layers") for name, kind in kinds.items() if name.endswith("-layers")}
-    assert {"fabric", "membership", "kvstore", "agent", "planner", "operator", "testing"} <= inner
+    assert {"fabric", "membership", "kvstore", "engine", "planner", "operator", "testing"} <= inner
     # the main order names every top-level module of weft, none optional
     main = config["importlinter:contract:layers"]
     assert main["exhaustive"].strip() == "true"

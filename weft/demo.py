@@ -382,7 +382,7 @@ def _show_moves(
     took: float | None,
 ) -> bool:
     """The re-plan: which experts each survivor pulled after the kill, from where, verified."""
-    from weft.agent.experts import SyntheticExperts
+    from weft.engine.experts import SyntheticExperts
 
     if took is None:
         console.print("[red]no new plan was applied by every survivor")

@@ -9,9 +9,9 @@ from contextlib import asynccontextmanager
 import pytest
 
 from tests.conftest import SECRET
-from weft.agent.coordinator import Coordinator, PlanningConfig, plan_from_record, record_from_plan
 from weft.api import records
 from weft.api.settings import EtcdSettings, GroupRef
+from weft.engine.coordinator import Coordinator, PlanningConfig, plan_from_record, record_from_plan
 from weft.membership._etcd import Etcd
 from weft.membership.member import MemberConfig, Membership
 from weft.planner import ExpertSpec, LoadPolicy, RatioPolicy, next_plan

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from weft.agent import daemon
-from weft.agent import http as agent_http
-from weft.agent import metrics as agent_metrics
 from weft.api import agent_settings
 from weft.api.agent_settings import AgentSettings
 from weft.api.settings import EtcdSettings, GroupRef
+from weft.engine import http as agent_http
+from weft.engine import metrics as agent_metrics
 from weft.fabric.errors import ConfigError, WeftError
 from weft.membership.member import MemberConfig, Membership
 from weft.testing.etcd import EtcdServer
@@ -119,6 +119,13 @@ def test_every_environment_variable_lands_in_its_field(tmp_path: Path) -> None:
         "WEFT_REPLICATION": "2",
         "WEFT_REDUNDANT_SLOTS": "8",
         "WEFT_EXPERT_SOURCE": "synthetic:4096",
+        "WEFT_ROLE_POLICY": "load",
+        "WEFT_HIGH_QUEUE": "6",
+        "WEFT_LOW_QUEUE": "1.5",
+        "WEFT_SETTLE_SECONDS": "20",
+        "WEFT_TTFT_P90_MS": "800",
+        "WEFT_ITL_P90_MS": "60",
+        "WEFT_KV_POOL_FILE": str(tmp_path / "pool"),
         "POD_UID": "0b6f0a2e-8c1d-4f3a-9a51-6f7d2c4e9b10",
         "UNRELATED": "ignored",
     }
@@ -142,7 +149,9 @@ def test_every_environment_variable_lands_in_its_field(tmp_path: Path) -> None:
         8,
     )
     assert (s.http_host, s.http_port, s.drain_timeout, s.join_timeout) == ("0.0.0.0", 7001, 9.0, 4.0)
-    assert s.kv_pool_bytes == 1 << 20
+    assert (p.policy, p.high_queue, p.low_queue, p.settle_seconds) == ("load", 6.0, 1.5, 20.0)
+    assert (p.ttft_p90_ms, p.itl_p90_ms) == (800.0, 60.0)
+    assert s.kv_pool_bytes == 1 << 20 and s.kv_pool_file == tmp_path / "pool"
     assert (s.node, s.instance) == ("node-7", env["POD_UID"])
     assert s.fabric_host == "10.0.0.7"
     assert s.http_address(7001) == "10.0.0.7:7001"  # a wildcard is not an address to publish

@@ -208,6 +208,33 @@ def test_load_policy_steps_once_per_signal() -> None:
     assert later.action == "prefill+1" and role_counts(later.roles) == (3, 3)
 
 
+def test_load_policy_latency_targets_with_hysteresis() -> None:
+    """A TTFT target saturates prefill even with short queues; decode can spare a member only
+    while its ITL is under half its target (the band between holds still)."""
+    policy = LoadPolicy(high_queue=8, low_queue=2, settle_s=0, ttft_p90_ms=500, itl_p90_ms=50)
+    roles = {"p0": "prefill", "d0": "decode", "d1": "decode"}
+    base = next_plan(None, [MemberInfo(n, role=r) for n, r in roles.items()], policy, now=100.0).plan
+
+    def members(ttft: float, itl: float) -> list[MemberInfo]:
+        return [
+            MemberInfo("p0", role="prefill", queue_depth=1, ttft_p90_ms=ttft, load_at=101.0),
+            *(
+                MemberInfo(n, role="decode", queue_depth=0, itl_p90_ms=itl, load_at=101.0)
+                for n in ("d0", "d1")
+            ),
+        ]
+
+    held = next_plan(base, members(ttft=900, itl=30), policy, now=102.0).plan
+    assert held.action is None  # decode's ITL is inside the band: not idle enough to give one up
+    step = next_plan(base, members(ttft=900, itl=10), policy, now=102.0).plan
+    assert step.action == "prefill+1" and role_counts(step.roles) == (2, 1)
+    assert "TTFT 900 ms" in step.reason
+    calm = next_plan(base, members(ttft=400, itl=10), policy, now=102.0).plan
+    assert calm.action is None  # under the target: nothing to do
+    with pytest.raises(ValueError, match="latency targets"):
+        LoadPolicy(ttft_p90_ms=0)
+
+
 def test_ratio_parse_errors() -> None:
     with pytest.raises(ValueError, match="PREFILL:DECODE"):
         RatioPolicy.parse("1-3")

@@ -1,7 +1,7 @@
-"""weft.agent: the node agent daemon (`weft agent`): fabric, membership, health and metrics."""
+"""weft.agent: the node agent daemon (`weft agent`), one user of the engine SDK (`weft.engine`)."""
 
 from weft.agent.daemon import EXIT_ETCD_UNREACHABLE, EXIT_FAILED, EXIT_OK, load_agent_settings, run_agent
-from weft.agent.experts import ExpertSource, publish_experts
+from weft.engine.experts import ExpertSource, publish_experts
 
 __all__ = [
     "EXIT_ETCD_UNREACHABLE",

@@ -1,15 +1,18 @@
 """`weft agent`: the node agent daemon, from settings to a drained exit.
 
-One process per node (or pod): a fabric `Agent` that moves the bytes, a `Membership` that keeps
-its record in etcd and its peers in step with the group, and an HTTP endpoint for the kubelet
-and Prometheus. The order matters and is kept here in one place:
+One process per node (or pod), and one user of the engine SDK (`weft.engine.Engine`) with no
+engine behind it: a fabric `Agent` that moves the bytes, a `Membership` that keeps its record
+in etcd and its peers in step with the group, the plan coordinator, and an HTTP endpoint for
+the kubelet and Prometheus. What the daemon adds is a process's life around them:
 
-1. bind the HTTP endpoint first, so /healthz answers while the join waits for etcd and the
-   member record can carry the endpoint's address;
-2. join (``joining``), then publish ``active``: only then is /readyz 200;
-3. on SIGTERM or SIGINT (or `stop`), drain: publish ``draining`` so peers send nothing new,
-   wait (bounded by ``drain_timeout``) for transfers in flight, delete the member key and
-   revoke the lease, so peers drop this agent at once instead of after the lease TTL.
+1. the optional ``kv-pool`` region (anonymous memory, or a file on the pod's shared memory
+   volume that the engine container maps too: sidecar mode);
+2. `Engine.start`: bind the HTTP endpoint first, so /healthz answers while the join waits
+   for etcd, then join (``joining``) and publish ``active``: only then is /readyz 200;
+3. on SIGTERM or SIGINT (or `stop`), `Engine.stop`: publish ``draining`` so peers send
+   nothing new, wait (bounded by ``drain_timeout``) for transfers in flight, delete the member
+   key and revoke the lease, so peers drop this agent at once instead of after the lease TTL;
+4. exit codes that say why it ended, and a ready file for scripts and tests.
 """
 
 from __future__ import annotations
@@ -18,26 +21,19 @@ import asyncio
 import contextlib
 import json
 import logging
+import mmap
 import os
 import signal
 from collections.abc import Coroutine, Mapping, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from weft.agent import http as agent_http
-from weft.agent import metrics as agent_metrics
-from weft.agent.coordinator import Coordinator, PlanningConfig
-from weft.agent.experts import ExpertHolder, ExpertSource
-from weft.api import agent_settings
 from weft.api.agent_settings import AgentSettings
-from weft.api.vocab import MemberState
+from weft.engine import Engine, load_settings
 from weft.fabric.agent import Agent
-from weft.fabric.config import AgentConfig
 from weft.fabric.errors import ConfigError, WeftError
 from weft.membership import errors as membership_errors
-from weft.membership.member import MemberConfig, Membership
-from weft.planner import ExpertSpec, RatioPolicy
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +46,6 @@ EXIT_ETCD_UNREACHABLE = 2
 or a `MembershipError` caused by one)."""
 
 
-_SELF_ECHO_TIMEOUT = 5.0
 KV_POOL_REGION = "kv-pool"  # the region `AgentSettings.kv_pool_bytes` registers
 
 
@@ -79,24 +74,14 @@ def load_agent_settings(
     Raises:
         ConfigError: naming the bad field and the source of its value.
     """
-    try:
-        settings = agent_settings.resolve_settings(
-            AgentSettings, config_file=config_file, env=env, overrides=overrides
-        )
-        settings.join_token()
-    except agent_settings.SettingsError as exc:
-        raise ConfigError(str(exc)) from exc
-    return settings
+    return load_settings(config_file, env, overrides)
 
 
 @dataclass
 class _Running:
-    """What `run_agent` has started so far, for the teardown to undo in reverse."""
+    """What `run_agent` has started so far, for the teardown to undo."""
 
-    server: agent_http.HttpServer = field(default_factory=agent_http.HttpServer)
-    agent: Agent | None = None
-    membership: Membership | None = None
-    coordinator: Coordinator | None = None
+    engine: Engine | None = None
     left: bool = False
 
 
@@ -125,7 +110,7 @@ async def run_agent(
     running = _Running()
     try:
         return await _serve(settings, running, stop, ready_file, alog)
-    except (ConfigError, agent_settings.SettingsError) as exc:
+    except ConfigError as exc:  # SettingsError is one
         alog.error("bad settings: %s", exc)
         return EXIT_FAILED
     except membership_errors.EtcdUnavailableError as exc:
@@ -139,16 +124,10 @@ async def run_agent(
         alog.error("could not start: %s", exc)
         return EXIT_FAILED
     finally:
-        if running.coordinator is not None:
-            await running.coordinator.stop()
         for sig in signals:
             loop.remove_signal_handler(sig)
-        if running.membership is not None and not running.left:
-            with contextlib.suppress(WeftError):
-                await running.membership.close()
-        if running.agent is not None:
-            await asyncio.to_thread(running.agent.close)
-        await running.server.close()
+        if running.engine is not None and not running.left:
+            await running.engine.close()
         if ready_file is not None:
             _remove_ready_file(ready_file)
 
@@ -161,106 +140,65 @@ async def _serve(
     alog: _AgentLog,
 ) -> int:
     """Start, join, serve until `stop`, drain and leave (the happy path of `run_agent`)."""
-    config, http_port = await _start(settings, running, alog)
-    agent, membership, coordinator = running.agent, running.membership, running.coordinator
-    assert agent is not None and membership is not None and coordinator is not None
-    if not await _unless_stopped(_join(membership), stop):
+    engine = running.engine = Engine(settings)
+    if settings.kv_pool_bytes:
+        _kv_pool(engine.agent, settings)
+    alog.info(
+        "starting: fabric on %s:%d (%s), etcd %s",
+        settings.fabric_host,
+        engine.agent.port,
+        ",".join(b.value for b in engine.agent.backends),
+        ",".join(settings.etcd.endpoints),
+    )
+    if not await _unless_stopped(engine.start(), stop):
         alog.info("stopped before it joined")
         return EXIT_OK
-    await coordinator.start()
-    alog.info("active as generation %d", membership.generation)
+    membership = engine.membership
+    assert membership is not None
+    alog.info(
+        "active as generation %d, http on %s:%d", membership.generation, settings.http_host, engine.http_port
+    )
     if ready_file is not None:
         _write_ready_file(
             ready_file,
             {
                 "pid": os.getpid(),
                 "name": settings.name,
-                "http": config.http,
-                "http_port": http_port,
-                "fabric_port": agent.port,
+                "http": membership.config.http,
+                "http_port": engine.http_port,
+                "fabric_port": engine.agent.port,
                 "generation": membership.generation,
             },
         )
     await stop.wait()
-    await coordinator.stop()
-    alog.info("draining: %d transfers in flight", agent.in_flight())
-    await membership.leave()
+    alog.info("draining: %d transfers in flight", engine.agent.in_flight())
+    await engine.stop("SIGTERM")
     running.left = True
     alog.info("left the group")
     return EXIT_OK
 
 
-async def _start(settings: AgentSettings, running: _Running, alog: _AgentLog) -> tuple[MemberConfig, int]:
-    """The fabric agent, the HTTP endpoint, the membership and the coordinator, in that order.
+def _kv_pool(agent: Agent, settings: AgentSettings) -> None:
+    """Register the ``kv-pool`` region: anonymous memory, or (``kv_pool_file``) a file mapped
+    shared, which an engine in the same pod maps too (sidecar mode).
 
-    Returns:
-        The membership's config and the HTTP port bound.
+    Raises:
+        ConfigError: the file cannot be created or sized (the path named).
     """
-    fabric_config = AgentConfig.from_settings(settings)
-    secret = fabric_config.secret
-    assert secret is not None  # AgentSettings requires one
-    agent = running.agent = Agent(settings.name, fabric_config)
-    if settings.kv_pool_bytes:
+    path = settings.kv_pool_file
+    if path is None:
         agent.alloc(settings.kv_pool_bytes, KV_POOL_REGION)
-    http_port = await running.server.start(settings.http_host, settings.http_port)
-    config = MemberConfig(
-        name=settings.name,
-        group=settings.group,
-        secret=secret,
-        lease_ttl=settings.lease_ttl,
-        node=settings.node,
-        instance=settings.instance,
-        http=settings.http_address(http_port),
-        drain_timeout=settings.drain_timeout,
-        join_timeout=settings.join_timeout,
-    )
-    membership = running.membership = Membership(settings.etcd, config, agent)
-    holder = None
-    if settings.planning.experts and settings.planning.expert_source:
-        holder = ExpertHolder(agent, ExpertSource.parse(settings.planning.expert_source))
-    coordinator = running.coordinator = Coordinator(membership, planning_config(settings.planning), holder)
-    # no await since the server started: the routes are in place before any request runs
-    running.server.routes.update(
-        agent_http.agent_routes(membership, agent_metrics.AgentMetrics(membership), coordinator.status)
-    )
-    alog.info(
-        "starting: fabric on %s:%d (%s), http on %s:%d, etcd %s",
-        settings.fabric_host,
-        agent.port,
-        ",".join(b.value for b in agent.backends),
-        settings.http_host,
-        http_port,
-        ",".join(settings.etcd.endpoints),
-    )
-    return config, http_port
-
-
-def planning_config(p: agent_settings.PlanningSettings) -> PlanningConfig:
-    """The planner's policy from the agent's settings."""
-    policy = RatioPolicy.parse(
-        p.ratio,
-        min_prefill=p.min_prefill,
-        min_decode=p.min_decode,
-        gpu_less_roles=frozenset(p.gpu_less_roles),
-    )
-    experts = ExpertSpec(p.experts, p.replication, p.redundant_slots) if p.experts else None
-    return PlanningConfig(policy, experts, debounce=p.debounce)
-
-
-async def _join(membership: Membership) -> None:
-    await membership.start()
-    await membership.activate()
-    name = membership.config.name
-
-    def sees_itself_active() -> bool:
-        me = membership.members.get(name)
-        return me is not None and me.record.state is MemberState.ACTIVE
-
-    # the watch brings our own record back: once it has, the view is live end to end
+        return
     try:
-        await membership.wait_for(sees_itself_active, _SELF_ECHO_TIMEOUT)
-    except TimeoutError:
-        log.warning("%s: its own active record has not come back through the watch yet", name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, settings.kv_pool_bytes)
+            pool = mmap.mmap(fd, settings.kv_pool_bytes, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ConfigError(f"kv_pool_file {path}: {exc.strerror or exc}") from exc
+    agent.register(pool, KV_POOL_REGION)
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:

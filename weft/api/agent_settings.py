@@ -33,8 +33,11 @@ The file may not hold ``secret`` itself (use ``secret_file``, or ``WEFT_SECRET``
 ``WEFT_HTTP_HOST``, ``WEFT_HTTP_PORT``, ``WEFT_DRAIN_TIMEOUT``, ``WEFT_JOIN_TIMEOUT``,
 ``WEFT_KV_POOL_BYTES``,
 ``WEFT_NODE``, ``WEFT_RATIO``, ``WEFT_MIN_PREFILL``, ``WEFT_MIN_DECODE``, ``WEFT_EXPERTS``,
-``WEFT_REPLICATION``, ``WEFT_REDUNDANT_SLOTS``, ``WEFT_EXPERT_SOURCE``, and ``POD_UID``
-(the instance id, from the Kubernetes downward API).
+``WEFT_REPLICATION``, ``WEFT_REDUNDANT_SLOTS``, ``WEFT_EXPERT_SOURCE``, ``WEFT_ROLE_POLICY``,
+``WEFT_HIGH_QUEUE``, ``WEFT_LOW_QUEUE``, ``WEFT_SETTLE_SECONDS``, ``WEFT_TTFT_P90_MS``,
+``WEFT_ITL_P90_MS``, ``WEFT_KV_POOL_FILE``, and ``POD_UID``
+(the instance id, from the Kubernetes downward API). ``WEFT_CONFIG`` names the settings file
+for an engine that joins with `weft.engine.Engine.from_env` (the operator mounts it).
 
 Errors are `SettingsError`, a `weft.api.errors.ConfigError` (so also a `ValueError`) naming
 the field and its source.
@@ -94,6 +97,13 @@ ENVIRONMENT: dict[str, FieldPath] = {
     "WEFT_REPLICATION": ("planning", "replication"),
     "WEFT_REDUNDANT_SLOTS": ("planning", "redundant_slots"),
     "WEFT_EXPERT_SOURCE": ("planning", "expert_source"),
+    "WEFT_ROLE_POLICY": ("planning", "policy"),
+    "WEFT_HIGH_QUEUE": ("planning", "high_queue"),
+    "WEFT_LOW_QUEUE": ("planning", "low_queue"),
+    "WEFT_SETTLE_SECONDS": ("planning", "settle_seconds"),
+    "WEFT_TTFT_P90_MS": ("planning", "ttft_p90_ms"),
+    "WEFT_ITL_P90_MS": ("planning", "itl_p90_ms"),
+    "WEFT_KV_POOL_FILE": ("kv_pool_file",),
     "POD_UID": ("instance",),
 }
 """Environment variable -> settings field (a path into the sections)."""
@@ -196,6 +206,19 @@ class PlanningSettings(pydantic.BaseModel):
     """Extra replicas, given to the hottest experts."""
     gpu_less_roles: Annotated[list[vocab.Role], pydantic.Field(max_length=2)] = list(vocab.ROLES)
     """Roles a member without a GPU may take (e.g. only ``decode``)."""
+    policy: vocab.RolePolicy = vocab.RolePolicy.RATIO
+    """``ratio``: the fixed ratio above; ``load``: members move between the roles by the load
+    they report (queue depth per role, TTFT/ITL targets), one step per signal."""
+    high_queue: Annotated[float, pydantic.Field(gt=0, le=1e6)] = 8.0
+    """Load policy: mean requests waiting per member above which a role is saturated."""
+    low_queue: Annotated[float, pydantic.Field(ge=0, le=1e6)] = 2.0
+    """Load policy: mean requests waiting per member below which a role can spare one."""
+    settle_seconds: Annotated[float, pydantic.Field(ge=0, le=3600)] = 30.0
+    """Load policy: no new step within this many seconds of the previous one."""
+    ttft_p90_ms: Annotated[float, pydantic.Field(gt=0, le=1e7)] | None = None
+    """Load policy: prefill is saturated when a prefill member's p90 TTFT is above this."""
+    itl_p90_ms: Annotated[float, pydantic.Field(gt=0, le=1e7)] | None = None
+    """Load policy: decode is saturated when a decode member's p90 ITL is above this."""
     debounce: Annotated[float, pydantic.Field(ge=0, le=60)] = 0.1
     """Seconds of quiet after a change before the leader re-plans."""
     expert_source: (
@@ -204,6 +227,12 @@ class PlanningSettings(pydantic.BaseModel):
     """Where expert weights come from when no replica survived: ``synthetic:BYTES`` (tests,
     demos), ``dir:PATH`` (``expert-<id>.bin`` + ``manifest.json``) or ``kv:LMCACHE_CONFIG``
     (the KV store that config names, shared by the group); None: placement only."""
+
+    @pydantic.model_validator(mode="after")
+    def _hysteresis(self) -> PlanningSettings:
+        if self.low_queue >= self.high_queue:
+            raise ValueError(f"low_queue ({self.low_queue}) must be below high_queue ({self.high_queue})")
+        return self
 
     @pydantic.field_validator("ratio")
     @classmethod
@@ -244,6 +273,10 @@ class AgentSettings(GroupClientSettings):
     """Host memory registered writable as the region ``kv-pool``: peers (an inference engine,
     the e2e traffic generator) WRITE KV blocks into it and READ them back, the
     disaggregated-serving pattern. 0: none."""
+    kv_pool_file: Annotated[Path, pydantic.Field()] | None = None
+    """Put the ``kv-pool`` region in this file (created, sized, mapped shared) instead of
+    anonymous memory: in sidecar mode it lies on the pod's shared ``emptyDir`` (medium
+    Memory), so the engine container maps the same bytes the agent serves to peers."""
     node: Host = pydantic.Field(default_factory=socket.gethostname)
     """The node (host) shown to others (default: this host's name)."""
     instance: Annotated[str, pydantic.StringConstraints(pattern=r"^[A-Za-z0-9-]{1,64}$")] = pydantic.Field(

@@ -34,6 +34,8 @@ class MemberInfo:
     queue_depth: int = 0
     tokens_per_s: float = 0.0
     load_at: float = 0.0  # when its load record was written (time.time())
+    ttft_p90_ms: float | None = None  # its engine's recent p90 time to first token
+    itl_p90_ms: float | None = None  # its engine's recent p90 inter-token latency
 
 
 @dataclass(frozen=True)
@@ -74,11 +76,27 @@ class LoadPolicy:
     """Mean queue depth per member below which a role can spare a member."""
     settle_s: float = 30.0
     """No new step within this many seconds of the previous one."""
+    ttft_p90_ms: float | None = None
+    """Prefill is saturated when a prefill member's p90 TTFT is above this (an SLA target,
+    as Dynamo's planner takes one), and can spare a member only below half of it."""
+    itl_p90_ms: float | None = None
+    """The same for decode, with the p90 inter-token latency."""
     gpu_less_roles: frozenset[Role] = frozenset(ROLES)
 
     def __post_init__(self) -> None:
         if not 0 <= self.low_queue < self.high_queue:
             raise ValueError("load policy needs 0 <= low_queue < high_queue (hysteresis)")
+        for target in (self.ttft_p90_ms, self.itl_p90_ms):
+            if target is not None and target <= 0:
+                raise ValueError("latency targets must be > 0 ms")
+
+    def target(self, role: Role) -> float | None:
+        """The latency target of `role` (TTFT for prefill, ITL for decode), if set."""
+        return self.ttft_p90_ms if role == Role.PREFILL else self.itl_p90_ms
+
+
+def _latency(m: MemberInfo, role: Role) -> float | None:
+    return m.ttft_p90_ms if role == Role.PREFILL else m.itl_p90_ms
 
 
 @dataclass(frozen=True)
@@ -183,24 +201,43 @@ def plan_roles_load(
     settled = previous_action_at is None or now - previous_action_at >= policy.settle_s
     fresh = [m for m in ms if previous_action_at is None or m.load_at > previous_action_at]
     if settled and fresh and n >= 2:
-        q = {role: [m.queue_depth for m in fresh if current.get(m.name) == role] for role in ROLES}
-        mean = {role: (sum(v) / len(v)) if v else 0.0 for role, v in q.items()}
-        if (
-            mean[Role.PREFILL] > policy.high_queue
-            and mean[Role.DECODE] < policy.low_queue
-            and n - p > policy.min_decode
-        ):
+        busy, idle, said = _pressure(fresh, current, policy)
+        if busy[Role.PREFILL] and idle[Role.DECODE] and n - p > policy.min_decode:
             p, action = p + 1, "prefill+1"
-        elif (
-            mean[Role.DECODE] > policy.high_queue
-            and mean[Role.PREFILL] < policy.low_queue
-            and p > policy.min_prefill
-        ):
+        elif busy[Role.DECODE] and idle[Role.PREFILL] and p > policy.min_prefill:
             p, action = p - 1, "decode+1"
         if action:
-            reason = f"queue depth prefill {mean[Role.PREFILL]:.1f}, decode {mean[Role.DECODE]:.1f}: {action}"
+            reason = f"{said}: {action}"
     roles, flips = assign(ms, p, policy.gpu_less_roles)
     return RoleDecision(roles, flips, action, reason, (p, n - p))
+
+
+def _pressure(
+    fresh: list[MemberInfo], current: Mapping[str, Role], policy: LoadPolicy
+) -> tuple[dict[Role, bool], dict[Role, bool], str]:
+    """Which roles are saturated and which idle, from fresh load (and a sentence saying why).
+
+    Saturated: mean queue depth above `high_queue`, or a member's p90 latency above the
+    role's target. Idle: mean queue below `low_queue` and every p90 below half the target
+    (the band between is the hysteresis)."""
+    busy: dict[Role, bool] = {}
+    idle: dict[Role, bool] = {}
+    words = []
+    for role in ROLES:
+        holders = [m for m in fresh if current.get(m.name) == role]
+        mean = sum(m.queue_depth for m in holders) / len(holders) if holders else 0.0
+        seen = [x for x in (_latency(m, role) for m in holders) if x is not None]
+        worst = max(seen) if seen else None
+        target = policy.target(role)
+        late = target is not None and worst is not None and worst > target
+        fast = target is None or worst is None or worst < target / 2
+        busy[role] = mean > policy.high_queue or late
+        idle[role] = mean < policy.low_queue and fast
+        kind = "TTFT" if role == Role.PREFILL else "ITL"
+        words.append(
+            f"{role} queue {mean:.1f}" + (f", p90 {kind} {worst:.0f} ms" if worst is not None else "")
+        )
+    return busy, idle, "; ".join(words)
 
 
 def role_counts(roles: Mapping[str, Role]) -> tuple[int, int]:

@@ -30,8 +30,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from weft.agent import metrics as agent_metrics
 from weft.api.vocab import MemberState
+from weft.engine import metrics as agent_metrics
 from weft.membership.member import Membership, Phase
 
 log = logging.getLogger(__name__)
@@ -206,14 +206,16 @@ def agent_routes(
     m: Membership,
     metrics: agent_metrics.AgentMetrics,
     extra: Callable[[], dict[str, Any]] | None = None,
+    not_ready: Callable[[], str | None] | None = None,
 ) -> dict[str, Route]:
-    """The routes of a node agent; `extra` adds fields to /status (the plan applied, experts held)."""
+    """The routes of a node agent; `extra` adds fields to /status (the plan applied, experts
+    held); `not_ready` adds a reason for /readyz to answer 503 (an engine overdue or draining)."""
 
     def healthz() -> Response:
         return Response(200, b"ok\n")
 
     def readyz() -> Response:
-        why = not_ready_reason(m)
+        why = not_ready_reason(m) or (not_ready() if not_ready is not None else None)
         return Response(200, b"ready\n") if why is None else Response(503, f"not ready: {why}\n".encode())
 
     def metrics_route() -> Response:

@@ -7,9 +7,15 @@ each other, so the glue lives here, in the agent layer.
   `MemberInfo`s (draining members left out: they are leaving), runs `next_plan` on the
   current plan, and writes the result only if roles or placement changed, with the plan
   compare-and-swap (`Membership.write_plan`): a deposed or paused leader's write fails.
-* **Everyone.** When a plan with a newer epoch arrives, the agent takes its role: if the role
-  changes it first drains (waits, bounded, until its transfers in flight are done), then
-  publishes the new role in its member record; then it acks the epoch.
+* **Everyone.** When a plan with a newer epoch arrives, the member takes its role: a role
+  change is a handshake with the engine (`weft.engine.changes.RoleChange`: the engine
+  finishes or hands off its requests, switches, answers), and only then is the new role
+  published in the member record; new experts are pulled and verified, handed to the engine
+  (`ExpertChange`), and only then is the epoch acked. Without an engine (the `weft agent`
+  daemon), a role change waits, bounded, until the fabric's transfers in flight are done.
+
+Planning and applying run as two tasks: an engine that takes long to switch never holds up
+the leader's planning of the group.
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from weft.agent.experts import ExpertHolder
 from weft.api import records
-from weft.api.vocab import MemberState
+from weft.api.vocab import MemberState, Role
+from weft.engine.changes import Change, ExpertChange, RoleChange
+from weft.engine.experts import ExpertHolder
 from weft.fabric.errors import WeftError
 from weft.membership.events import EventKind
 from weft.membership.member import Membership, MembershipEvent, Phase, stop_tasks
+from weft.membership.port import FabricPort
 from weft.planner import ExpertSpec, LoadPolicy, MemberInfo, Plan, RatioPolicy, next_plan
 
 log = logging.getLogger(__name__)
@@ -52,7 +61,8 @@ class PlanningConfig:
     debounce: float = 0.1
     """Seconds of quiet after a change before the leader re-plans."""
     drain_timeout: float = 10.0
-    """Bound on draining the old role's work before taking a new one."""
+    """Seconds the engine (or, without one, the fabric's transfers in flight) has to finish
+    the old role's work before taking a new one; past it the member says it is overdue."""
     tick: float | None = None
     """Re-plan at least this often (seconds) even without a change; default: 1 s for a load
     policy (its settle time runs out without an event), never for a ratio."""
@@ -89,25 +99,56 @@ def record_from_plan(plan: Plan, leader: str, generation: int) -> records.PlanRe
     )
 
 
+async def fabric_drain(agent: FabricPort | None, change: Change) -> bool:
+    """No engine: before a role change, wait (bounded by the change's deadline) until the
+    fabric has no transfers in flight; then answer done."""
+    if isinstance(change, RoleChange) and change.old is not None and agent is not None:
+        # the fabric counts transfers, it does not signal them: poll, bounded
+        while agent.in_flight() and change.seconds_left > 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    change.done()
+    return True
+
+
+Handshake = Callable[[Change], Awaitable[bool]]
+"""Hands a change to the engine and returns once it answered: True when done."""
+
+
 class Coordinator:
-    """Runs the leader's planning loop and this agent's plan application."""
+    """Runs the leader's planning loop and this member's plan application.
+
+    Args:
+        membership: the member's membership.
+        config: policy, experts and timing.
+        experts: the expert weights this member holds (None: no expert placement here).
+        handshake: asks the engine to carry out a change (`weft.engine.Engine` passes its
+            own); None: no engine, a role change waits for the fabric's transfers in flight.
+    """
 
     def __init__(
-        self, membership: Membership, config: PlanningConfig, experts: ExpertHolder | None = None
+        self,
+        membership: Membership,
+        config: PlanningConfig,
+        experts: ExpertHolder | None = None,
+        handshake: Handshake | None = None,
     ) -> None:
         self.membership = membership
         self.config = config
         self.experts = experts
+        self.handshake = handshake or self._fabric_drain
         self.applied: records.PlanRecord | None = None
         self.applied_epoch = 0
-        self.role: str | None = None
+        self.role: Role | None = None
+        self.pending: Change | None = None
+        """The change the engine is carrying out now, if any."""
         self._wake = asyncio.Event()
+        self._apply_wake = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         membership.subscribe(self._on_event)
 
     def status(self) -> dict[str, object]:
-        """For /status: the plan applied, this agent's role, the experts it holds and pulled."""
+        """For /status: the plan applied, this member's role, the experts it holds and pulled."""
         out: dict[str, object] = {"applied_epoch": self.applied_epoch, "role": self.role}
         plan = self.applied
         out["members_planned"] = list(plan.members) if plan is not None else []
@@ -121,6 +162,8 @@ class Coordinator:
                 "under_replicated": plan.under_replicated,
             }
         )
+        pending = self.pending
+        out["pending"] = None if pending is None else {"change": str(pending), "overdue": self.overdue}
         if self.experts is not None:
             out["experts"] = {str(e): d for e, d in sorted(self.experts.digests().items())}
             out["pulled"] = [
@@ -130,24 +173,37 @@ class Coordinator:
             out["failed_pulls"] = self.experts.failed_pulls
         return out
 
+    @property
+    def overdue(self) -> bool:
+        """The engine is past the deadline of the change it is carrying out."""
+        pending = self.pending
+        return pending is not None and pending.seconds_left < 0
+
     def _on_event(self, ev: MembershipEvent) -> None:
         if ev.kind is EventKind.REJOINED:
             self.applied_epoch = 0  # its ack went with the old lease: apply (and ack) again
         if ev.kind in _REPLAN_ON:
             self._wake.set()
+            self._apply_wake.set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._run(), name="weft-coordinator")]
+        self._tasks = [
+            loop.create_task(self._run(), name="weft-planning"),
+            loop.create_task(self._apply_loop(), name="weft-applying"),
+        ]
         self._wake.set()
+        self._apply_wake.set()
 
     async def stop(self) -> None:
-        self._stopping = True  # the loop checks it too
+        self._stopping = True  # the loops check it too
         self._wake.set()
+        self._apply_wake.set()
         tasks, self._tasks = self._tasks, []
         await stop_tasks(tasks, f"{self.membership.config.name}: planning")
 
     async def _run(self) -> None:
+        """The leader's side: re-plan after changes (and every `tick` for a load policy)."""
         tick = self.config.tick
         if tick is None and isinstance(self.config.policy, LoadPolicy):
             tick = 1.0
@@ -161,18 +217,30 @@ class Coordinator:
             self._wake.clear()
             if self._stopping:
                 return
-            try:
-                if self.membership.is_leader:
-                    await self.replan()
-                await self.apply()
-            except WeftError as exc:  # etcd away, a pull that failed everywhere: try again
-                log.warning("%s: planning step failed, retrying: %s", self.membership.config.name, exc)
-                await asyncio.sleep(0.2)
-                self._wake.set()
-            except Exception:  # a bug: say so loudly, keep the loop alive
-                log.exception("%s: planning step crashed; retrying", self.membership.config.name)
-                await asyncio.sleep(1.0)
-                self._wake.set()
+            if self.membership.is_leader:
+                await self._step(self.replan, self._wake)
+            self._apply_wake.set()  # a plan we wrote comes back through the watch too
+
+    async def _apply_loop(self) -> None:
+        """Everyone's side: apply the newest plan, one at a time."""
+        while not self._stopping:
+            await self._apply_wake.wait()
+            self._apply_wake.clear()
+            if self._stopping:
+                return
+            await self._step(self.apply, self._apply_wake)
+
+    async def _step(self, work: Callable[[], Awaitable[object]], again: asyncio.Event) -> None:
+        try:
+            await work()
+        except WeftError as exc:  # etcd away, a pull that failed everywhere: try again
+            log.warning("%s: planning step failed, retrying: %s", self.membership.config.name, exc)
+            await asyncio.sleep(0.2)
+            again.set()
+        except Exception:  # a bug: say so loudly, keep the loop alive
+            log.exception("%s: planning step crashed; retrying", self.membership.config.name)
+            await asyncio.sleep(1.0)
+            again.set()
 
     def _live_members(self) -> list[MemberInfo]:
         m = self.membership
@@ -192,6 +260,8 @@ class Coordinator:
                     queue_depth=load.queue_depth if load else 0,
                     tokens_per_s=load.tokens_per_s if load else 0.0,
                     load_at=load.at if load else 0.0,
+                    ttft_p90_ms=load.ttft_ms.p90 if load and load.ttft_ms else None,
+                    itl_p90_ms=load.itl_ms.p90 if load and load.itl_ms else None,
                 )
             )
         return out
@@ -228,27 +298,49 @@ class Coordinator:
         return written
 
     async def apply(self) -> None:
-        """Take this agent's role in the newest plan (draining the old one first), then ack."""
+        """Take this member's role in the newest plan (the engine switches first), take its
+        experts (the engine loads them), then ack the epoch. An engine that answers
+        `failed` gets asked again a second later; nothing is acked meanwhile."""
         m = self.membership
         plan = m.plan
         if plan is None or plan.epoch <= self.applied_epoch or m.phase is not Phase.JOINED:
             return
         role = plan.roles.get(m.config.name)
-        if role is not None and role != self.role:
-            if self.role is not None and m.agent is not None:
-                deadline = time.monotonic() + self.config.drain_timeout
-                # the fabric counts transfers, it does not signal them: poll, bounded
-                while m.agent.in_flight() and time.monotonic() < deadline:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
+        if role != self.role:
+            change = RoleChange(plan.epoch, self._deadline(), old=self.role, new=role)
+            if not await self._ask(change):
+                return
             self.role = role
             await m.set_role(role)
-        if self.experts is not None:
-            await self._take_experts(plan)
+        if self.experts is not None and not await self._take_experts(plan):
+            return
         await m.put_ack(plan.epoch)
         self.applied, self.applied_epoch = plan, plan.epoch
 
-    async def _take_experts(self, plan: records.PlanRecord) -> None:
-        """Pull the experts this plan newly gives us (verified), publish, release old ones."""
+    def _deadline(self) -> float:
+        return time.monotonic() + self.config.drain_timeout
+
+    async def _ask(self, change: Change) -> bool:
+        """Hand `change` to the engine and wait for its answer (False: it failed; asked again
+        after a second)."""
+        name = self.membership.config.name
+        self.pending = change
+        try:
+            ok = await self.handshake(change)
+        finally:
+            self.pending = None
+        if not ok:
+            log.warning("%s: the engine could not %s: %s", name, change, change.reason or "no reason given")
+            loop = asyncio.get_running_loop()
+            loop.call_later(1.0, self._apply_wake.set)
+        return ok
+
+    async def _fabric_drain(self, change: Change) -> bool:
+        return await fabric_drain(self.membership.agent, change)
+
+    async def _take_experts(self, plan: records.PlanRecord) -> bool:
+        """Pull the experts this plan newly gives us (verified), hand them to the engine,
+        publish, and release the ones lost one plan ago. False: the engine refused them."""
         assert self.experts is not None
         m = self.membership
         me = m.config.name
@@ -261,7 +353,16 @@ class Coordinator:
             sources[e] = staying + [h for h in old if h not in staying]
         pulled = await self.experts.ensure(mine, sources)
         kept_one_more = {int(e) for e, hosts in before.items() if me in hosts}
-        self.experts.release(set(self.experts.held) - mine - kept_one_more)
+        released = frozenset(set(self.experts.held) - mine - kept_one_more)
+        removed = frozenset(kept_one_more - mine)
+        if pulled or removed or released:
+            added = {p.expert: self.experts.view(p.expert) for p in pulled}
+            change = ExpertChange(
+                plan.epoch, self._deadline(), added=added, removed=removed, released=released
+            )
+            if not await self._ask(change):
+                return False
+        self.experts.release(released)
         if pulled:
             await m.republish()  # peers learn the new regions from the record
             log.info(
@@ -272,3 +373,4 @@ class Coordinator:
                 ", ".join(f"{p.expert} from {p.source}" for p in pulled[:8])
                 + (" ..." if len(pulled) > 8 else ""),
             )
+        return True

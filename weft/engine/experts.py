@@ -269,6 +269,28 @@ class ExpertHolder:
                 reg.release()
                 self._digests.pop(e, None)
 
+    def view(self, expert: int) -> memoryview:
+        """A read-only byte view of a held expert's weights (valid until it is released)."""
+        return memoryview(self.held[expert].buffer).cast("B").toreadonly()
+
+    def adopt(self, expert: int, weights: Any) -> None:
+        """Hold weights the engine already has (loaded from its checkpoint) as the expert's
+        region, so peers can pull from here; checked against the source's digest first.
+
+        Raises:
+            TransferError: the bytes are not the expert's (wrong digest).
+            ConfigError: the source does not know the expert.
+        """
+        want = self.source.digest(expert)
+        got = digest(weights)
+        if got != want:
+            raise fabric_errors.TransferError(f"expert {expert}: digest {got} is not {want}")
+        old = self.held.pop(expert, None)
+        if old is not None:
+            old.release()
+        self.held[expert] = self.agent.register(weights, region_name(expert), readonly=True)
+        self._digests[expert] = want
+
     def digests(self) -> dict[int, str]:
         """Expert -> the digest its bytes were checked against when they arrived."""
         return dict(self._digests)

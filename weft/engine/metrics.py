@@ -17,17 +17,23 @@ Exposed (all prefixed ``weft_``):
   `AgentMetrics.count_transfer`; ``served_total``, ``served_bytes_total``, ``refused_total``:
   requests peers made of this agent over tcp/ucx;
 * histogram ``detection_seconds{signal}``: how long after the data path lost a peer it was
-  removed, by the signal that removed it (``data-path`` or ``etcd``).
+  removed, by the signal that removed it (``data-path`` or ``etcd``);
+* with an engine's load (`weft.engine.load.LoadTracker`): gauges ``engine_queue_depth``,
+  ``engine_running``, ``engine_kv_cache_usage``, ``engine_tokens_per_second``,
+  ``engine_ttft_ms{quantile}`` and ``engine_itl_ms{quantile}`` (the figures of the load record);
+* with a plan follower: ``plan_epoch_applied``, ``role{role}`` (1 for the role served) and
+  ``change_overdue`` (1 while the engine is past the deadline of a switch or drain).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from weft.engine.load import LoadTracker
 from weft.membership.member import Membership, Phase
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -73,10 +79,19 @@ class AgentMetrics(Collector):
 
     Args:
         membership: the agent's membership.
+        load: the engine's load figures, if an engine reports any.
+        plan: reads the plan follower's (applied epoch, role, overdue), if there is one.
     """
 
-    def __init__(self, membership: Membership) -> None:
+    def __init__(
+        self,
+        membership: Membership,
+        load: LoadTracker | None = None,
+        plan: Callable[[], tuple[int, str | None, bool]] | None = None,
+    ) -> None:
         self.membership = membership
+        self.load = load
+        self.plan = plan
         self.transfers = 0
         self.transfer_bytes = 0
         self.transfer_errors = 0
@@ -167,3 +182,37 @@ class AgentMetrics(Collector):
             "Seconds from the data path losing a peer to its removal, by the signal that removed it.",
             "signal",
         )
+        yield from self._engine()
+
+    def _engine(self) -> Iterator[Metric]:
+        """The engine's load and its place in the plan (when there is an engine)."""
+        if self.load is not None:
+            r = self.load.snapshot()
+            for name, doc, value in (
+                ("queue_depth", "Requests waiting to start.", r.queue_depth),
+                ("running", "Requests being served.", r.running),
+                ("kv_cache_usage", "Fraction of the KV-cache blocks in use.", r.kv_cache_usage),
+                ("tokens_per_second", "Tokens produced per second, recently.", r.tokens_per_s),
+            ):
+                yield GaugeMetricFamily(f"weft_engine_{name}", doc, value=float(value))
+            for name, doc, p in (
+                ("ttft_ms", "Recent time to first token, milliseconds.", r.ttft_ms),
+                ("itl_ms", "Recent inter-token latency, milliseconds.", r.itl_ms),
+            ):
+                family = GaugeMetricFamily(f"weft_engine_{name}", doc, labels=["quantile"])
+                if p is not None:
+                    for q, v in (("0.5", p.p50), ("0.9", p.p90), ("0.99", p.p99)):
+                        family.add_metric([q], v)
+                yield family
+        if self.plan is not None:
+            epoch, role, overdue = self.plan()
+            yield GaugeMetricFamily("weft_plan_epoch_applied", "Plan epoch applied and acked.", value=epoch)
+            roles = GaugeMetricFamily("weft_role", "1 for the role this member serves.", labels=["role"])
+            for served in ("prefill", "decode"):
+                roles.add_metric([served], 1.0 if role == served else 0.0)
+            yield roles
+            yield GaugeMetricFamily(
+                "weft_change_overdue",
+                "1 while the engine is past the deadline of a switch or drain it was asked for.",
+                value=float(overdue),
+            )
