@@ -141,6 +141,8 @@ class Coordinator:
         self.role: Role | None = None
         self.pending: Change | None = None
         """The change the engine is carrying out now, if any."""
+        self.given: set[int] = set()
+        """The experts the engine has taken (answered an `ExpertChange` for)."""
         self._wake = asyncio.Event()
         self._apply_wake = asyncio.Event()
         self._stopping = False
@@ -330,7 +332,7 @@ class Coordinator:
         finally:
             self.pending = None
         if not ok:
-            log.warning("%s: the engine could not %s: %s", name, change, change.reason or "no reason given")
+            log.warning("%s: the engine did not carry out %s: %s", name, change, change.reason or "no reason")
             loop = asyncio.get_running_loop()
             loop.call_later(1.0, self._apply_wake.set)
         return ok
@@ -354,14 +356,18 @@ class Coordinator:
         pulled = await self.experts.ensure(mine, sources)
         kept_one_more = {int(e) for e, hosts in before.items() if me in hosts}
         released = frozenset(set(self.experts.held) - mine - kept_one_more)
-        removed = frozenset(kept_one_more - mine)
-        if pulled or removed or released:
-            added = {p.expert: self.experts.view(p.expert) for p in pulled}
+        # what the engine has taken is tracked apart from what is held: an engine that
+        # refused a change is handed the same experts again, not an empty change
+        added = sorted(mine - self.given)
+        removed = frozenset(self.given - mine)
+        if added or removed or released:
+            views = {e: self.experts.view(e) for e in added}
             change = ExpertChange(
-                plan.epoch, self._deadline(), added=added, removed=removed, released=released
+                plan.epoch, self._deadline(), added=views, removed=removed, released=released
             )
             if not await self._ask(change):
                 return False
+        self.given = (self.given | set(added)) - removed
         self.experts.release(released)
         if pulled:
             await m.republish()  # peers learn the new regions from the record
