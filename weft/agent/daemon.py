@@ -12,7 +12,9 @@ the kubelet and Prometheus. What the daemon adds is a process's life around them
 3. on SIGTERM or SIGINT (or `stop`), `Engine.stop`: publish ``draining`` so peers send
    nothing new, wait (bounded by ``drain_timeout``) for transfers in flight, delete the member
    key and revoke the lease, so peers drop this agent at once instead of after the lease TTL;
-4. exit codes that say why it ended, and a ready file for scripts and tests.
+4. in sidecar mode (`weft.agent.sidecar`), the link to the engine next to it: its metrics
+   become this member's load, and role switches and drains are posted to its hook;
+5. exit codes that say why it ended, and a ready file for scripts and tests.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from weft.agent.sidecar import Sidecar
 from weft.api.agent_settings import AgentSettings
 from weft.engine import Engine, load_settings
 from weft.fabric.agent import Agent
@@ -143,6 +146,7 @@ async def _serve(
     engine = running.engine = Engine(settings)
     if settings.kv_pool_bytes:
         _kv_pool(engine.agent, settings)
+    sidecar = Sidecar(engine, settings.engine_metrics_url, settings.engine_hook_url)
     alog.info(
         "starting: fabric on %s:%d (%s), etcd %s",
         settings.fabric_host,
@@ -170,7 +174,11 @@ async def _serve(
                 "generation": membership.generation,
             },
         )
+    scraping = asyncio.get_running_loop().create_task(sidecar.run(), name="weft-engine-scrape")
     await stop.wait()
+    scraping.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await scraping
     alog.info("draining: %d transfers in flight", engine.agent.in_flight())
     await engine.stop("SIGTERM")
     running.left = True

@@ -35,7 +35,8 @@ The file may not hold ``secret`` itself (use ``secret_file``, or ``WEFT_SECRET``
 ``WEFT_NODE``, ``WEFT_RATIO``, ``WEFT_MIN_PREFILL``, ``WEFT_MIN_DECODE``, ``WEFT_EXPERTS``,
 ``WEFT_REPLICATION``, ``WEFT_REDUNDANT_SLOTS``, ``WEFT_EXPERT_SOURCE``, ``WEFT_ROLE_POLICY``,
 ``WEFT_HIGH_QUEUE``, ``WEFT_LOW_QUEUE``, ``WEFT_SETTLE_SECONDS``, ``WEFT_TTFT_P90_MS``,
-``WEFT_ITL_P90_MS``, ``WEFT_KV_POOL_FILE``, and ``POD_UID``
+``WEFT_ITL_P90_MS``, ``WEFT_KV_POOL_FILE``, ``WEFT_ENGINE_METRICS``, ``WEFT_ENGINE_HOOK``, and
+``POD_UID``
 (the instance id, from the Kubernetes downward API). ``WEFT_CONFIG`` names the settings file
 for an engine that joins with `weft.engine.Engine.from_env` (the operator mounts it).
 
@@ -104,6 +105,8 @@ ENVIRONMENT: dict[str, FieldPath] = {
     "WEFT_TTFT_P90_MS": ("planning", "ttft_p90_ms"),
     "WEFT_ITL_P90_MS": ("planning", "itl_p90_ms"),
     "WEFT_KV_POOL_FILE": ("kv_pool_file",),
+    "WEFT_ENGINE_METRICS": ("engine_metrics_url",),
+    "WEFT_ENGINE_HOOK": ("engine_hook_url",),
     "POD_UID": ("instance",),
 }
 """Environment variable -> settings field (a path into the sections)."""
@@ -112,6 +115,12 @@ _LISTS = frozenset({"WEFT_ETCD", "WEFT_BACKENDS"})  # comma-separated values
 
 Port = Annotated[int, pydantic.Field(ge=0, le=65535)]
 Host = Annotated[str, pydantic.Field(max_length=253)]
+
+
+LocalUrl = Annotated[
+    str, pydantic.StringConstraints(pattern=r"^http://[^\s/?#]+(/[^\s]*)?$", max_length=2048)
+]
+"""A plain-HTTP URL of a process in the same pod (the engine next to a sidecar agent)."""
 
 
 class SettingsError(ConfigError):
@@ -277,6 +286,13 @@ class AgentSettings(GroupClientSettings):
     """Put the ``kv-pool`` region in this file (created, sized, mapped shared) instead of
     anonymous memory: in sidecar mode it lies on the pod's shared ``emptyDir`` (medium
     Memory), so the engine container maps the same bytes the agent serves to peers."""
+    engine_metrics_url: LocalUrl | None = None
+    """Sidecar mode: the engine's Prometheus endpoint (``http://127.0.0.1:8000/metrics``);
+    the agent reads the engine's queue, KV usage and latencies from it (vLLM and SGLang
+    names) and publishes them as this member's load."""
+    engine_hook_url: LocalUrl | None = None
+    """Sidecar mode: where the agent POSTs each role switch and drain as JSON and waits for
+    the engine's 2xx before it acks; unset: the agent acks once its own transfers are done."""
     node: Host = pydantic.Field(default_factory=socket.gethostname)
     """The node (host) shown to others (default: this host's name)."""
     instance: Annotated[str, pydantic.StringConstraints(pattern=r"^[A-Za-z0-9-]{1,64}$")] = pydantic.Field(

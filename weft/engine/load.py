@@ -66,6 +66,7 @@ class LoadTracker:
         self._ttft: deque[tuple[float, float]] = deque(maxlen=max_samples)
         self._itl: deque[tuple[float, float]] = deque(maxlen=max_samples)
         self._tokens: deque[tuple[float, int]] = deque(maxlen=max_samples)
+        self._measured: tuple[Percentiles | None, Percentiles | None, float | None] | None = None
         self.version = 0
         """Bumped on every update: the publisher skips unchanged snapshots."""
 
@@ -94,6 +95,15 @@ class LoadTracker:
                 self._kv = float(kv_cache_usage)
             self.version += 1
 
+    def set_latencies(
+        self, ttft_ms: Percentiles | None, itl_ms: Percentiles | None, tokens_per_s: float | None = None
+    ) -> None:
+        """Percentiles (and throughput) measured elsewhere, such as from an engine's own
+        metrics; they replace the ones from observed samples until the next call."""
+        with self._lock:
+            self._measured = (ttft_ms, itl_ms, tokens_per_s)
+            self.version += 1
+
     def observe_ttft(self, ms: float) -> None:
         """One request's time to first token, in milliseconds."""
         self._observe(self._ttft, ms)
@@ -120,8 +130,11 @@ class LoadTracker:
             itl = [v for t, v in self._itl if t >= since]
             tokens = [(t, n) for t, n in self._tokens if t >= since]
             queue_depth, running, kv = self._queue_depth, self._running, self._kv
+            measured = self._measured
         rate = 0.0
         if tokens:
             span = max(now - tokens[0][0], 1.0)  # a first burst is not an infinite rate
             rate = sum(n for _, n in tokens) / span
+        if measured is not None:
+            return LoadReport(queue_depth, running, kv, measured[0], measured[1], measured[2] or rate)
         return LoadReport(queue_depth, running, kv, percentiles(ttft), percentiles(itl), rate)

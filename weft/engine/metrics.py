@@ -27,12 +27,16 @@ Exposed (all prefixed ``weft_``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from weft.api.records import Percentiles
 from weft.engine.load import LoadTracker
 from weft.membership.member import Membership, Phase
 
@@ -216,3 +220,95 @@ class AgentMetrics(Collector):
                 "1 while the engine is past the deadline of a switch or drain it was asked for.",
                 value=float(overdue),
             )
+
+
+# -- an engine's own metrics, scraped (sidecar mode) -------------------------------------------
+# The names engines export, first match wins: vLLM (v0 and v1 spellings), SGLang, and weft's
+# own (an engine that renders `AgentMetrics`).
+_GAUGES: dict[str, tuple[str, ...]] = {
+    "queue_depth": ("vllm:num_requests_waiting", "sglang:num_queue_reqs", "weft_engine_queue_depth"),
+    "running": ("vllm:num_requests_running", "sglang:num_running_reqs", "weft_engine_running"),
+    "kv_cache_usage": (
+        "vllm:kv_cache_usage_perc",
+        "vllm:gpu_cache_usage_perc",
+        "sglang:token_usage",
+        "weft_engine_kv_cache_usage",
+    ),
+}
+_HISTOGRAMS: dict[str, tuple[str, ...]] = {
+    "ttft": ("vllm:time_to_first_token_seconds", "sglang:time_to_first_token_seconds"),
+    "itl": (
+        "vllm:inter_token_latency_seconds",
+        "vllm:time_per_output_token_seconds",
+        "sglang:inter_token_latency_seconds",
+        "sglang:time_per_output_token_seconds",
+    ),
+}
+_TOKENS = ("vllm:generation_tokens", "sglang:generation_tokens")
+
+
+class EngineScrape:
+    """Load figures from an engine's Prometheus text, for engines that do not import weft.
+
+    Gauges are summed over label sets (one engine may serve several models); latency
+    percentiles come from the histogram buckets that filled since the previous scrape (as
+    PromQL's ``histogram_quantile`` over a rate: linear within a bucket), so they describe
+    recent requests, not the engine's whole life; tokens per second from the token counter.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, dict[float, float]] = {}
+        self._tokens: tuple[float, float] | None = None  # (monotonic time, counter)
+
+    def read(self, text: str, now: float) -> dict[str, Any]:
+        """The figures in `text` (keys of `LoadTracker.set` and `LoadTracker.set_latencies`).
+
+        Raises:
+            ValueError: `text` is not Prometheus text exposition.
+        """
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        out: dict[str, Any] = {}
+        for key, names in _GAUGES.items():
+            family = next((families[n] for n in names if n in families), None)
+            if family is not None:
+                value = sum(s.value for s in family.samples)
+                out[key] = min(max(value, 0.0), 1.0) if key == "kv_cache_usage" else max(int(value), 0)
+        for key, names in _HISTOGRAMS.items():
+            name = next((n for n in names if n in families), None)
+            if name is not None:
+                out[key] = self._recent_percentiles(name, families[name].samples)
+        # a counter's family drops "_total" when its TYPE line has it, keeps it otherwise
+        spellings = [name for base in _TOKENS for name in (base, base + "_total")]
+        counter = next((families[name] for name in spellings if name in families), None)
+        if counter is not None:
+            total = sum(s.value for s in counter.samples if s.name.endswith("_total"))
+            if self._tokens is not None and now > self._tokens[0] and total >= self._tokens[1]:
+                out["tokens_per_s"] = (total - self._tokens[1]) / (now - self._tokens[0])
+            self._tokens = (now, total)
+        return out
+
+    def _recent_percentiles(self, name: str, samples: Any) -> Percentiles | None:
+        cumulative: dict[float, float] = {}
+        for s in samples:
+            if s.name.endswith("_bucket"):
+                bound = float(s.labels["le"])
+                cumulative[bound] = cumulative.get(bound, 0.0) + s.value
+        before = self._buckets.get(name, {})
+        self._buckets[name] = cumulative
+        delta = sorted((b, max(v - before.get(b, 0.0), 0.0)) for b, v in cumulative.items())
+        if not delta or delta[-1][1] <= 0:
+            return None  # no request finished since the last scrape
+
+        def quantile(q: float) -> float:
+            rank = q * delta[-1][1]
+            lower, below = 0.0, 0.0
+            for bound, count in delta:
+                if count >= rank:
+                    if math.isinf(bound):
+                        return lower * 1000.0  # past the last finite bucket: its bound
+                    share = (rank - below) / (count - below) if count > below else 1.0
+                    return (lower + (bound - lower) * share) * 1000.0
+                lower, below = bound, count
+            return lower * 1000.0
+
+        return Percentiles(p50=quantile(0.5), p90=quantile(0.9), p99=quantile(0.99))
