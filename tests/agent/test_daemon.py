@@ -126,6 +126,8 @@ def test_every_environment_variable_lands_in_its_field(tmp_path: Path) -> None:
         "WEFT_TTFT_P90_MS": "800",
         "WEFT_ITL_P90_MS": "60",
         "WEFT_KV_POOL_FILE": str(tmp_path / "pool"),
+        "WEFT_ENGINE_METRICS": "http://127.0.0.1:8000/metrics",
+        "WEFT_ENGINE_HOOK": "http://127.0.0.1:8000/weft",
         "POD_UID": "0b6f0a2e-8c1d-4f3a-9a51-6f7d2c4e9b10",
         "UNRELATED": "ignored",
     }
@@ -152,6 +154,8 @@ def test_every_environment_variable_lands_in_its_field(tmp_path: Path) -> None:
     assert (p.policy, p.high_queue, p.low_queue, p.settle_seconds) == ("load", 6.0, 1.5, 20.0)
     assert (p.ttft_p90_ms, p.itl_p90_ms) == (800.0, 60.0)
     assert s.kv_pool_bytes == 1 << 20 and s.kv_pool_file == tmp_path / "pool"
+    assert s.engine_metrics_url == "http://127.0.0.1:8000/metrics"
+    assert s.engine_hook_url == "http://127.0.0.1:8000/weft"
     assert (s.node, s.instance) == ("node-7", env["POD_UID"])
     assert s.fabric_host == "10.0.0.7"
     assert s.http_address(7001) == "10.0.0.7:7001"  # a wildcard is not an address to publish
