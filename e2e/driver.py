@@ -115,10 +115,16 @@ class KubeDriver:
         self.kubectl("scale", f"transfergroup/{self.group}", "-n", self.namespace, f"--replicas={replicas}")
 
 
+AGENT_CONTAINER = "weft-agent"
+"""The sidecar's container (engine pods); faults aimed at "the agent" go to it."""
+
+
 def _pod(item: dict[str, Any]) -> Pod:
-    """A Pod from the API's pod object, by its first (main) container."""
+    """A Pod from the API's pod object, by its agent: the ``weft-agent`` sidecar of an
+    engine pod, else its first (main) container."""
     status = item.get("status") or {}
-    main = item["spec"]["containers"][0]["name"]
+    names = [c["name"] for c in item["spec"]["containers"]]
+    main = AGENT_CONTAINER if AGENT_CONTAINER in names else names[0]
     container: dict[str, Any] = next(
         (c for c in status.get("containerStatuses") or [] if c["name"] == main), {}
     )
