@@ -267,9 +267,8 @@ def _apply_children(group: _Group, replicas: int) -> tuple[dict[str, str], dict[
     """
     name, namespace, uid, spec = group.name, group.namespace, group.uid, group.spec
     k = kube()
-    config_yaml = dump_yaml(
-        children.agent_config(name, namespace, spec, endpoints=resolve_endpoints(list(spec.etcd.endpoints)))
-    )
+    endpoints = resolve_endpoints(list(spec.etcd.endpoints))
+    config_yaml = dump_yaml(children.agent_config(name, namespace, spec, endpoints=endpoints))
     kv = children.lmcache_config(spec)
     lmcache_yaml = dump_yaml(kv) if kv is not None else None
     config_hash = hashlib.sha256((config_yaml + (lmcache_yaml or "")).encode()).hexdigest()[:16]
@@ -277,7 +276,9 @@ def _apply_children(group: _Group, replicas: int) -> tuple[dict[str, str], dict[
     wanted = [
         children.config_map(name, namespace, uid, spec, config_yaml, lmcache_yaml),
         children.service(name, namespace, uid),
-        children.stateful_set(name, namespace, uid, spec, config_hash, replicas=replicas),
+        children.stateful_set(
+            name, namespace, uid, spec, config_hash, replicas=replicas, endpoints=endpoints
+        ),
         children.disruption_budget(name, namespace, uid, pdb_version),
     ]
     done = {m["kind"]: k.apply(m) for m in wanted}
