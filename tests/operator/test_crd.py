@@ -217,3 +217,89 @@ def test_objects_a_group_owns_are_garbage_collected_with_it(tg_crd: ControlPlane
     while "owner-config" in tg_crd.kubectl("get", "configmaps", "-o", "name"):
         assert time.monotonic() < deadline, "the owned ConfigMap outlived its TransferGroup"
         time.sleep(0.2)
+
+
+def _pod(**container: Any) -> dict[str, Any]:
+    return {"containers": [{"name": "engine", "image": "e", **container}]}
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        (
+            {"template": {"image": "x", "tolerations": [], "spec": _pod()}},
+            "spec.template.image, tolerations cannot be used with spec.template.spec: move them onto",
+        ),
+        ({"template": {"spec": {"containers": []}}}, "spec.template.spec.containers is empty"),
+        (
+            {"engine": {"container": "vllm"}, "template": {"spec": _pod()}},
+            "spec.engine.container (vllm) names no container of spec.template.spec.containers (engine)",
+        ),
+        (
+            {"template": {"spec": {**_pod(), "volumes": [{"name": "weft-x", "emptyDir": {}}]}}},
+            "spec.template.spec.volumes[0].name (weft-x) starts with weft-",
+        ),
+        (
+            {"template": {"spec": _pod(volumeMounts=[{"name": "weft-x", "mountPath": "/x"}])}},
+            "spec.template.spec.containers[0].volumeMounts[0].name (weft-x) starts with weft-",
+        ),
+        (
+            {"template": {"spec": _pod(ports=[{"name": "weft-p", "containerPort": 1}])}},
+            "spec.template.spec.containers[0].ports[0].name (weft-p) starts with weft-",
+        ),
+        (
+            {"template": {"spec": _pod(volumeMounts=[{"name": "c", "mountPath": "/etc/weft"}])}},
+            "volumeMounts[0].mountPath (/etc/weft) is where weft mounts its settings",
+        ),
+        (
+            {
+                "template": {
+                    "spec": _pod(volumeMounts=[{"name": "c", "mountPath": "/var/run/weft/join-token/"}])
+                }
+            },
+            "mountPath (/var/run/weft/join-token/) is where weft mounts",
+        ),
+        (
+            {"template": {"spec": _pod(ports=[{"containerPort": 8080}])}},
+            "containers[0].ports[0] uses port 8080, which weft's agent listens on (weft-http)",
+        ),
+        (
+            {
+                "template": {
+                    "spec": {"containers": [{"name": "a"}, {"name": "b", "ports": [{"containerPort": 7400}]}]}
+                }
+            },
+            "spec.template.spec.containers[1].ports[0] uses port 7400",
+        ),
+        (
+            {"engine": {"mode": "sidecar"}, "template": {"spec": {"containers": [{"name": "weft-agent"}]}}},
+            "spec.template.spec.containers[0].name is weft-agent, the sidecar's name in mode sidecar",
+        ),
+        (
+            {
+                "fabric": {"bufferDevice": "cuda"},
+                "template": {"spec": _pod(resources={"requests": {"cpu": 1}})},
+            },
+            "bufferDevice is cuda but spec.template.spec.containers[0].resources.limits (the engine's",
+        ),
+        (
+            {"storage": {"backend": "GDS", "path": "/kv"}, "template": {"spec": _pod()}},
+            "the GDS backend needs GPUs (spec.template.spec.containers[0].resources.limits",
+        ),
+    ],
+)
+def test_template_problems_name_the_field(spec: dict[str, Any], problem: str) -> None:
+    full = {"etcd": {"endpoints": ["http://e:2379"], "joinTokenSecretRef": {"name": "t"}}, **spec}
+    problems = cross_field_problems(TransferGroupSpec.model_validate(full))
+    assert any(problem in p for p in problems), problems
+
+
+def test_a_gpu_engine_template_with_cuda_buffers_is_sound() -> None:
+    gpu = {"limits": {"nvidia.com/gpu": 1}}
+    spec = {
+        "etcd": {"endpoints": ["http://e:2379"], "joinTokenSecretRef": {"name": "t"}},
+        "fabric": {"bufferDevice": "cuda"},
+        "engine": {"container": "vllm", "mode": "sidecar"},
+        "template": {"spec": {"containers": [{"name": "side"}, {"name": "vllm", "resources": gpu}]}},
+    }
+    assert cross_field_problems(TransferGroupSpec.model_validate(spec)) == []

@@ -316,6 +316,12 @@ class TransferGroupStatus(_Model):
     members: int | None = pydantic.Field(None, description="members in the group's etcd")
     prefill: int | None = None
     decode: int | None = None
+    prefill_ready: int | None = pydantic.Field(
+        None, description="live members the plan puts in prefill that applied its epoch"
+    )
+    decode_ready: int | None = pydantic.Field(
+        None, description="live members the plan puts in decode that applied its epoch"
+    )
     plan_epoch: int | None = None
     under_replicated: list[int] = pydantic.Field(default_factory=list)
     draining: list[str] = pydantic.Field(

@@ -465,7 +465,8 @@ MIRROR_IDLE_RECHECK = 5.0  # re-read at least this often, changes or not
 
 def mirror_fields(doc: GroupStatus, old_conditions: list[dict[str, Any]] | None) -> dict[str, Any]:
     """Status fields from a group's etcd state (`GroupStatus`): members and roles count
-    only signed members that are live; Rebalancing while some have not applied the plan."""
+    only signed members that are live; a role's ready count only those that also acked the
+    plan's epoch (they serve in it); Rebalancing while some have not applied the plan."""
     live = doc.verified_members
     plan = doc.plan
     roles = {n: r for n, r in (plan.roles if plan else {}).items() if n in live}
@@ -477,6 +478,8 @@ def mirror_fields(doc: GroupStatus, old_conditions: list[dict[str, Any]] | None)
         "members": len(live),
         "prefill": sum(1 for r in roles.values() if r == "prefill"),
         "decode": sum(1 for r in roles.values() if r == "decode"),
+        "prefillReady": sum(1 for n, r in roles.items() if r == "prefill" and n in acked),
+        "decodeReady": sum(1 for n, r in roles.items() if r == "decode" and n in acked),
         "planEpoch": epoch,
         "underReplicated": under,
         "conditions": _conditions(
