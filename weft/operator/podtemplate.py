@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from weft.api import agent_settings
 from weft.api.errors import ConfigError
 from weft.api.transfergroup import (
     AGENT_PORT,
@@ -117,7 +118,7 @@ def weft_env(
     """The ``WEFT_*`` variables of a member: the pod's identity and the group's settings
     (the same values as ``agent.yaml``, for an engine that reads no file)."""
     env = [
-        _value("WEFT_CONFIG", CONFIG_FILE),
+        _value(agent_settings.CONFIG_FILE_ENV, CONFIG_FILE),
         field_env("WEFT_NAME", "metadata.name"),
         field_env("POD_UID", "metadata.uid"),
         field_env("WEFT_ADVERTISE_HOST", "status.podIP"),
