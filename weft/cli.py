@@ -84,7 +84,7 @@ def _crds(args: argparse.Namespace) -> int:
     from weft.api.transfergroup import crd_yaml
 
     if args.pod_schema_from:
-        status = _pod_schema(args.pod_schema_from, args.kubernetes_version)
+        status = _pod_schema(args.pod_schema_from, args.kubernetes_version, args.pod_schema_output)
         if status != EXIT_OK:
             return status
     text = crd_yaml()
@@ -104,7 +104,7 @@ def _crds(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _pod_schema(source: str, version: str | None) -> int:
+def _pod_schema(source: str, version: str | None, output: str | None) -> int:
     """Regenerate ``weft/api/podspec.json`` from an OpenAPI v2 document: a file, ``-`` (stdin:
     ``kubectl get --raw /openapi/v2 | weft crds --pod-schema-from -``) or an http(s) URL
     (``kubectl proxy``'s ``http://127.0.0.1:8001/openapi/v2``)."""
@@ -130,7 +130,7 @@ def _pod_schema(source: str, version: str | None) -> int:
     except podschema.PodSchemaError as exc:
         print(f"{source}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    path = Path(podschema.__file__).with_name(podschema.DATA_FILE)
+    path = Path(output) if output else Path(podschema.__file__).with_name(podschema.DATA_FILE)
     path.write_text(podschema.dumps(doc))
     print(f"wrote {path}")
     return EXIT_OK
@@ -169,7 +169,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE_OR_URL",
         help="first regenerate weft/api/podspec.json from this OpenAPI v2 document (- for stdin)",
     )
-    crds.add_argument("--kubernetes-version", help="the version the document comes from, such as v1.20.2")
+    crds.add_argument(
+        "--kubernetes-version", help="the version the document comes from (default: its info.version)"
+    )
+    crds.add_argument(
+        "--pod-schema-output",
+        help="write the schema there instead of weft/api/podspec.json (to compare: the CRD still uses that)",
+    )
 
     _agent_parser(sub)
     _status_parser(sub)

@@ -7,11 +7,13 @@ import copy
 import json
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.k8s_fixtures import CRD_FILE
+from weft import cli
 from weft.api import podschema
 from weft.api.agent_settings import dump_yaml
 from weft.api.transfergroup import TransferGroupSpec, crd_manifest, crd_yaml, cross_field_problems
@@ -479,3 +481,19 @@ def test_a_legacy_template_still_validates_and_gets_no_new_defaults(tg_crd: Cont
     assert stored["template"] == legacy and stored["engine"]["mode"] == "embedded"
     assert cross_field_problems(TransferGroupSpec.model_validate(stored)) == []
     tg_crd.kubectl("delete", "tg", "legacy")
+
+
+def test_weft_crds_regenerates_the_pod_schema_from_a_document(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = {"info": {"version": "unversioned"}, "definitions": {podschema.POD_SPEC: {"properties": {}}}}
+    source, out, crd = tmp_path / "swagger.json", tmp_path / "podspec.json", tmp_path / "tg.yaml"
+    source.write_text(json.dumps(doc))
+    args = ["crds", "-o", str(crd), "--pod-schema-from", str(source), "--pod-schema-output", str(out)]
+    assert cli.main(args) == cli.EXIT_FAILED  # "unversioned": the version must be given
+    assert "--kubernetes-version" in capsys.readouterr().err and not out.exists()
+    assert cli.main([*args, "--kubernetes-version", "v9.9.9"]) == cli.EXIT_OK
+    written = json.loads(out.read_text())
+    assert written == {"kubernetesVersion": "v9.9.9", "definition": podschema.POD_SPEC,
+                       "schema": {"type": "object", "properties": {}}}  # fmt: skip
+    assert crd.read_text() == crd_yaml()
