@@ -429,10 +429,10 @@ def template_problems(spec: TransferGroupSpec) -> list[str]:
             f"spec.engine.container ({spec.engine.container}) names no container of "
             f"spec.template.spec.containers ({names})",
         ]
-    return problems + _reserved_names(spec, containers) + _reserved_places(spec, containers, found)
+    return problems + _reserved_names(spec) + _reserved_places(spec, containers, found)
 
 
-def _reserved_names(spec: TransferGroupSpec, containers: list[dict[str, Any]]) -> list[str]:
+def _reserved_names(spec: TransferGroupSpec) -> list[str]:
     """Names starting ``weft-`` are the operator's: its volumes, mounts, ports, the sidecar."""
     pod = spec.template.spec or {}
     problems = []
@@ -442,7 +442,7 @@ def _reserved_names(spec: TransferGroupSpec, containers: list[dict[str, Any]]) -
     for kind in ("initContainers", "containers"):
         for i, c in enumerate(_dicts(pod.get(kind))):
             where = f"spec.template.spec.{kind}[{i}]"
-            if kind == "containers" and spec.engine.mode is EngineMode.SIDECAR and c.get("name") == SIDECAR:
+            if spec.engine.mode is EngineMode.SIDECAR and c.get("name") == SIDECAR:
                 problems.append(f"{where}.name is {SIDECAR}, the sidecar's name in mode sidecar")
             for j, m in enumerate(_dicts(c.get("volumeMounts"))):
                 if str(m.get("name", "")).startswith(RESERVED_PREFIX):
