@@ -11,7 +11,7 @@ E2E_ROUNDS ?= 20
 E2E_ARGS ?=
 
 .PHONY: setup etcd k8s cluster-up cluster-down test test-unit test-integration lint demo bench bench-kv clean help \
-	crds helm-lint images e2e e2e-kind e2e-up e2e-down
+	crds pod-schema helm-lint images e2e e2e-kind e2e-up e2e-down
 
 help:
 	@echo "make demo     run the local demo (installs what it needs)"
@@ -50,6 +50,14 @@ test: lint k8s
 # the CRD from weft/api, into crds/ and the chart
 crds: setup
 	$(BIN)/weft crds -o crds/transfergroup.yaml
+	cp crds/transfergroup.yaml crds/kopf-peering.yaml helm/weft/crds/
+
+# spec.template.spec's schema (weft/api/podspec.json) from the swagger.json of the Kubernetes
+# the tests run, then the CRD; from a live cluster instead:
+#   kubectl get --raw /openapi/v2 | weft crds --pod-schema-from - --kubernetes-version vX.Y.Z
+pod-schema: setup k8s
+	$(BIN)/weft crds -o crds/transfergroup.yaml --kubernetes-version v1.20.2 --pod-schema-from \
+		"$$($(BIN)/python -c 'from weft.testing.controlplane import cache_dir; print(cache_dir())')/work/src/kubernetes-1.20.2/api/openapi-spec/swagger.json"
 	cp crds/transfergroup.yaml crds/kopf-peering.yaml helm/weft/crds/
 
 helm-lint: setup k8s

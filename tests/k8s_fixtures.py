@@ -45,9 +45,19 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
 def tg_crd(control_plane: ControlPlane) -> ControlPlane:
     """The control plane with crds/transfergroup.yaml applied and established."""
     control_plane.kubectl("apply", "-f", str(CRD_FILE))
-    control_plane.kubectl(
-        "wait", "--for", "condition=established", "--timeout=60s", "crd/transfergroups.weft.dev"
-    )
+    # not `kubectl wait`: 1.20's fails at once ("<nil> is of the type <nil>") when it reads the
+    # CRD before the API server wrote its first conditions
+    established = '{.status.conditions[?(@.type=="Established")].status}'
+    deadline = time.monotonic() + 60
+    while (
+        control_plane.kubectl(
+            "get", "crd", "transfergroups.weft.dev", "-o", f"jsonpath={established}", check=False
+        )
+        != "True"
+    ):
+        if time.monotonic() > deadline:
+            pytest.fail("the TransferGroup CRD never became Established")
+        time.sleep(0.2)
     deadline = time.monotonic() + 30  # discovery catches up a moment after Established
     while "transfergroups" not in control_plane.kubectl("api-resources", "--api-group=weft.dev", check=False):
         if time.monotonic() > deadline:

@@ -83,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _crds(args: argparse.Namespace) -> int:
     from weft.api.transfergroup import crd_yaml
 
+    if args.pod_schema_from:
+        status = _pod_schema(args.pod_schema_from, args.kubernetes_version, args.pod_schema_output)
+        if status != EXIT_OK:
+            return status
     text = crd_yaml()
     if args.output == "-":
         sys.stdout.write(text)
@@ -96,6 +100,38 @@ def _crds(args: argparse.Namespace) -> int:
         return EXIT_OK
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _pod_schema(source: str, version: str | None, output: str | None) -> int:
+    """Regenerate ``weft/api/podspec.json`` from an OpenAPI v2 document: a file, ``-`` (stdin:
+    ``kubectl get --raw /openapi/v2 | weft crds --pod-schema-from -``) or an http(s) URL
+    (``kubectl proxy``'s ``http://127.0.0.1:8001/openapi/v2``)."""
+    import json
+    import urllib.request
+
+    from weft.api import podschema
+
+    if source == "-":
+        text = sys.stdin.read()
+    elif source.startswith(("http://", "https://")):
+        with urllib.request.urlopen(source, timeout=60) as reply:
+            text = reply.read().decode()
+    else:
+        text = Path(source).read_text()
+    openapi = json.loads(text)
+    version = version or str((openapi.get("info") or {}).get("version") or "")
+    if not version or version == "unversioned":
+        print("the document names no Kubernetes version: give --kubernetes-version", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        doc = podschema.document(openapi, version)
+    except podschema.PodSchemaError as exc:
+        print(f"{source}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    path = Path(output) if output else Path(podschema.__file__).with_name(podschema.DATA_FILE)
+    path.write_text(podschema.dumps(doc))
     print(f"wrote {path}")
     return EXIT_OK
 
@@ -127,6 +163,18 @@ def _parser() -> argparse.ArgumentParser:
     crds.add_argument("--output", "-o", default="crds/transfergroup.yaml", help="file to write, - for stdout")
     crds.add_argument(
         "--check", action="store_true", help="exit 1 if the file differs from what would be written"
+    )
+    crds.add_argument(
+        "--pod-schema-from",
+        metavar="FILE_OR_URL",
+        help="first regenerate weft/api/podspec.json from this OpenAPI v2 document (- for stdin)",
+    )
+    crds.add_argument(
+        "--kubernetes-version", help="the version the document comes from (default: its info.version)"
+    )
+    crds.add_argument(
+        "--pod-schema-output",
+        help="write the schema there instead of weft/api/podspec.json (to compare: the CRD still uses that)",
     )
 
     _agent_parser(sub)

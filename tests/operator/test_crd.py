@@ -7,13 +7,16 @@ import copy
 import json
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.k8s_fixtures import CRD_FILE
+from weft import cli
+from weft.api import podschema
 from weft.api.agent_settings import dump_yaml
-from weft.api.transfergroup import TransferGroupSpec, crd_yaml, cross_field_problems
+from weft.api.transfergroup import TransferGroupSpec, crd_manifest, crd_yaml, cross_field_problems
 from weft.testing.controlplane import ControlPlane
 
 
@@ -217,3 +220,280 @@ def test_objects_a_group_owns_are_garbage_collected_with_it(tg_crd: ControlPlane
     while "owner-config" in tg_crd.kubectl("get", "configmaps", "-o", "name"):
         assert time.monotonic() < deadline, "the owned ConfigMap outlived its TransferGroup"
         time.sleep(0.2)
+
+
+def _pod(**container: Any) -> dict[str, Any]:
+    return {"containers": [{"name": "engine", "image": "e", **container}]}
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        (
+            {"template": {"image": "x", "tolerations": [], "spec": _pod()}},
+            "spec.template.image, tolerations cannot be used with spec.template.spec: move them onto",
+        ),
+        ({"template": {"spec": {"containers": []}}}, "spec.template.spec.containers is empty"),
+        (
+            {"engine": {"container": "vllm"}, "template": {"spec": _pod()}},
+            "spec.engine.container (vllm) names no container of spec.template.spec.containers (engine)",
+        ),
+        (
+            {"template": {"spec": {**_pod(), "volumes": [{"name": "weft-x", "emptyDir": {}}]}}},
+            "spec.template.spec.volumes[0].name (weft-x) starts with weft-",
+        ),
+        (
+            {"template": {"spec": _pod(volumeMounts=[{"name": "weft-x", "mountPath": "/x"}])}},
+            "spec.template.spec.containers[0].volumeMounts[0].name (weft-x) starts with weft-",
+        ),
+        (
+            {"template": {"spec": _pod(ports=[{"name": "weft-p", "containerPort": 1}])}},
+            "spec.template.spec.containers[0].ports[0].name (weft-p) starts with weft-",
+        ),
+        (
+            {"template": {"spec": _pod(volumeMounts=[{"name": "c", "mountPath": "/etc/weft"}])}},
+            "volumeMounts[0].mountPath (/etc/weft) is where weft mounts its settings",
+        ),
+        (
+            {
+                "template": {
+                    "spec": _pod(volumeMounts=[{"name": "c", "mountPath": "/var/run/weft/join-token/"}])
+                }
+            },
+            "mountPath (/var/run/weft/join-token/) is where weft mounts",
+        ),
+        (
+            {"template": {"spec": _pod(ports=[{"containerPort": 8080}])}},
+            "containers[0].ports[0] uses port 8080, which weft's agent listens on (weft-http)",
+        ),
+        (
+            {
+                "template": {
+                    "spec": {"containers": [{"name": "a"}, {"name": "b", "ports": [{"containerPort": 7400}]}]}
+                }
+            },
+            "spec.template.spec.containers[1].ports[0] uses port 7400",
+        ),
+        (
+            {"engine": {"mode": "sidecar"}, "template": {"spec": {"containers": [{"name": "weft-agent"}]}}},
+            "spec.template.spec.containers[0].name is weft-agent, the sidecar's name in mode sidecar",
+        ),
+        (
+            {
+                "fabric": {"bufferDevice": "cuda"},
+                "template": {"spec": _pod(resources={"requests": {"cpu": 1}})},
+            },
+            "bufferDevice is cuda but spec.template.spec.containers[0].resources.limits (the engine's",
+        ),
+        (
+            {"storage": {"backend": "GDS", "path": "/kv"}, "template": {"spec": _pod()}},
+            "the GDS backend needs GPUs (spec.template.spec.containers[0].resources.limits",
+        ),
+    ],
+)
+def test_template_problems_name_the_field(spec: dict[str, Any], problem: str) -> None:
+    full = {"etcd": {"endpoints": ["http://e:2379"], "joinTokenSecretRef": {"name": "t"}}, **spec}
+    problems = cross_field_problems(TransferGroupSpec.model_validate(full))
+    assert any(problem in p for p in problems), problems
+
+
+def test_a_gpu_engine_template_with_cuda_buffers_is_sound() -> None:
+    gpu = {"limits": {"nvidia.com/gpu": 1}}
+    spec = {
+        "etcd": {"endpoints": ["http://e:2379"], "joinTokenSecretRef": {"name": "t"}},
+        "fabric": {"bufferDevice": "cuda"},
+        "engine": {"container": "vllm", "mode": "sidecar"},
+        "template": {"spec": {"containers": [{"name": "side"}, {"name": "vllm", "resources": gpu}]}},
+    }
+    assert cross_field_problems(TransferGroupSpec.model_validate(spec)) == []
+
+
+# -- spec.template.spec: a PodSpec with the API server's own schema ------------------------------
+
+
+def test_the_crd_fits_kubectl_apply() -> None:
+    """kubectl apply keeps the whole object in an annotation, which may not pass 262144 bytes."""
+    assert len(json.dumps(crd_manifest(), separators=(",", ":"))) < 262144 // 2
+
+
+def test_the_pod_schema_refuses_recursion_and_dangling_references() -> None:
+    loop = {"definitions": {podschema.POD_SPEC: {"properties": {"a": {"$ref": "#/definitions/A"}}},
+                            "A": {"properties": {"b": {"$ref": "#/definitions/A"}}}}}  # fmt: skip
+    with pytest.raises(podschema.PodSchemaError, match=r"recursive definition .*: A -> A"):
+        podschema.pod_spec_schema(loop)
+    dangling = {"definitions": {podschema.POD_SPEC: {"properties": {"a": {"$ref": "#/definitions/B"}}}}}
+    with pytest.raises(podschema.PodSchemaError, match="missing definition B"):
+        podschema.pod_spec_schema(dangling)
+    with pytest.raises(podschema.PodSchemaError, match="no definition"):
+        podschema.pod_spec_schema({"definitions": {}})
+
+
+def test_the_pod_schema_converts_what_a_structural_schema_cannot_say() -> None:
+    doc = {
+        "definitions": {
+            podschema.POD_SPEC: {
+                "description": "dropped",
+                "properties": {
+                    "q": {"$ref": "#/definitions/io.k8s.apimachinery.pkg.api.resource.Quantity"},
+                    "p": {"type": "string", "format": "int-or-string"},
+                    "l": {"type": "array", "items": {"type": "string"}, "x-kubernetes-list-type": "map",
+                          "x-kubernetes-patch-strategy": "merge"},
+                    "o": {"description": "no type"},
+                },
+            }
+        }
+    }  # fmt: skip
+    int_or_string = {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}
+    assert podschema.pod_spec_schema(doc) == {
+        "type": "object",
+        "properties": {
+            "l": {"type": "array", "items": {"type": "string"}},
+            "o": {"type": "object"},
+            "p": int_or_string,
+            "q": int_or_string,
+        },
+    }
+
+
+@pytest.mark.integration
+def test_the_committed_pod_schema_is_the_api_servers_own(control_plane: ControlPlane) -> None:
+    """weft/api/podspec.json is derived from the live API's /openapi/v2 (`weft crds
+    --pod-schema-from`), not written by hand."""
+    openapi = json.loads(control_plane.kubectl("get", "--raw", "/openapi/v2", timeout=120))
+    committed = podschema.load()
+    assert committed["kubernetesVersion"] == openapi["info"]["version"] == "v1.20.2"
+    assert committed["schema"] == podschema.pod_spec_schema(openapi)
+
+
+VLLM_POD: dict[str, Any] = {
+    "serviceAccountName": "vllm",
+    "priorityClassName": "system-cluster-critical",
+    "runtimeClassName": "nvidia",
+    "nodeSelector": {"nvidia.com/gpu.present": "true"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
+    "affinity": {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "podAffinityTerm": {
+                        "topologyKey": "kubernetes.io/hostname",
+                        "labelSelector": {"matchLabels": {"app": "vllm"}},
+                    },
+                }
+            ]
+        }
+    },
+    "initContainers": [
+        {
+            "name": "fetch",
+            "image": "busybox:1.36",
+            "command": ["sh", "-c", "echo fetch"],
+            "volumeMounts": [{"name": "models", "mountPath": "/models"}],
+        }
+    ],
+    "containers": [
+        {
+            "name": "vllm",
+            "image": "vllm/vllm-openai:v0.6.3",
+            "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
+            "args": ["--model", "/models/llama", "--port", "8000"],
+            "env": [
+                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+                {"name": "MY_POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "VLLM_LOGGING_LEVEL", "value": "INFO"},
+            ],
+            "ports": [{"name": "http", "containerPort": 8000, "protocol": "TCP"}],
+            "resources": {"limits": {"nvidia.com/gpu": 1, "memory": "32Gi"}, "requests": {"cpu": "500m"}},
+            "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
+            "livenessProbe": {"httpGet": {"path": "/health", "port": 8000}, "initialDelaySeconds": 60},
+            "startupProbe": {"tcpSocket": {"port": 8000}, "failureThreshold": 60},
+            "volumeMounts": [
+                {"name": "models", "mountPath": "/models", "readOnly": True},
+                {"name": "dshm", "mountPath": "/dev/shm"},
+            ],
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        }
+    ],
+    "volumes": [
+        {"name": "models", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
+    ],
+}
+
+
+@pytest.mark.integration
+def test_a_realistic_engine_template_is_accepted_and_stored_whole(tg_crd: ControlPlane) -> None:
+    done = apply(tg_crd, tg("vllm", template={"metadata": {"labels": {"app": "vllm"}}, "spec": VLLM_POD}))
+    assert done.returncode == 0, done.stderr
+    stored = json.loads(tg_crd.kubectl("get", "tg", "vllm", "-o", "json"))["spec"]
+    assert stored["template"]["spec"] == VLLM_POD  # nothing pruned, nothing defaulted into it
+    assert set(stored["template"]) == {"metadata", "spec"}  # no legacy default slipped in
+    assert cross_field_problems(TransferGroupSpec.model_validate(stored)) == []
+    tg_crd.kubectl("delete", "tg", "vllm")
+
+
+# Kubernetes 1.20's CRD validation names a field inside a list without its index
+# (spec.template.spec.containers.name, not containers[0].name).
+BAD_TEMPLATES = [
+    ({"containers": [{"image": "x"}]}, "spec.template.spec.containers.name: Required value", ""),
+    ({"containers": "x"}, "spec.template.spec.containers", "must be of type array"),
+    ({"volumes": []}, "spec.template.spec.containers", "Required value"),
+    (
+        {"containers": [{"name": "a", "readinessProbe": {"periodSeconds": "often"}}]},
+        "spec.template.spec.containers.readinessProbe.periodSeconds",
+        "must be of type integer",
+    ),
+    (
+        {"containers": [{"name": "a", "ports": [{"containerPort": "http"}]}]},
+        "spec.template.spec.containers.ports.containerPort",
+        "must be of type integer",
+    ),
+    (
+        {"containers": [{"name": "a", "env": [{"value": "v"}]}]},
+        "spec.template.spec.containers.env.name: Required value",
+        "",
+    ),
+]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("pod", "field", "message"), BAD_TEMPLATES, ids=[f for _, f, _ in BAD_TEMPLATES])
+def test_the_api_server_rejects_bad_pod_templates_naming_the_field(
+    tg_crd: ControlPlane, pod: dict[str, Any], field: str, message: str
+) -> None:
+    done = apply(tg_crd, tg("badpod", template={"spec": pod}), server_only=True)
+    assert done.returncode != 0, "accepted"
+    assert field in done.stderr and message in done.stderr, done.stderr
+
+
+@pytest.mark.integration
+def test_a_legacy_template_still_validates_and_gets_no_new_defaults(tg_crd: ControlPlane) -> None:
+    legacy = {
+        "image": "reg/weft:1",
+        "resources": {"limits": {"nvidia.com/gpu": 1}},
+        "nodeSelector": {"a": "b"},
+    }
+    done = apply(tg_crd, tg("legacy", template=legacy))
+    assert done.returncode == 0, done.stderr
+    stored = json.loads(tg_crd.kubectl("get", "tg", "legacy", "-o", "json"))["spec"]
+    assert stored["template"] == legacy and stored["engine"]["mode"] == "embedded"
+    assert cross_field_problems(TransferGroupSpec.model_validate(stored)) == []
+    tg_crd.kubectl("delete", "tg", "legacy")
+
+
+def test_weft_crds_regenerates_the_pod_schema_from_a_document(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = {"info": {"version": "unversioned"}, "definitions": {podschema.POD_SPEC: {"properties": {}}}}
+    source, out, crd = tmp_path / "swagger.json", tmp_path / "podspec.json", tmp_path / "tg.yaml"
+    source.write_text(json.dumps(doc))
+    args = ["crds", "-o", str(crd), "--pod-schema-from", str(source), "--pod-schema-output", str(out)]
+    assert cli.main(args) == cli.EXIT_FAILED  # "unversioned": the version must be given
+    assert "--kubernetes-version" in capsys.readouterr().err and not out.exists()
+    assert cli.main([*args, "--kubernetes-version", "v9.9.9"]) == cli.EXIT_OK
+    written = json.loads(out.read_text())
+    assert written == {"kubernetesVersion": "v9.9.9", "definition": podschema.POD_SPEC,
+                       "schema": {"type": "object", "properties": {}}}  # fmt: skip
+    assert crd.read_text() == crd_yaml()

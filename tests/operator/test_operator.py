@@ -445,3 +445,24 @@ def test_the_storage_tier_reaches_the_pods_as_an_lmcache_config_with_secrets_by_
         "key": "secret_key",
         "optional": True,
     }
+
+
+def test_an_engine_template_gets_weft_injected_by_the_running_operator(
+    operator: Operator, etcd: EtcdServer
+) -> None:
+    plane = operator.plane
+    engine = {"name": "engine", "image": "engine:1", "ports": [{"containerPort": 9000}]}
+    apply_tg(plane, "engine", etcd.endpoint, replicas=1, template={"spec": {"containers": [engine]}})
+    sts = wait_for("the StatefulSet", lambda: kget(plane, "statefulset", "engine"), 30.0)
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert container["image"] == "engine:1" and env["WEFT_ETCD"] == etcd.endpoint.rstrip("/")
+    assert env["WEFT_MODE"] == "embedded" and env["WEFT_GROUP"] == "engine"
+    assert [p["containerPort"] for p in container["ports"]] == [9000, 7400, 8080]
+    taken = {"name": "engine", "image": "engine:1", "ports": [{"containerPort": 8080}]}
+    apply_tg(plane, "taken", etcd.endpoint, replicas=1, template={"spec": {"containers": [taken]}})
+    valid = wait_for("the Valid condition", lambda: condition(kget(plane, "tg", "taken"), "Valid"), 30.0)
+    assert valid["status"] == "False" and "uses port 8080" in valid["message"]
+    assert kget(plane, "statefulset", "taken") is None
+    for name in ("engine", "taken"):
+        plane.kubectl("-n", NS, "delete", "tg", name, "--wait=false")

@@ -40,6 +40,12 @@ The file may not hold ``secret`` itself (use ``secret_file``, or ``WEFT_SECRET``
 (the instance id, from the Kubernetes downward API). ``WEFT_CONFIG`` names the settings file
 for an engine that joins with `weft.engine.Engine.from_env` (the operator mounts it).
 
+Three more names are set by the operator in an engine's pod (``spec.template.spec`` of a
+TransferGroup) and are not settings, so `ENVIRONMENT` does not read them: ``WEFT_CONFIG``
+(`CONFIG_FILE_ENV`, the path of this file for an engine that embeds weft; `weft agent` takes
+``--config``), ``WEFT_MODE`` (``embedded`` or ``sidecar``) and ``WEFT_AGENT_HTTP`` (sidecar
+mode: the URL of the sidecar agent's status and metrics endpoint).
+
 Errors are `SettingsError`, a `weft.api.errors.ConfigError` (so also a `ValueError`) naming
 the field and its source.
 """
@@ -67,6 +73,9 @@ _PATH_FIELDS = frozenset({("secret_file",), ("etcd", "ca_file"), ("etcd", "cert_
 _SECTIONS = frozenset({"group", "etcd", "planning"})
 
 FieldPath = tuple[str, ...]
+
+CONFIG_FILE_ENV = "WEFT_CONFIG"
+"""The variable naming the config file in an engine's pod (documented above; not a setting)."""
 
 ENVIRONMENT: dict[str, FieldPath] = {
     "WEFT_NAME": ("name",),

@@ -18,8 +18,8 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic.alias_generators import to_camel
 
-from weft.api import vocab
-from weft.api.vocab import Backend, BufferDevice, Role, RolePolicy, StorageBackend
+from weft.api import podschema, vocab
+from weft.api.vocab import Backend, BufferDevice, EngineMode, Role, RolePolicy, StorageBackend
 
 GROUP = "weft.dev"
 VERSION = "v1alpha1"
@@ -29,10 +29,27 @@ SINGULAR = "transfergroup"
 SHORT_NAMES = ["tg"]
 RATIO_PATTERN = r"^[1-9][0-9]{0,3}:[1-9][0-9]{0,3}$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+OPTIONAL_DNS_LABEL = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$"
+
+# The pod layout weft injects into an engine's pod (weft.operator), here because
+# `cross_field_problems` keeps the user's template from colliding with it.
+AGENT_PORT = 7400
+HTTP_PORT = 8080
+CONFIG_DIR = "/etc/weft"
+TOKEN_DIR = "/var/run/weft/join-token"
+ETCD_TLS_DIR = "/var/run/weft/etcd-tls"
+RESERVED_PREFIX = "weft-"  # names of the volumes, mounts and ports weft adds
+SIDECAR = "weft-agent"  # the sidecar container's name
+DEFAULT_AGENT_IMAGE = "weft-agent:latest"
+DEFAULT_PULL_POLICY: Literal["IfNotPresent"] = "IfNotPresent"
 
 
 # an object's default in the schema: the API server then fills the defaults inside it too
 _EMPTY: dict[str, Any] = {"default": {}}
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
 
 
 class _Model(pydantic.BaseModel):
@@ -160,18 +177,86 @@ class Resources(_Model):
     requests: dict[str, Quantity] = pydantic.Field(default_factory=dict)
 
 
-class Template(_Model):
-    """Overrides of the agent pods."""
+PullPolicy = Literal["Always", "IfNotPresent", "Never"]
 
-    image: Annotated[str, pydantic.Field(min_length=1, max_length=1024)] = "weft-agent:latest"
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+
+class TemplateMetadata(_Model):
+    """Labels and annotations of the pods (the group's own labels win on the same keys)."""
+
+    labels: dict[str, Annotated[str, pydantic.Field(max_length=63)]] = pydantic.Field(default_factory=dict)
+    annotations: dict[str, str] = pydantic.Field(default_factory=dict)
+
+
+class Template(_Model):
+    """The pods: a pod template (metadata, spec) the operator injects weft into, or the legacy
+    form, `weft agent` pods tuned by image, imagePullPolicy, resources, nodeSelector, tolerations."""
+
+    # The legacy fields have no schema default: the API server would fill it into new-style
+    # templates too. The operator applies weft-agent:latest/IfNotPresent when it renders them.
+    metadata: TemplateMetadata = pydantic.Field(
+        default_factory=lambda: TemplateMetadata.model_validate({}),
+        description="labels and annotations of the pods",
+    )
+    spec: dict[str, Any] | None = pydantic.Field(
+        None,
+        description="a Kubernetes PodSpec: the engine's pod, into which the operator injects weft "
+        "(spec.engine); without it the pods run `weft agent` alone (the legacy fields)",
+    )
+    image: Annotated[str, pydantic.Field(min_length=1, max_length=1024)] | None = pydantic.Field(
+        None, description="legacy: the agent image (default weft-agent:latest)"
+    )
+    image_pull_policy: PullPolicy | None = pydantic.Field(None, description="legacy (default IfNotPresent)")
+    resources: Resources | None = pydantic.Field(None, description="legacy: the agent container's resources")
+    node_selector: dict[str, Annotated[str, pydantic.Field(max_length=63)]] | None = pydantic.Field(
+        None, description="legacy"
+    )
+    tolerations: list[Toleration] | None = pydantic.Field(None, max_length=64, description="legacy")
+
+    def legacy_fields(self) -> list[str]:
+        """The legacy fields that are set, by their names in the CRD."""
+        fields = ("image", "image_pull_policy", "resources", "node_selector", "tolerations")
+        return [to_camel(f) for f in fields if getattr(self, f) is not None]
+
+
+class EngineAgent(_Model):
+    """The `weft agent` sidecar container (``mode: sidecar``)."""
+
+    image: Annotated[str, pydantic.Field(min_length=1, max_length=1024)] = DEFAULT_AGENT_IMAGE
+    image_pull_policy: PullPolicy = DEFAULT_PULL_POLICY
     resources: Resources = pydantic.Field(
         default_factory=lambda: Resources.model_validate({}), json_schema_extra=_EMPTY
     )
-    node_selector: dict[str, Annotated[str, pydantic.Field(max_length=63)]] = pydantic.Field(
-        default_factory=dict
+
+
+class SharedMemory(_Model):
+    """The memory-backed emptyDir the engine and the sidecar share (``mode: sidecar``)."""
+
+    size_limit: Quantity = pydantic.Field("1Gi", description="sizeLimit of the emptyDir (medium Memory)")
+    mount_path: Annotated[str, pydantic.Field(max_length=4096, pattern=r"^/")] = pydantic.Field(
+        "/dev/shm", description="where both containers mount it"
     )
-    tolerations: list[Toleration] = pydantic.Field(default_factory=list, max_length=64)
+
+
+class Engine(_Model):
+    """How weft joins the engine's pod. Only with ``spec.template.spec``; the legacy
+    template form ignores it (its pods run `weft agent` alone)."""
+
+    container: Annotated[str, pydantic.Field(max_length=63, pattern=OPTIONAL_DNS_LABEL)] = pydantic.Field(
+        "",
+        description="the engine's container in spec.template.spec (empty: the first)",
+        json_schema_extra=_no_default,  # 1.20 reads a default "" as null and refuses the CRD
+    )
+    mode: EngineMode = pydantic.Field(
+        EngineMode.EMBEDDED,
+        description="embedded: the engine imports weft; sidecar: `weft agent` runs beside it as "
+        "container weft-agent",
+    )
+    agent: EngineAgent = pydantic.Field(
+        default_factory=lambda: EngineAgent.model_validate({}), json_schema_extra=_EMPTY
+    )
+    shared_memory: SharedMemory = pydantic.Field(
+        default_factory=lambda: SharedMemory.model_validate({}), json_schema_extra=_EMPTY
+    )
 
 
 class TransferGroupSpec(_Model):
@@ -196,6 +281,11 @@ class TransferGroupSpec(_Model):
     etcd: Etcd
     template: Template = pydantic.Field(
         default_factory=lambda: Template.model_validate({}), json_schema_extra=_EMPTY
+    )
+    engine: Engine = pydantic.Field(
+        default_factory=lambda: Engine.model_validate({}),
+        json_schema_extra=_EMPTY,
+        description="how weft joins the engine's pod (only with spec.template.spec; ignored otherwise)",
     )
 
 
@@ -226,6 +316,12 @@ class TransferGroupStatus(_Model):
     members: int | None = pydantic.Field(None, description="members in the group's etcd")
     prefill: int | None = None
     decode: int | None = None
+    prefill_ready: int | None = pydantic.Field(
+        None, description="live members the plan puts in prefill that applied its epoch"
+    )
+    decode_ready: int | None = pydantic.Field(
+        None, description="live members the plan puts in decode that applied its epoch"
+    )
     plan_epoch: int | None = None
     under_replicated: list[int] = pydantic.Field(default_factory=list)
     draining: list[str] = pydantic.Field(
@@ -256,14 +352,14 @@ def cross_field_problems(spec: TransferGroupSpec) -> list[str]:
             f"spec.roles.minPrefill + minDecode ({spec.roles.min_prefill + spec.roles.min_decode}) "
             f"is more than spec.replicas ({spec.replicas})"
         )
-    gpus = any(k.endswith("/gpu") for k in spec.template.resources.limits)
+    gpus, gpu_field = _gpus(spec)
     if spec.roles.policy is RolePolicy.LOAD:
         problems.append(
             "spec.roles.policy load is not wired to the members' planning yet (no member publishes "
             "load): use ratio"
         )
     if spec.fabric.buffer_device is BufferDevice.CUDA and not gpus:
-        problems.append("spec.fabric.bufferDevice is cuda but spec.template.resources.limits asks for no GPU")
+        problems.append(f"spec.fabric.bufferDevice is cuda but {gpu_field} asks for no GPU")
     s = spec.storage
     if s is not None:
         if s.backend is not StorageBackend.OBJ and not s.path:
@@ -271,13 +367,114 @@ def cross_field_problems(spec: TransferGroupSpec) -> list[str]:
         if s.backend is StorageBackend.OBJ and not s.params.get("bucket"):
             problems.append("spec.storage.params.bucket is needed for the OBJ backend")
         if s.backend in (StorageBackend.GDS, StorageBackend.GDS_MT) and not gpus:
-            problems.append(f"the {s.backend.value} backend needs GPUs (spec.template.resources.limits)")
+            problems.append(f"the {s.backend.value} backend needs GPUs ({gpu_field})")
         for secret_word in ("access_key", "secret_key", "password", "token"):
             if secret_word in s.params:
                 problems.append(
                     f"spec.storage.params.{secret_word} is a secret: put it in a Secret and name it in "
                     "spec.storage.credentialsSecretRef"
                 )
+    return problems + template_problems(spec)
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    """The dicts of a list in the raw pod spec (the schema made them dicts; be safe anyway)."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def engine_container(spec: TransferGroupSpec) -> tuple[int, dict[str, Any]] | None:
+    """The index and the raw dict of the container weft joins (``spec.engine.container``,
+    else the first); None without ``spec.template.spec`` or when no container has the name."""
+    containers = _dicts((spec.template.spec or {}).get("containers"))
+    for i, c in enumerate(containers):
+        if not spec.engine.container or c.get("name") == spec.engine.container:
+            return i, c
+    return None
+
+
+def _gpus(spec: TransferGroupSpec) -> tuple[bool, str]:
+    """Whether the pods ask for a GPU, and the field that says so (for the messages)."""
+    if spec.template.spec is None:
+        limits: dict[str, Any] = dict(spec.template.resources.limits) if spec.template.resources else {}
+        field = "spec.template.resources.limits"
+    else:
+        found = engine_container(spec)
+        i, c = found if found is not None else (0, {})
+        limits = (c.get("resources") or {}).get("limits") or {}
+        field = f"spec.template.spec.containers[{i}].resources.limits (the engine's container)"
+    return any(str(k).endswith("/gpu") for k in limits), field
+
+
+def template_problems(spec: TransferGroupSpec) -> list[str]:
+    """The pod template against what the operator injects into it (`cross_field_problems`)."""
+    t = spec.template
+    if t.spec is None:
+        return []
+    problems = []
+    legacy = t.legacy_fields()
+    if legacy:
+        problems.append(
+            f"spec.template.{', '.join(legacy)} cannot be used with spec.template.spec: move them onto "
+            "the engine's container in spec.template.spec.containers (image, imagePullPolicy, "
+            "resources) or into spec.template.spec (nodeSelector, tolerations)"
+        )
+    containers = _dicts(t.spec.get("containers"))
+    if not containers:
+        return [*problems, "spec.template.spec.containers is empty: put the engine's container there"]
+    found = engine_container(spec)
+    if found is None:
+        names = ", ".join(str(c.get("name")) for c in containers)
+        return [
+            *problems,
+            f"spec.engine.container ({spec.engine.container}) names no container of "
+            f"spec.template.spec.containers ({names})",
+        ]
+    return problems + _reserved_names(spec) + _reserved_places(spec, containers, found)
+
+
+def _reserved_names(spec: TransferGroupSpec) -> list[str]:
+    """Names starting ``weft-`` are the operator's: its volumes, mounts, ports, the sidecar."""
+    pod = spec.template.spec or {}
+    problems = []
+    for i, v in enumerate(_dicts(pod.get("volumes"))):
+        if str(v.get("name", "")).startswith(RESERVED_PREFIX):
+            problems.append(f"spec.template.spec.volumes[{i}].name ({v.get('name')}) starts with weft-")
+    for kind in ("initContainers", "containers"):
+        for i, c in enumerate(_dicts(pod.get(kind))):
+            where = f"spec.template.spec.{kind}[{i}]"
+            if spec.engine.mode is EngineMode.SIDECAR and c.get("name") == SIDECAR:
+                problems.append(f"{where}.name is {SIDECAR}, the sidecar's name in mode sidecar")
+            for j, m in enumerate(_dicts(c.get("volumeMounts"))):
+                if str(m.get("name", "")).startswith(RESERVED_PREFIX):
+                    problems.append(f"{where}.volumeMounts[{j}].name ({m.get('name')}) starts with weft-")
+            for j, port in enumerate(_dicts(c.get("ports"))):
+                if str(port.get("name", "")).startswith(RESERVED_PREFIX):
+                    problems.append(f"{where}.ports[{j}].name ({port.get('name')}) starts with weft-")
+    return [f"{p}: names starting weft- are the operator's" for p in problems]
+
+
+def _reserved_places(
+    spec: TransferGroupSpec, containers: list[dict[str, Any]], engine: tuple[int, dict[str, Any]]
+) -> list[str]:
+    """The agent's ports (the pod's containers share one network) and weft's mount paths in
+    the engine's container."""
+    problems = []
+    for i, c in enumerate(containers):
+        for j, port in enumerate(_dicts(c.get("ports"))):
+            number = port.get("containerPort")
+            if number in (AGENT_PORT, HTTP_PORT):
+                what = "weft-fabric" if number == AGENT_PORT else "weft-http"
+                problems.append(
+                    f"spec.template.spec.containers[{i}].ports[{j}] uses port {number}, which weft's "
+                    f"agent listens on ({what}): use another port"
+                )
+    i, c = engine
+    for j, m in enumerate(_dicts(c.get("volumeMounts"))):
+        if str(m.get("mountPath", "")).rstrip("/") in (CONFIG_DIR, TOKEN_DIR, ETCD_TLS_DIR):
+            problems.append(
+                f"spec.template.spec.containers[{i}].volumeMounts[{j}].mountPath ({m.get('mountPath')}) "
+                "is where weft mounts its settings: use another path"
+            )
     return problems
 
 
@@ -296,6 +493,11 @@ def crd_manifest() -> dict[str, Any]:
     """The CustomResourceDefinition (apiextensions.k8s.io/v1), structural, from the models."""
     spec = _structural(TransferGroupSpec.model_json_schema(by_alias=True))
     status = _structural(TransferGroupStatus.model_json_schema(by_alias=True), defaults=False)
+    template = spec["properties"]["template"]
+    template["properties"]["spec"] = podschema.load()["schema"]
+    template["properties"]["spec"]["description"] = (
+        "a Kubernetes PodSpec (its schema is the API server's own, see weft/api/podschema.py)"
+    )
     spec["description"] = "The desired group: agent pods, role policy, experts, fabric, storage, etcd."
     status["description"] = "What the operator observed, mirrored from the group's etcd plan."
     root = {

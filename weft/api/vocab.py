@@ -124,3 +124,10 @@ class EventKind(enum.StrEnum):
     LOAD = "load"
     PLAN = "plan"
     DRAIN = "drain"
+
+
+class EngineMode(enum.StrEnum):
+    """How an inference engine's pod runs weft (a TransferGroup's ``spec.engine.mode``)."""
+
+    EMBEDDED = "embedded"  # the engine imports weft: no extra process
+    SIDECAR = "sidecar"  # `weft agent` runs as a second container, for engines that do not

@@ -5,9 +5,12 @@ A group ``NAME`` in namespace ``NS`` owns:
 - ConfigMap ``NAME-agent``: ``agent.yaml``, the `weft agent --config` file made from the spec;
 - Service ``NAME`` (headless, ``publishNotReadyAddresses``): stable pod names for the
   StatefulSet, with no cluster DNS needed (agents find each other through etcd);
-- StatefulSet ``NAME`` (``podManagementPolicy: Parallel``): the agent pods, one container,
-  the pod's name as the member name, its IP as the advertised address, GPU limits from the
-  spec (none: a GPU-less agent), readiness on ``/readyz``;
+- StatefulSet ``NAME`` (``podManagementPolicy: Parallel``): with ``spec.template.spec``, the
+  user's engine pods with weft injected (`weft.operator.podtemplate`); without it (the
+  legacy form, rendered exactly as before pod templates existed, so an operator upgrade does
+  not roll existing pods) the agent pods, one container, the pod's name as the member name,
+  its IP as the advertised address, GPU limits from the spec (none: a GPU-less agent),
+  readiness on ``/readyz``;
 - PodDisruptionBudget ``NAME``: at most one agent voluntarily disrupted at a time.
 
 Every one carries the group's labels and a controller owner reference, so deleting the group
@@ -18,13 +21,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from weft.api.transfergroup import GROUP, KIND, VERSION, TransferGroupSpec
+from weft.api.transfergroup import (
+    AGENT_PORT,
+    DEFAULT_AGENT_IMAGE,
+    DEFAULT_PULL_POLICY,
+    ETCD_TLS_DIR,
+    GROUP,
+    HTTP_PORT,
+    KIND,
+    VERSION,
+    TransferGroupSpec,
+)
+from weft.operator import podtemplate
 
-AGENT_PORT = 7400
-HTTP_PORT = 8080
-CONFIG_DIR = "/etc/weft"
-TOKEN_DIR = "/var/run/weft/join-token"
-ETCD_TLS_DIR = "/var/run/weft/etcd-tls"
 LABEL_GROUP = f"{GROUP}/group"
 
 
@@ -87,7 +96,7 @@ def agent_config(
         "listen_port": AGENT_PORT,
         "http_host": "0.0.0.0",
         "http_port": HTTP_PORT,
-        "secret_file": f"{TOKEN_DIR}/{spec.etcd.join_token_secret_ref.key or 'token'}",
+        "secret_file": podtemplate.secret_file(spec),
         "kv_pool_bytes": spec.fabric.kv_pool_bytes,
         "planning": {
             "ratio": spec.roles.ratio,
@@ -161,44 +170,6 @@ def service(name: str, namespace: str, uid: str) -> dict[str, Any]:
     }
 
 
-def _field_env(var: str, path: str) -> dict[str, Any]:
-    return {"name": var, "valueFrom": {"fieldRef": {"fieldPath": path}}}
-
-
-def _volumes(name: str, spec: TransferGroupSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The agent pod's volumes and the container's mounts: its config, the join token and,
-    when the spec names one, the etcd TLS Secret."""
-    volumes: list[dict[str, Any]] = [
-        {"name": "config", "configMap": {"name": f"{name}-agent"}},
-        {"name": "join-token", "secret": {"secretName": spec.etcd.join_token_secret_ref.name}},
-    ]
-    mounts: list[dict[str, Any]] = [
-        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-        {"name": "join-token", "mountPath": TOKEN_DIR, "readOnly": True},
-    ]
-    if spec.etcd.tls_secret_ref is not None:
-        volumes.append({"name": "etcd-tls", "secret": {"secretName": spec.etcd.tls_secret_ref.name}})
-        mounts.append({"name": "etcd-tls", "mountPath": ETCD_TLS_DIR, "readOnly": True})
-    return volumes, mounts
-
-
-def _storage_env(spec: TransferGroupSpec) -> list[dict[str, Any]]:
-    """The KV store's environment: its config file and the S3 credentials by reference."""
-    env: list[dict[str, Any]] = []
-    if spec.storage is not None:
-        env.append({"name": "LMCACHE_CONFIG_FILE", "value": f"{CONFIG_DIR}/lmcache-config.yaml"})
-        ref = spec.storage.credentials_secret_ref
-        if ref is not None:
-            for var, key in (("AWS_ACCESS_KEY_ID", "access_key"), ("AWS_SECRET_ACCESS_KEY", "secret_key")):
-                env.append(
-                    {
-                        "name": var,
-                        "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key, "optional": True}},
-                    }
-                )
-    return env
-
-
 def stateful_set(
     name: str,
     namespace: str,
@@ -207,45 +178,19 @@ def stateful_set(
     config_hash: str,
     *,
     replicas: int | None = None,
+    endpoints: list[str] | None = None,
 ) -> dict[str, Any]:
-    """`replicas`: what the StatefulSet runs now (the operator holds pods while they drain)."""
-    t = spec.template
-    volumes, mounts = _volumes(name, spec)
-    env_storage = _storage_env(spec)
-    container: dict[str, Any] = {
-        "name": "agent",
-        "image": t.image,
-        "imagePullPolicy": t.image_pull_policy,
-        "args": ["agent", "--config", f"{CONFIG_DIR}/agent.yaml"],
-        "env": [
-            _field_env("WEFT_NAME", "metadata.name"),
-            _field_env("POD_UID", "metadata.uid"),
-            _field_env("WEFT_ADVERTISE_HOST", "status.podIP"),
-            _field_env("WEFT_NODE", "spec.nodeName"),
-            *env_storage,
-        ],
-        "ports": [
-            {"name": "fabric", "containerPort": AGENT_PORT},
-            {"name": "http", "containerPort": HTTP_PORT},
-        ],
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": HTTP_PORT}, "periodSeconds": 2},
-        "livenessProbe": {"httpGet": {"path": "/healthz", "port": HTTP_PORT}, "periodSeconds": 10},
-        "volumeMounts": mounts,
-    }
-    limits = {k: v for k, v in t.resources.limits.items()}
-    requests = {k: v for k, v in t.resources.requests.items()}
-    if limits or requests:
-        container["resources"] = {k: v for k, v in (("limits", limits), ("requests", requests)) if v}
-    pod_spec: dict[str, Any] = {
-        "containers": [container],
-        "volumes": volumes,
-        "terminationGracePeriodSeconds": 35,  # the agent drains for up to 30 s on SIGTERM
-        "enableServiceLinks": False,
-    }
-    if t.node_selector:
-        pod_spec["nodeSelector"] = dict(t.node_selector)
-    if t.tolerations:
-        pod_spec["tolerations"] = [tol.model_dump(by_alias=True, exclude_none=True) for tol in t.tolerations]
+    """`replicas`: what the StatefulSet runs now (the operator holds pods while they drain);
+    `endpoints`: the etcd URLs as the members should dial them (default: the spec's)."""
+    # a config change rolls the pods (the agent reads its file once, at start)
+    hashed = {f"{GROUP}/config-hash": config_hash}
+    if spec.template.spec is None:
+        template = _legacy_pod_template(name, spec, hashed)
+    else:
+        urls = list(spec.etcd.endpoints) if endpoints is None else endpoints
+        template = podtemplate.pod_template(
+            name, namespace, spec, labels=labels(name), annotations=hashed, endpoints=urls
+        )
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -255,13 +200,51 @@ def stateful_set(
             "serviceName": name,
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": selector(name)},
-            "template": {
-                # a config change rolls the pods (the agent reads its file once, at start)
-                "metadata": {"labels": labels(name), "annotations": {f"{GROUP}/config-hash": config_hash}},
-                "spec": pod_spec,
-            },
+            "template": template,
         },
     }
+
+
+def _legacy_pod_template(name: str, spec: TransferGroupSpec, annotations: dict[str, str]) -> dict[str, Any]:
+    """The `weft agent` pods of a template without ``spec``: byte for byte what the operator
+    rendered before pod templates (tests/operator/data/legacy_statefulsets.json)."""
+    t = spec.template
+    volumes, mounts = podtemplate.settings_volumes(name, spec)
+    container: dict[str, Any] = {
+        "name": "agent",
+        "image": t.image or DEFAULT_AGENT_IMAGE,
+        "imagePullPolicy": t.image_pull_policy or DEFAULT_PULL_POLICY,
+        "args": ["agent", "--config", podtemplate.CONFIG_FILE],
+        "env": [
+            podtemplate.field_env("WEFT_NAME", "metadata.name"),
+            podtemplate.field_env("POD_UID", "metadata.uid"),
+            podtemplate.field_env("WEFT_ADVERTISE_HOST", "status.podIP"),
+            podtemplate.field_env("WEFT_NODE", "spec.nodeName"),
+            *podtemplate.storage_env(spec),
+        ],
+        "ports": [
+            {"name": "fabric", "containerPort": AGENT_PORT},
+            {"name": "http", "containerPort": HTTP_PORT},
+        ],
+        "readinessProbe": podtemplate.readiness_probe(),
+        "livenessProbe": podtemplate.liveness_probe(),
+        "volumeMounts": mounts,
+    }
+    limits = dict(t.resources.limits) if t.resources else {}
+    requests = dict(t.resources.requests) if t.resources else {}
+    if limits or requests:
+        container["resources"] = {k: v for k, v in (("limits", limits), ("requests", requests)) if v}
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": podtemplate.GRACE_SECONDS,
+        "enableServiceLinks": False,
+    }
+    if t.node_selector:
+        pod_spec["nodeSelector"] = dict(t.node_selector)
+    if t.tolerations:
+        pod_spec["tolerations"] = [tol.model_dump(by_alias=True, exclude_none=True) for tol in t.tolerations]
+    return {"metadata": {"labels": labels(name), "annotations": annotations}, "spec": pod_spec}
 
 
 def disruption_budget(name: str, namespace: str, uid: str, api_version: str) -> dict[str, Any]:

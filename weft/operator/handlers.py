@@ -267,9 +267,8 @@ def _apply_children(group: _Group, replicas: int) -> tuple[dict[str, str], dict[
     """
     name, namespace, uid, spec = group.name, group.namespace, group.uid, group.spec
     k = kube()
-    config_yaml = dump_yaml(
-        children.agent_config(name, namespace, spec, endpoints=resolve_endpoints(list(spec.etcd.endpoints)))
-    )
+    endpoints = resolve_endpoints(list(spec.etcd.endpoints))
+    config_yaml = dump_yaml(children.agent_config(name, namespace, spec, endpoints=endpoints))
     kv = children.lmcache_config(spec)
     lmcache_yaml = dump_yaml(kv) if kv is not None else None
     config_hash = hashlib.sha256((config_yaml + (lmcache_yaml or "")).encode()).hexdigest()[:16]
@@ -277,7 +276,9 @@ def _apply_children(group: _Group, replicas: int) -> tuple[dict[str, str], dict[
     wanted = [
         children.config_map(name, namespace, uid, spec, config_yaml, lmcache_yaml),
         children.service(name, namespace, uid),
-        children.stateful_set(name, namespace, uid, spec, config_hash, replicas=replicas),
+        children.stateful_set(
+            name, namespace, uid, spec, config_hash, replicas=replicas, endpoints=endpoints
+        ),
         children.disruption_budget(name, namespace, uid, pdb_version),
     ]
     done = {m["kind"]: k.apply(m) for m in wanted}
@@ -464,7 +465,8 @@ MIRROR_IDLE_RECHECK = 5.0  # re-read at least this often, changes or not
 
 def mirror_fields(doc: GroupStatus, old_conditions: list[dict[str, Any]] | None) -> dict[str, Any]:
     """Status fields from a group's etcd state (`GroupStatus`): members and roles count
-    only signed members that are live; Rebalancing while some have not applied the plan."""
+    only signed members that are live; a role's ready count only those that also acked the
+    plan's epoch (they serve in it); Rebalancing while some have not applied the plan."""
     live = doc.verified_members
     plan = doc.plan
     roles = {n: r for n, r in (plan.roles if plan else {}).items() if n in live}
@@ -476,6 +478,8 @@ def mirror_fields(doc: GroupStatus, old_conditions: list[dict[str, Any]] | None)
         "members": len(live),
         "prefill": sum(1 for r in roles.values() if r == "prefill"),
         "decode": sum(1 for r in roles.values() if r == "decode"),
+        "prefillReady": sum(1 for n, r in roles.items() if r == "prefill" and n in acked),
+        "decodeReady": sum(1 for n, r in roles.items() if r == "decode" and n in acked),
         "planEpoch": epoch,
         "underReplicated": under,
         "conditions": _conditions(
