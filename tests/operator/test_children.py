@@ -137,6 +137,26 @@ def test_sidecar_mode_adds_the_agent_container_and_a_shared_memory_volume() -> N
         assert by_name(c["volumeMounts"])["weft-config"]["mountPath"] == "/etc/weft"
 
 
+def test_the_sidecar_is_linked_to_the_engine_and_both_map_the_kv_pool_file() -> None:
+    """The sidecar reads the engine's metrics and posts to its hook; the kv-pool is a file on
+    the shared memory volume, named to both containers (the engine maps what peers write)."""
+    engine = {
+        "mode": "sidecar",
+        "metricsUrl": "http://127.0.0.1:8000/metrics",
+        "hookUrl": "http://127.0.0.1:8000/weft",
+        "sharedMemory": {"mountPath": "/dev/shm/"},
+    }
+    pod = render(engine=engine, fabric={"kvPoolBytes": 1 << 20}, template={"spec": engine_pod()})
+    vllm, _, agent = pod["spec"]["template"]["spec"]["containers"]
+    side, eng = by_name(agent["env"]), by_name(vllm["env"])
+    assert side["WEFT_ENGINE_METRICS"]["value"] == "http://127.0.0.1:8000/metrics"
+    assert side["WEFT_ENGINE_HOOK"]["value"] == "http://127.0.0.1:8000/weft"
+    assert "WEFT_ENGINE_HOOK" not in eng  # the engine is not told to call itself
+    assert side["WEFT_KV_POOL_FILE"]["value"] == eng["WEFT_KV_POOL_FILE"]["value"] == "/dev/shm/weft-kv-pool"
+    no_pool = render(engine=engine, template={"spec": engine_pod()})["spec"]["template"]["spec"]
+    assert "WEFT_KV_POOL_FILE" not in by_name(no_pool["containers"][2]["env"])
+
+
 def test_sidecar_mode_shares_the_engines_own_dev_shm_volume() -> None:
     pod = engine_pod()
     pod["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory"}})

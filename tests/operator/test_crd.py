@@ -171,13 +171,46 @@ def test_kubectl_flags_unknown_fields_the_server_would_prune(tg_crd: ControlPlan
         ({"storage": {"backend": "OBJ", "params": {"region": "x"}}}, "params.bucket is needed"),
         ({"storage": {"backend": "OBJ", "params": {"bucket": "b", "secret_key": "s"}}}, "put it in a Secret"),
         ({"storage": {"backend": "GDS", "path": "/kv"}}, "the GDS backend needs GPUs"),
-        ({"roles": {"policy": "load"}}, "spec.roles.policy load is not wired"),
+        (
+            {"roles": {"policy": "load", "lowQueue": 9, "highQueue": 4}},
+            "spec.roles.lowQueue (9) must be below",
+        ),
+        ({"engine": {"metricsUrl": "http://127.0.0.1:8000/metrics"}}, "set spec.engine.mode to sidecar"),
     ],
 )
 def test_cross_field_problems_are_sentences_naming_the_fields(spec: dict[str, Any], problem: str) -> None:
     full = {"etcd": {"endpoints": ["http://e:2379"], "joinTokenSecretRef": {"name": "t"}}, **spec}
     problems = cross_field_problems(TransferGroupSpec.model_validate(full))
     assert any(problem in p for p in problems), problems
+
+
+def test_the_load_policy_reaches_the_members_settings() -> None:
+    """roles.policy load is no longer refused: its settings go into agent.yaml, and a ratio
+    group's file stays what it was (its config hash, and so its pods, unchanged)."""
+    from weft.api.agent_settings import AgentSettings
+    from weft.operator import children
+
+    etcd = {"endpoints": ["http://e:2379"], "joinTokenSecretRef": {"name": "t"}}
+    load = TransferGroupSpec.model_validate(
+        {"etcd": etcd, "roles": {"policy": "load", "settleSeconds": 5, "ttftP90Ms": 800}}
+    )
+    assert cross_field_problems(load) == []
+    planning = children.agent_config("g", "ns", load)["planning"]
+    assert (planning["policy"], planning["settle_seconds"], planning["ttft_p90_ms"]) == ("load", 5.0, 800.0)
+    settings = AgentSettings.model_validate(
+        {
+            **children.agent_config("g", "ns", load),
+            "name": "g-0",
+            "secret_file": None,
+            "secret": "x" * 32,
+            "advertise_host": "198.18.0.9",
+        }
+    )
+    assert settings.planning.policy == "load" and settings.planning.ttft_p90_ms == 800.0
+    ratio = children.agent_config("g", "ns", TransferGroupSpec.model_validate({"etcd": etcd}))
+    assert set(ratio["planning"]) == {
+        "ratio", "min_prefill", "min_decode", "experts", "replication", "redundant_slots", "gpu_less_roles"
+    }  # fmt: skip
 
 
 def test_a_sound_spec_has_no_cross_field_problems() -> None:

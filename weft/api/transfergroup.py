@@ -19,6 +19,7 @@ import pydantic
 from pydantic.alias_generators import to_camel
 
 from weft.api import podschema, vocab
+from weft.api.agent_settings import LocalUrl
 from weft.api.vocab import Backend, BufferDevice, EngineMode, Role, RolePolicy, StorageBackend
 
 GROUP = "weft.dev"
@@ -76,6 +77,21 @@ class Roles(_Model):
         json_schema_extra={"default": ["prefill", "decode"]},
         description="roles a member without a GPU may take",
         max_length=2,
+    )
+    high_queue: Annotated[float, pydantic.Field(gt=0, le=1e6)] = pydantic.Field(
+        8.0, description="load: mean requests waiting per member above which a role is saturated"
+    )
+    low_queue: Annotated[float, pydantic.Field(ge=0, le=1e6)] = pydantic.Field(
+        2.0, description="load: mean requests waiting per member below which a role can spare one"
+    )
+    settle_seconds: Annotated[float, pydantic.Field(ge=0, le=3600)] = pydantic.Field(
+        30.0, description="load: no new flip within this many seconds of the previous one"
+    )
+    ttft_p90_ms: Annotated[float, pydantic.Field(gt=0, le=1e7)] | None = pydantic.Field(
+        None, description="load: prefill is saturated when a prefill member's p90 TTFT is above this"
+    )
+    itl_p90_ms: Annotated[float, pydantic.Field(gt=0, le=1e7)] | None = pydantic.Field(
+        None, description="load: decode is saturated when a decode member's p90 ITL is above this"
     )
 
 
@@ -257,6 +273,15 @@ class Engine(_Model):
     shared_memory: SharedMemory = pydantic.Field(
         default_factory=lambda: SharedMemory.model_validate({}), json_schema_extra=_EMPTY
     )
+    metrics_url: LocalUrl | None = pydantic.Field(
+        None,
+        description="sidecar: the engine's Prometheus endpoint (vLLM/SGLang names), read as the "
+        "member's load, such as http://127.0.0.1:8000/metrics",
+    )
+    hook_url: LocalUrl | None = pydantic.Field(
+        None,
+        description="sidecar: where each role switch and drain is POSTed; the ack waits for a 2xx",
+    )
 
 
 class TransferGroupSpec(_Model):
@@ -353,10 +378,16 @@ def cross_field_problems(spec: TransferGroupSpec) -> list[str]:
             f"is more than spec.replicas ({spec.replicas})"
         )
     gpus, gpu_field = _gpus(spec)
-    if spec.roles.policy is RolePolicy.LOAD:
+    if spec.roles.low_queue >= spec.roles.high_queue:
         problems.append(
-            "spec.roles.policy load is not wired to the members' planning yet (no member publishes "
-            "load): use ratio"
+            f"spec.roles.lowQueue ({spec.roles.low_queue:g}) must be below spec.roles.highQueue "
+            f"({spec.roles.high_queue:g}): the band between them is the hysteresis"
+        )
+    e = spec.engine
+    if (e.metrics_url or e.hook_url) and e.mode is not EngineMode.SIDECAR:
+        problems.append(
+            "spec.engine.metricsUrl and hookUrl are read by the weft-agent sidecar: set "
+            "spec.engine.mode to sidecar (an embedded engine reports load through the SDK)"
         )
     if spec.fabric.buffer_device is BufferDevice.CUDA and not gpus:
         problems.append(f"spec.fabric.bufferDevice is cuda but {gpu_field} asks for no GPU")
@@ -551,6 +582,9 @@ def crd_manifest() -> dict[str, Any]:
 _DROP = ("title",)
 
 
+_EXCLUSIVE = {"exclusiveMinimum": "minimum", "exclusiveMaximum": "maximum"}
+
+
 def _structural(schema: dict[str, Any], *, defaults: bool = True) -> dict[str, Any]:
     """pydantic's JSON schema as a Kubernetes structural schema: references inlined, nullable
     instead of ``anyOf [X, null]``, int-or-string for quantities, no titles (and no defaults
@@ -594,6 +628,9 @@ def _structural(schema: dict[str, Any], *, defaults: bool = True) -> dict[str, A
                 out[key] = {name: walk(sub) for name, sub in value.items()}
             elif key in ("items", "additionalProperties") and isinstance(value, dict):
                 out[key] = walk(value)
+            elif key in _EXCLUSIVE and not isinstance(value, bool):
+                # JSON Schema 2020 (pydantic) gives the bound; OpenAPI 3.0 a flag beside it
+                out[_EXCLUSIVE[key]], out[key] = value, True
             else:
                 out[key] = value
         if "enum" in out and "type" not in out:

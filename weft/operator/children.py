@@ -32,6 +32,7 @@ from weft.api.transfergroup import (
     VERSION,
     TransferGroupSpec,
 )
+from weft.api.vocab import RolePolicy
 from weft.operator import podtemplate
 
 LABEL_GROUP = f"{GROUP}/group"
@@ -106,8 +107,28 @@ def agent_config(
             "replication": spec.experts.replication,
             "redundant_slots": spec.experts.redundant_slots,
             "gpu_less_roles": [r.value for r in spec.roles.gpu_less_roles],
+            **_load_policy(spec),
         },
     }
+
+
+def _load_policy(spec: TransferGroupSpec) -> dict[str, Any]:
+    """The load policy's settings, only for ``policy: load`` (a ratio group's file, and so its
+    config hash, stays what it was: upgrading the operator rolls no pods)."""
+    r = spec.roles
+    if r.policy is not RolePolicy.LOAD:
+        return {}
+    out: dict[str, Any] = {
+        "policy": r.policy.value,
+        "high_queue": r.high_queue,
+        "low_queue": r.low_queue,
+        "settle_seconds": r.settle_seconds,
+    }
+    if r.ttft_p90_ms is not None:
+        out["ttft_p90_ms"] = r.ttft_p90_ms
+    if r.itl_p90_ms is not None:
+        out["itl_p90_ms"] = r.itl_p90_ms
+    return out
 
 
 def lmcache_config(spec: TransferGroupSpec) -> dict[str, Any] | None:

@@ -172,6 +172,30 @@ def _shared_memory(
     return [volume], [mount], mount
 
 
+KV_POOL_FILE = "weft-kv-pool"
+"""The sidecar's kv-pool, a file on the shared memory volume that the engine maps too."""
+
+
+def _shared_pool_env(spec: TransferGroupSpec) -> list[dict[str, Any]]:
+    """Sidecar mode with a kv-pool: where it lives, for the agent that serves it and for the
+    engine that maps it (``WEFT_KV_POOL_FILE``)."""
+    if not spec.fabric.kv_pool_bytes:
+        return []
+    path = spec.engine.shared_memory.mount_path.rstrip("/")
+    return [_value("WEFT_KV_POOL_FILE", f"{path}/{KV_POOL_FILE}")]
+
+
+def _engine_link_env(spec: TransferGroupSpec) -> list[dict[str, Any]]:
+    """The sidecar's way to the engine: its metrics and its hook (`weft.agent.sidecar`)."""
+    e = spec.engine
+    out = []
+    if e.metrics_url:
+        out.append(_value("WEFT_ENGINE_METRICS", e.metrics_url))
+    if e.hook_url:
+        out.append(_value("WEFT_ENGINE_HOOK", e.hook_url))
+    return out
+
+
 def _sidecar(
     spec: TransferGroupSpec, env: list[dict[str, Any]], mounts: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -229,8 +253,10 @@ def pod_template(
     if mode is EngineMode.SIDECAR:
         mode_env.append(_value("WEFT_AGENT_HTTP", f"http://127.0.0.1:{HTTP_PORT}"))
         shm_volumes, engine_shm, sidecar_shm = _shared_memory(spec, engine)
-        pod["containers"][index] = _joined(engine, env + mode_env, mounts + engine_shm, ports=False)
-        pod["containers"].append(_sidecar(spec, copy.deepcopy(env), [*copy.deepcopy(mounts), sidecar_shm]))
+        shared = _shared_pool_env(spec)
+        pod["containers"][index] = _joined(engine, env + shared + mode_env, mounts + engine_shm, ports=False)
+        side_env = [*copy.deepcopy(env), *shared, *_engine_link_env(spec)]
+        pod["containers"].append(_sidecar(spec, side_env, [*copy.deepcopy(mounts), sidecar_shm]))
         volumes += shm_volumes
     else:
         pod["containers"][index] = _joined(engine, env + mode_env, mounts, ports=True)
