@@ -75,6 +75,8 @@ class PlanStatus:
         under_replicated: experts below their replication.
         verified: the plan is signed with the join token the read was given.
         acked: members whose ack names this epoch, sorted.
+        reason: why the leader wrote it (the role policy's sentence).
+        action: the load policy's step in it (``prefill+1``, ``decode+1``), if any.
     """
 
     epoch: int
@@ -84,6 +86,8 @@ class PlanStatus:
     under_replicated: Sequence[int]
     verified: bool
     acked: Sequence[str]
+    reason: str = ""
+    action: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The plan's ``weft status --json`` object."""
@@ -271,6 +275,8 @@ def group_status(
             under_replicated=tuple(p.under_replicated),
             verified=verified,
             acked=tuple(sorted(n for n, e in decoded.acks.items() if e == p.epoch)),
+            reason=p.reason,
+            action=p.action,
         )
     return GroupStatus(
         group=space.group,

@@ -49,7 +49,7 @@ from weft.api.transfergroup import (
     TransferGroupSpec,
     cross_field_problems,
 )
-from weft.membership import GroupClient, GroupStatus, keyspace
+from weft.membership import GroupClient, GroupStatus, PlanStatus, keyspace
 from weft.operator import children, groupclients
 from weft.operator.kube import Kube, KubeError
 
@@ -519,6 +519,7 @@ async def mirror(
     spec: kopf.Spec,
     status: kopf.Status,
     stopped: kopf.DaemonStopped,
+    body: kopf.Body,
     **_: Any,
 ) -> None:
     """Mirror the group's etcd plan into its status, for as long as the group exists: a
@@ -526,6 +527,7 @@ async def mirror(
     namespace = namespace or "default"
     last: dict[str, Any] | None = None
     last_patch = 0.0
+    seen_plan: PlanStatus | None = None
     loop = asyncio.get_running_loop()
     while not stopped:
         try:
@@ -536,6 +538,7 @@ async def mirror(
         try:
             client = await group_clients().get(namespace, name, parsed)
             doc = await client.read_status()
+            seen_plan = _announce_plan(body, seen_plan, doc.plan)
             fields = mirror_fields(doc, list(dict(status).get("conditions") or []))
             comparable = {k: v for k, v in fields.items() if k != "conditions"} | {
                 "c": [(c["type"], c["status"], c["message"]) for c in fields["conditions"]]
@@ -552,6 +555,28 @@ async def mirror(
         except Exception as exc:  # etcd down, Secret missing, API hiccup: say so, keep going
             log.warning("status mirror of %s/%s: %s", namespace, name, exc)
             await stopped.wait(2.0)
+
+
+def _announce_plan(body: Any, before: PlanStatus | None, plan: PlanStatus | None) -> PlanStatus | None:
+    """An event for every new plan that moves members between roles, saying who moved and
+    why (the role policy's sentence), so ``kubectl describe tg`` tells the story. The first
+    plan the mirror sees is only remembered (an operator restart repeats nothing)."""
+    if plan is None or not plan.verified:
+        return before
+    if before is None:
+        return plan
+    if plan.epoch <= before.epoch:
+        return before
+    moved = [
+        f"{name} {before.roles[name]}->{role}"
+        for name, role in plan.roles.items()
+        if name in before.roles and before.roles[name] != role
+    ]
+    if moved:
+        why = plan.reason or "the role policy"
+        message = f"plan epoch {plan.epoch}: {', '.join(moved[:20])} ({why})"
+        kopf.info(body, reason="RolesChanged", message=message[:1000])
+    return plan
 
 
 async def _next_change(client: GroupClient, revision: int, stopped: kopf.DaemonStopped) -> None:
