@@ -6,8 +6,10 @@ tolerance band, and a ``behavior`` whose stabilization windows and step limits d
 flapping a raw recommendation would cause. HPA cannot do this itself: the figures are the
 members' signed ``load/<name>`` records in the group's etcd, not a metrics API.
 
-Per-field ranges are in the schema, so the API server refuses nonsense with the field named;
-the rule between fields (enabled needs a target) is `problems`, which the operator reports.
+Per-field ranges are in the schema, so the API server refuses nonsense with the field named
+(inclusive bounds only: pydantic writes exclusive ones the JSON Schema 2020 way, which the
+API server's OpenAPI 3.0 refuses); the rule between fields (enabled needs a target) is
+`problems`, which the operator reports.
 """
 
 from __future__ import annotations
@@ -35,13 +37,13 @@ class Targets(_Model):
     Several targets: the largest recommendation wins (HPA's rule), so meeting one never
     breaks another."""
 
-    queue_depth_per_member: Annotated[float, pydantic.Field(gt=0, le=1e6)] | None = pydantic.Field(
+    queue_depth_per_member: Annotated[float, pydantic.Field(ge=0.01, le=1e6)] | None = pydantic.Field(
         None, description="mean requests waiting to start per member"
     )
-    kv_cache_usage: Annotated[float, pydantic.Field(gt=0, le=1)] | None = pydantic.Field(
+    kv_cache_usage: Annotated[float, pydantic.Field(ge=0.01, le=1)] | None = pydantic.Field(
         None, description="mean fraction of the members' KV-cache blocks in use"
     )
-    ttft_p90_ms: Annotated[float, pydantic.Field(gt=0, lt=1e9)] | None = pydantic.Field(
+    ttft_p90_ms: Annotated[float, pydantic.Field(ge=1, le=1e9)] | None = pydantic.Field(
         None, description="highest p90 time to first token across members, in ms (an SLA target)"
     )
 

@@ -295,6 +295,11 @@ class Autoscaler:
         """Drop a group's history (autoscaling turned off, the group deleted)."""
         self._history.pop(target, None)
 
+    def forget_group(self, namespace: str, name: str) -> None:
+        """Drop the history of every object that had this name (the group is deleted)."""
+        for target in [t for t in self._history if (t.namespace, t.name) == (namespace, name)]:
+            del self._history[target]
+
     async def step(
         self,
         kube: Kube,
