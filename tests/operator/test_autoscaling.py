@@ -14,17 +14,20 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.agent.test_cli import TOKEN
+from tests.agent.test_cli import TOKEN, wait_for
 from tests.k8s_fixtures import CRD_FILE
+from tests.operator.test_operator import Operator, condition
 from weft.api import records, transfergroup, vocab
 from weft.api.autoscaling import Autoscaling
+from weft.api.settings import EtcdSettings, GroupRef
 from weft.membership import GroupClient
 from weft.membership.keyspace import KeyKind
-from weft.operator import groupclients, scaling
+from weft.operator import groupclients, handlers, scaling
 from weft.operator.kube import Kube
 from weft.testing.controlplane import ControlPlane
 from weft.testing.etcd import EtcdServer
@@ -41,7 +44,7 @@ def autoscaling_crd() -> dict[str, Any]:
     manifest = transfergroup.crd_manifest()
     root = manifest["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     section = transfergroup._structural(Autoscaling.model_json_schema(by_alias=True))
-    root["properties"]["spec"]["properties"]["autoscaling"] = section | {"nullable": True}
+    root["properties"]["spec"]["properties"].setdefault("autoscaling", section | {"nullable": True})
     return manifest
 
 
@@ -209,3 +212,62 @@ def test_the_api_server_refuses_nonsense_in_the_section(plane: ControlPlane, etc
     }
     out = plane.kubectl("apply", "-f", "-", input=json.dumps(body), check=False)
     assert "spec.autoscaling.targets.kvCacheUsage" in out
+
+
+@pytest.mark.skipif(
+    "autoscaling" not in transfergroup.TransferGroupSpec.model_fields,
+    reason="TransferGroupSpec has no autoscaling field yet: the operator refuses such a spec",
+)
+def test_the_operator_scales_a_loaded_group_and_says_why(
+    plane: ControlPlane, etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """`weft operator` as a process: the resync timer reads the load, raises spec.replicas
+    through /scale, the StatefulSet follows, and an event (and the Scaling condition, once
+    the status schema has it) says why."""
+    ns = "weft-autoscale-op"
+    plane.kubectl("create", "namespace", ns, check=False)
+    plane.kubectl(
+        "-n", ns, "create", "secret", "generic", "join", f"--from-literal=token={TOKEN}", check=False
+    )
+    op = Operator(plane, tmp_path / "operator.log", ns)
+    op.start()
+    try:
+        body = {
+            "apiVersion": API,
+            "kind": "TransferGroup",
+            "metadata": {"name": "busy", "namespace": ns},
+            "spec": {
+                "replicas": 2,
+                "maxReplicas": 6,
+                "etcd": {"endpoints": [etcd.endpoint], "joinTokenSecretRef": {"name": "join"}},
+                "autoscaling": {"enabled": True, "targets": {"queueDepthPerMember": 4}},
+            },
+        }
+        plane.kubectl("apply", "-f", "-", input=json.dumps(body))
+        settings = EtcdSettings(endpoints=[etcd.endpoint])
+
+        async def load() -> None:
+            async with GroupClient(settings, GroupRef(namespace=ns, group="busy"), TOKEN.encode()) as client:
+                await report(client, 12, 12)
+
+        asyncio.run(load())
+
+        def tg() -> dict[str, Any]:
+            return dict(json.loads(plane.kubectl("-n", ns, "get", "tg", "busy", "-o", "json")))
+
+        # the first resync comes RESYNC_SECONDS after the start, the next as long after
+        bound = 2 * handlers.RESYNC_SECONDS + 20
+        wait_for("spec.replicas 6 from the load", lambda: tg()["spec"]["replicas"] == 6, bound)
+        wait_for(
+            "the StatefulSet at 6",
+            lambda: plane.kubectl("-n", ns, "get", "sts", "busy", "-o", "jsonpath={.spec.replicas}") == "6",
+            30,
+        )
+        events = plane.kubectl("-n", ns, "get", "events", "--field-selector", "involvedObject.name=busy")
+        assert "ScaledUp" in events and "2 -> 6" in events, op.tail()
+        if "SCALING" in transfergroup.ConditionType.__members__:
+            scaled = wait_for("the Scaling condition", lambda: condition(tg(), "Scaling"), bound)
+            assert scaled["status"] == "True" and scaled["reason"] == "ScaledUp"
+        plane.kubectl("-n", ns, "delete", "tg", "busy", "--timeout=60s", check=False)
+    finally:
+        op.stop()

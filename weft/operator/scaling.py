@@ -330,12 +330,15 @@ class Autoscaler:
         """
         try:
             autoscaling = section(raw_spec)
-            spec = TransferGroupSpec.model_validate({k: v for k, v in raw_spec.items() if k != "autoscaling"})
         except pydantic.ValidationError as exc:
-            return StepOutcome(None, note=f"invalid spec: {exc.errors()[0]['msg']}")
+            return StepOutcome(None, note=f"invalid spec.autoscaling: {exc.errors()[0]['msg']}")
         if autoscaling is None or not autoscaling.enabled:
             self.forget(target)
             return None
+        try:  # the section is read on its own: this works whether or not the spec model has it
+            spec = TransferGroupSpec.model_validate({k: v for k, v in raw_spec.items() if k != "autoscaling"})
+        except pydantic.ValidationError as exc:
+            return StepOutcome(None, note=f"invalid spec: {exc.errors()[0]['msg']}")
         problems = cross_field_problems(spec) + api.problems(autoscaling)
         if problems:
             return StepOutcome(None, note=f"invalid spec: {'; '.join(problems)}")
