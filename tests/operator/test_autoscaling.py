@@ -39,12 +39,15 @@ DOWN_WINDOW = 1  # seconds: short, so the test waits on it for real
 
 
 def autoscaling_crd() -> dict[str, Any]:
-    """The TransferGroup CRD with ``spec.autoscaling`` (what `weft crds` makes once the field
-    is in `TransferGroupSpec`)."""
+    """The TransferGroup CRD with ``spec.autoscaling`` and the Scaling condition type (what
+    `weft crds` makes once `TransferGroupSpec` and `ConditionType` have them)."""
     manifest = transfergroup.crd_manifest()
     root = manifest["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     section = transfergroup._structural(Autoscaling.model_json_schema(by_alias=True))
     root["properties"]["spec"]["properties"].setdefault("autoscaling", section | {"nullable": True})
+    types = root["properties"]["status"]["properties"]["conditions"]["items"]["properties"]["type"]["enum"]
+    if scaling.CONDITION not in types:
+        types.append(scaling.CONDITION)
     return manifest
 
 
@@ -52,6 +55,13 @@ def autoscaling_crd() -> dict[str, Any]:
 def plane(tg_crd: ControlPlane) -> Iterator[ControlPlane]:
     tg_crd.kubectl("apply", "-f", "-", input=json.dumps(autoscaling_crd()))
     tg_crd.kubectl("wait", "--for", "condition=established", "--timeout=60s", "crd/transfergroups.weft.dev")
+    # kubectl validates against the OpenAPI the server publishes, a moment after the CRD changes
+    wait_for(
+        "spec.autoscaling in the published OpenAPI",
+        lambda: tg_crd.kubectl("explain", "tg.spec.autoscaling", check=False).startswith("KIND:"),
+        60,
+        interval=0.2,
+    )
     tg_crd.kubectl("create", "namespace", NS, check=False)
     tg_crd.kubectl(
         "-n", NS, "create", "secret", "generic", "join", f"--from-literal=token={TOKEN}", check=False
@@ -116,8 +126,11 @@ class Driver:
 
     async def step(self, status: dict[str, Any] | None = None) -> scaling.StepOutcome | None:
         target = scaling.Target(NS, self.name, self.uid)
-        raw = spec_of(self.plane, self.name)
-        return await self.autoscaler.step(self.kube, self.clients, target, raw, status or {})
+        tg = json.loads(self.plane.kubectl("-n", NS, "get", "tg", self.name, "-o", "json"))
+        conditions = (tg.get("status") or {}).get("conditions") or []
+        return await self.autoscaler.step(
+            self.kube, self.clients, target, tg["spec"], status or {}, conditions
+        )
 
     async def client(self) -> GroupClient:
         raw = {k: v for k, v in spec_of(self.plane, self.name).items() if k != "autoscaling"}
@@ -145,6 +158,8 @@ async def test_load_scales_up_through_scale_and_down_after_the_window(
             up.event[0] == "ScaledUp" and "2 -> 6" in up.event[1] and "queueDepthPerMember 12" in up.event[1]
         )
         assert up.condition == ("True", "ScaledUp", up.event[1])
+        written = condition(json.loads(plane.kubectl("-n", NS, "get", "tg", "auto", "-o", "json")), "Scaling")
+        assert written is not None and (written["status"], written["reason"]) == ("True", "ScaledUp")
         assert spec_of(plane, "auto")["replicas"] == 6
         assert drive.kube.get_scale(API, "TransferGroup", "auto", NS).replicas == 6
 
@@ -166,6 +181,8 @@ async def test_load_scales_up_through_scale_and_down_after_the_window(
                 seen.append(now)
             await asyncio.sleep(0.1)
         assert seen == [5, 4, 3, 2]  # maxStep 1 down; floor: minPrefill 1 + minDecode 1
+        down = condition(json.loads(plane.kubectl("-n", NS, "get", "tg", "auto", "-o", "json")), "Scaling")
+        assert down is not None and down["reason"] == "ScaledDown" and "3 -> 2" in down["message"]
         for _ in range(3):
             await drive.step()
         assert spec_of(plane, "auto")["replicas"] == 2

@@ -583,20 +583,19 @@ async def _autoscale(
     """Size the group from its load (`scaling.Autoscaler.step`): the new ``spec.replicas``
     goes through /scale, and the next reconcile applies it (draining first on a scale-down).
     A failure is logged and retried at the next resync: the reconcile already did its work."""
+    fresh = status | dict(patch.status)  # what the reconcile just found (draining) wins
+    # the status schema lists every condition type: write Scaling only once it is one of them
+    conditions = (fresh.get("conditions") or []) if "SCALING" in ConditionType.__members__ else None
     try:
-        fresh = status | dict(patch.status)  # what the reconcile just found (draining) wins
-        outcome = await _autoscaler.step(kube(), group_clients(), target, raw, fresh)
+        outcome = await _autoscaler.step(kube(), group_clients(), target, raw, fresh, conditions)
     except Exception as exc:  # etcd or the API away: the next resync decides again
         log.warning("autoscaling %s/%s: %s", target.namespace, target.name, exc)
         return
-    if outcome is None or outcome.event is None or outcome.condition is None:
+    if outcome is None or outcome.event is None:
         return
-    reason, message = outcome.event
-    kopf.info(body, reason=reason, message=message)
-    ctype = ConditionType.__members__.get("SCALING")  # the status schema names every type
-    if ctype is not None:
-        old = patch.status.get("conditions") or status.get("conditions")
-        patch.status["conditions"] = _conditions(old, {ctype: outcome.condition})
+    kopf.info(body, reason=outcome.event[0], message=outcome.event[1])
+    if outcome.conditions is not None:  # this handler's own status patch must not drop it
+        patch.status["conditions"] = outcome.conditions
 
 
 def _ensure_peering(name: str, namespaces: list[str], clusterwide: bool) -> None:

@@ -176,19 +176,32 @@ class Kube:
         return "repaired"
 
     def patch_status(
-        self, api_version: str, kind: str, name: str, namespace: str | None, status: dict[str, Any]
-    ) -> None:
-        """Merge-patch the status subresource."""
+        self,
+        api_version: str,
+        kind: str,
+        name: str,
+        namespace: str | None,
+        status: dict[str, Any],
+        resource_version: str | None = None,
+    ) -> str:
+        """Merge-patch the status subresource; the object's new resourceVersion.
+
+        Args:
+            resource_version: patch only if the object is still at this version (409 if not).
+        """
         res = self._resource(api_version, kind)
-        self._call(
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        done = self._call(
             "patch status of",
             f"{kind} {namespace}/{name}",
             lambda: res.status.patch(
-                body={"status": status},
-                name=name,
-                namespace=namespace,
-                content_type="application/merge-patch+json",
+                body=body, name=name, namespace=namespace, content_type="application/merge-patch+json"
             ),
+        )
+        return str(
+            ((done.to_dict() if done is not None else {}).get("metadata") or {}).get("resourceVersion") or ""
         )
 
     def get_scale(self, api_version: str, kind: str, name: str, namespace: str | None) -> Scale:

@@ -28,6 +28,7 @@ anyway (each pod is drained first).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import math
 import time
@@ -45,6 +46,7 @@ from weft.operator.groupclients import GroupClients
 from weft.operator.kube import Kube, KubeError
 
 log = logging.getLogger(__name__)
+API = f"{GROUP}/{VERSION}"
 
 CONDITION = "Scaling"
 """The condition type that says why the last scale happened (status, reason, message)."""
@@ -261,6 +263,8 @@ class StepOutcome:
         note: why nothing was decided, when nothing was.
         event: (reason, message) of the Kubernetes event to emit, when it scaled.
         condition: (status, reason, message) of the `CONDITION` condition, when it scaled.
+        conditions: the status's conditions with that one in, as written before the scale
+            (None when the step was not asked to write conditions).
     """
 
     decision: ScaleDecision | None
@@ -268,6 +272,21 @@ class StepOutcome:
     note: str = ""
     event: tuple[str, str] | None = None
     condition: tuple[str, str, str] | None = None
+    conditions: list[dict[str, Any]] | None = None
+
+
+def with_condition(
+    conditions: Sequence[Mapping[str, Any]], condition: tuple[str, str, str], now: str
+) -> list[dict[str, Any]]:
+    """`conditions` with the `CONDITION` one set to (status, reason, message); its
+    lastTransitionTime moves only when its status changes (the Kubernetes convention)."""
+    status, reason, message = condition
+    old = next((c for c in conditions if c.get("type") == CONDITION), None)
+    since = old.get("lastTransitionTime") if old and old.get("status") == status else None
+    mine = {"type": CONDITION, "status": status, "reason": reason, "message": message}
+    return [dict(c) for c in conditions if c.get("type") != CONDITION] + [
+        mine | {"lastTransitionTime": since or now}
+    ]
 
 
 def section(raw_spec: Mapping[str, Any]) -> api.Autoscaling | None:
@@ -307,6 +326,7 @@ class Autoscaler:
         target: Target,
         raw_spec: Mapping[str, Any],
         status: Mapping[str, Any],
+        conditions: Sequence[Mapping[str, Any]] | None = None,
     ) -> StepOutcome | None:
         """Decide the group's replicas from its load and write them through /scale.
 
@@ -320,6 +340,9 @@ class Autoscaler:
             target: the group.
             raw_spec: its spec as stored (``autoscaling`` read here: see `section`).
             status: its status as last seen.
+            conditions: its conditions, when the status schema has the `CONDITION` type:
+                the step then writes that condition before it scales, so the reconcile the
+                new spec.replicas triggers already sees it (and keeps it).
         Returns:
             What was done, for the handler's event and condition; None when the group has
             autoscaling off.
@@ -344,7 +367,7 @@ class Autoscaler:
             return StepOutcome(None, note=f"invalid spec: {'; '.join(problems)}")
         if status.get("draining"):
             return StepOutcome(None, note=f"draining {', '.join(status['draining'])}")
-        scale = await asyncio.to_thread(kube.get_scale, f"{GROUP}/{VERSION}", "TransferGroup", *_at(target))
+        scale = await asyncio.to_thread(kube.get_scale, API, "TransferGroup", *_at(target))
         if scale.status_replicas is not None and scale.status_replicas > scale.replicas:
             return StepOutcome(None, note=f"{scale.status_replicas} pods still going to {scale.replicas}")
         client = await clients.get(target.namespace, target.name, spec)
@@ -354,22 +377,41 @@ class Autoscaler:
         self._history[target] = decision.history
         if not decision.changed:
             return StepOutcome(decision)
-        try:
-            await asyncio.to_thread(
-                kube.patch_scale,
-                f"{GROUP}/{VERSION}",
-                "TransferGroup",
-                *_at(target),
-                decision.replicas,
-                scale.resource_version,
+        return await _write(kube, target, decision, scale.resource_version, conditions)
+
+
+async def _write(
+    kube: Kube,
+    target: Target,
+    decision: ScaleDecision,
+    version: str,
+    conditions: Sequence[Mapping[str, Any]] | None,
+) -> StepOutcome:
+    """Write the Scaling condition (when asked) and then spec.replicas through /scale, each
+    only if the object is still at the version the decision was made from: a ``kubectl
+    scale`` in between wins, and the next step starts from it."""
+    reason = "ScaledUp" if decision.replicas > decision.current else "ScaledDown"
+    condition = ("True", reason, decision.reason)
+    written = None
+    try:
+        if conditions is not None:
+            written = with_condition(conditions, condition, _utc_now())
+            version = await asyncio.to_thread(
+                kube.patch_status, API, "TransferGroup", *_at(target), {"conditions": written}, version
             )
-        except KubeError as exc:
-            if exc.status != 409:
-                raise
-            return StepOutcome(decision, note="spec.replicas changed meanwhile: next time")
-        reason = "ScaledUp" if decision.replicas > decision.current else "ScaledDown"
-        log.info("%s/%s %s: %s", target.namespace, target.name, reason, decision.reason)
-        return StepOutcome(decision, True, "", (reason, decision.reason), ("True", reason, decision.reason))
+        await asyncio.to_thread(
+            kube.patch_scale, API, "TransferGroup", *_at(target), decision.replicas, version
+        )
+    except KubeError as exc:
+        if exc.status != 409:
+            raise
+        return StepOutcome(decision, note="spec.replicas changed meanwhile: next time")
+    log.info("%s/%s %s: %s", target.namespace, target.name, reason, decision.reason)
+    return StepOutcome(decision, True, "", (reason, decision.reason), condition, written)
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _at(target: Target) -> tuple[str, str]:
