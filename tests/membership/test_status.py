@@ -337,6 +337,37 @@ def test_a_group_without_records_has_no_plan_members_or_leader() -> None:
     assert snap.plan is None and snap.leader is None and snap.members == () and snap.invalid == ()
 
 
+def test_only_signed_current_loads_of_live_members_count() -> None:
+    """The autoscaler sizes the group from `loads`: a load record signed with another token,
+    one left by an earlier generation, one of a member whose record is not signed, and one
+    whose lease ran out do not count; `to_json` shows no load at all."""
+    snap = _snapshot(SECRET)
+    assert [(load.name, load.generation) for load in snap.loads] == [("a", 1)]
+    assert "load" not in snap.to_json()
+    assert _snapshot(None).loads == ()  # nothing is verified without the token
+
+    def sealed(key: str, record: records.Record, secret: bytes = SECRET) -> status.RawRecord:
+        return status.RawRecord(key.encode(), records.seal(record, key, secret), 7)
+
+    raw = [
+        sealed(SPACE.member("a"), _member("a", 1)),
+        sealed(SPACE.member("b"), _member("b", 2)),
+        sealed(SPACE.member("c"), _member("c", 3), OTHER),
+        sealed(SPACE.member("d"), _member("d", 4)),
+        sealed(SPACE.load("a"), records.LoadRecord(name="a", generation=1, queue_depth=3)),
+        sealed(SPACE.load("b"), records.LoadRecord(name="b", generation=1, queue_depth=9)),  # stale
+        sealed(SPACE.load("c"), records.LoadRecord(name="c", generation=3, queue_depth=9)),
+        sealed(SPACE.load("d"), records.LoadRecord(name="d", generation=4, queue_depth=9)),
+        sealed(SPACE.load("e"), records.LoadRecord(name="e", generation=5, queue_depth=9)),  # no member
+        sealed(SPACE.load("f"), records.LoadRecord(name="f", generation=1), OTHER),
+        status.RawRecord(SPACE.load("g").encode(), b"garbage", 7),
+    ]
+    decoded = status.decode_group(SPACE, raw, SECRET)
+    assert decoded.invalid == ()  # a load that does not decode is dropped, not listed
+    snap = status.group_status(SPACE, 3, decoded, [5, 5, 5, None])  # d's lease ran out
+    assert [(load.name, load.queue_depth) for load in snap.loads] == [("a", 3)]
+
+
 def test_keys_of_no_kind_are_skipped() -> None:
     raw = [status.RawRecord(f"{SPACE.prefix}{rest}".encode(), b"x", 0) for rest in ("plans", "members/")]
     assert status.decode_group(SPACE, raw, SECRET).invalid == ()

@@ -18,8 +18,9 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic.alias_generators import to_camel
 
-from weft.api import podschema, vocab
+from weft.api import autoscaling, podschema, vocab
 from weft.api.agent_settings import LocalUrl
+from weft.api.autoscaling import Autoscaling
 from weft.api.vocab import Backend, BufferDevice, EngineMode, Role, RolePolicy, StorageBackend
 
 GROUP = "weft.dev"
@@ -304,6 +305,9 @@ class TransferGroupSpec(_Model):
         default_factory=lambda: FailureDetection.model_validate({}), json_schema_extra=_EMPTY
     )
     etcd: Etcd
+    autoscaling: Autoscaling | None = pydantic.Field(
+        None, description="replicas from the members' load (HPA-style); absent: off"
+    )
     template: Template = pydantic.Field(
         default_factory=lambda: Template.model_validate({}), json_schema_extra=_EMPTY
     )
@@ -319,6 +323,7 @@ class ConditionType(enum.StrEnum):
     DEGRADED = "Degraded"
     REBALANCING = "Rebalancing"
     VALID = "Valid"
+    SCALING = "Scaling"
 
 
 class Condition(_Model):
@@ -378,6 +383,7 @@ def cross_field_problems(spec: TransferGroupSpec) -> list[str]:
             f"is more than spec.replicas ({spec.replicas})"
         )
     gpus, gpu_field = _gpus(spec)
+    problems += autoscaling.problems(spec.autoscaling)
     if spec.roles.low_queue >= spec.roles.high_queue:
         problems.append(
             f"spec.roles.lowQueue ({spec.roles.low_queue:g}) must be below spec.roles.highQueue "

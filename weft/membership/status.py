@@ -1,13 +1,16 @@
-"""A group's state read once from etcd: members, leader, plan and acks, as a typed snapshot.
+"""A group's state read once from etcd: members, leader, plan, acks and load, as a typed snapshot.
 
 `weft status` prints it (``--json``: `GroupStatus.to_json`, a format scripts parse, so its
 keys and their order are part of the interface) and the operator mirrors it into the
-TransferGroup's status and gates scale-down on it. Both read attributes of one frozen
-snapshot instead of indexing a dict whose shape only prose described.
+TransferGroup's status, gates scale-down on it and sizes the group from its load records.
+All read attributes of one frozen snapshot instead of indexing a dict whose shape only
+prose described. The load records are an attribute only, not part of ``--json``: the JSON
+stays what scripts already parse, and load changes every few seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -132,6 +135,9 @@ class GroupStatus:
         plan: the plan, None without one.
         members: the member records that decode, sorted by name (signed or not).
         invalid: the records that do not decode, in key order.
+        loads: the load records that count, sorted by name: signed with the join token, of a
+            live signed member, and of that member's current generation (a record left by an
+            earlier incarnation says nothing about this one). Not in `to_dict`.
     """
 
     group: str
@@ -142,6 +148,7 @@ class GroupStatus:
     plan: PlanStatus | None
     members: tuple[MemberStatus, ...]
     invalid: tuple[InvalidRecord, ...]
+    loads: tuple[records.LoadRecord, ...] = ()
 
     @property
     def verified_members(self) -> frozenset[str]:
@@ -185,6 +192,7 @@ class DecodedGroup:
         plan: the plan record and whether it is signed.
         acks: member name -> the epoch its ack names.
         invalid: the records that do not decode.
+        loads: the load records signed with the join token, in key order (none without one).
     """
 
     members: tuple[tuple[records.MemberRecord, int, bool], ...]
@@ -192,14 +200,16 @@ class DecodedGroup:
     plan: tuple[records.PlanRecord, bool] | None
     acks: Mapping[str, int]
     invalid: tuple[InvalidRecord, ...]
+    loads: tuple[records.LoadRecord, ...] = ()
 
 
 def decode_group(space: ks.Keyspace, kvs: Iterable[RawRecord], secret: bytes | None) -> DecodedGroup:
-    """Decode the member, leader, plan and ack records among a group's keys.
+    """Decode the member, leader, plan, ack and load records among a group's keys.
 
-    Keys of other kinds (drains, load) and keys that name no kind are skipped. A record that
-    fails the signature check is kept as unverified; one that does not decode at all becomes
-    an `InvalidRecord`. Without `secret` the leader is taken unchecked too.
+    Drain keys and keys that name no kind are skipped. A record that fails the signature
+    check is kept as unverified; one that does not decode at all becomes an `InvalidRecord`.
+    Without `secret` the leader is taken unchecked too. Load records count only when signed:
+    the others are dropped, and never listed as invalid (``--json`` shows no load).
 
     Args:
         space: the group's keyspace.
@@ -213,10 +223,16 @@ def decode_group(space: ks.Keyspace, kvs: Iterable[RawRecord], secret: bytes | N
     leader: str | None = None
     plan: tuple[records.PlanRecord, bool] | None = None
     acks: dict[str, int] = {}
+    loads: list[records.LoadRecord] = []
     for kv in kvs:
         key = kv.key.decode("utf-8", "replace")
         parsed = space.parse(key)
-        if parsed is None or parsed.kind in (ks.KeyKind.LOAD, ks.KeyKind.DRAIN):
+        if parsed is None or parsed.kind is ks.KeyKind.DRAIN:
+            continue
+        if parsed.kind is ks.KeyKind.LOAD:
+            if secret is not None:
+                with contextlib.suppress(records.RecordError):
+                    loads.append(records.unseal(records.LoadRecord, kv.value, key, secret))
             continue
         try:
             record, verified = _unseal(ks.RECORD_TYPES[parsed.kind], kv.value, key, secret)
@@ -232,7 +248,7 @@ def decode_group(space: ks.Keyspace, kvs: Iterable[RawRecord], secret: bytes | N
             plan = (record, verified)
         elif isinstance(record, records.AckRecord):
             acks[record.name] = record.epoch
-    return DecodedGroup(tuple(members), leader, plan, acks, tuple(invalid))
+    return DecodedGroup(tuple(members), leader, plan, acks, tuple(invalid), tuple(loads))
 
 
 def group_status(
@@ -287,7 +303,19 @@ def group_status(
         plan=plan,
         members=tuple(rows),
         invalid=decoded.invalid,
+        loads=_counted_loads(decoded, ttls),
     )
+
+
+def _counted_loads(decoded: DecodedGroup, ttls: Sequence[int | None]) -> tuple[records.LoadRecord, ...]:
+    """The load records of live signed members, of their current generation, by name."""
+    live = {
+        record.name: record.generation
+        for (record, lease, verified), ttl in zip(decoded.members, ttls, strict=True)
+        if verified and (not lease or ttl is not None)  # a lease that ran out: the member is gone
+    }
+    counted = (load for load in decoded.loads if live.get(load.name) == load.generation)
+    return tuple(sorted(counted, key=lambda load: load.name))
 
 
 def _unseal(cls: type[R], value: bytes, key: str, secret: bytes | None) -> tuple[R, bool]:

@@ -50,7 +50,7 @@ from weft.api.transfergroup import (
     cross_field_problems,
 )
 from weft.membership import GroupClient, GroupStatus, PlanStatus, keyspace
-from weft.operator import children, groupclients
+from weft.operator import children, groupclients, scaling
 from weft.operator.kube import Kube, KubeError
 
 log = logging.getLogger(__name__)
@@ -145,8 +145,10 @@ async def resync(
     body: kopf.Body,
     **_: Any,
 ) -> None:
-    """Children drift (edited, deleted) and pods become ready without the group changing."""
+    """Children drift (edited, deleted) and pods become ready without the group changing;
+    load changes too (`_autoscale`)."""
     await _reconcile(name, namespace or "default", uid, dict(spec), meta, dict(status), patch, body)
+    await _autoscale(scaling.Target(namespace or "default", name, uid), dict(spec), dict(status), patch, body)
 
 
 @kopf.on.cleanup()
@@ -342,6 +344,7 @@ async def cleanup(name: str, namespace: str | None, spec: kopf.Spec, body: kopf.
         kopf.warn(body, reason="EtcdCleanupSkipped", message="the spec has no usable etcd section")
         return
     namespace = namespace or "default"
+    _autoscaler.forget_group(namespace, name)
     prefix = keyspace.Keyspace(namespace, name).prefix
     deadline = asyncio.get_running_loop().time() + ETCD_CLEANUP_SECONDS
     last: Exception | None = None
@@ -597,6 +600,30 @@ async def _next_change(client: GroupClient, revision: int, stopped: kopf.DaemonS
     failed = waiter.exception() if waiter.done() and not waiter.cancelled() else None
     if failed is not None:
         raise failed
+
+
+# -- autoscaling ------------------------------------------------------------------------------
+_autoscaler = scaling.Autoscaler()  # the groups' recommendation histories (in memory: see scaling)
+
+
+async def _autoscale(
+    target: scaling.Target, raw: dict[str, Any], status: dict[str, Any], patch: kopf.Patch, body: Any
+) -> None:
+    """Size the group from its load (`scaling.Autoscaler.step`): the new ``spec.replicas``
+    goes through /scale, and the next reconcile applies it (draining first on a scale-down).
+    A failure is logged and retried at the next resync: the reconcile already did its work."""
+    fresh = status | dict(patch.status)  # what the reconcile just found (draining) wins
+    conditions = fresh.get("conditions") or []
+    try:
+        outcome = await _autoscaler.step(kube(), group_clients(), target, raw, fresh, conditions)
+    except Exception as exc:  # etcd or the API away: the next resync decides again
+        log.warning("autoscaling %s/%s: %s", target.namespace, target.name, exc)
+        return
+    if outcome is None or outcome.event is None:
+        return
+    kopf.info(body, reason=outcome.event[0], message=outcome.event[1])
+    if outcome.conditions is not None:  # this handler's own status patch must not drop it
+        patch.status["conditions"] = outcome.conditions
 
 
 def _ensure_peering(name: str, namespaces: list[str], clusterwide: bool) -> None:

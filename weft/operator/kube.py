@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,21 @@ def contains(live: Any, desired: Any) -> bool:
     if isinstance(desired, (int, float)) and isinstance(live, str):
         return str(desired) == live  # quantities the server turned into strings
     return bool(live == desired)
+
+
+@dataclass(frozen=True, slots=True)
+class Scale:
+    """An object's scale subresource (autoscaling/v1 Scale), what autoscalers read.
+
+    Attributes:
+        replicas: ``spec.replicas``, the replicas asked for.
+        status_replicas: ``status.replicas``, the pods that exist; None before the first status.
+        resource_version: the object's resourceVersion when read.
+    """
+
+    replicas: int
+    status_replicas: int | None
+    resource_version: str
 
 
 class Kube:
@@ -160,15 +176,77 @@ class Kube:
         return "repaired"
 
     def patch_status(
-        self, api_version: str, kind: str, name: str, namespace: str | None, status: dict[str, Any]
-    ) -> None:
-        """Merge-patch the status subresource."""
+        self,
+        api_version: str,
+        kind: str,
+        name: str,
+        namespace: str | None,
+        status: dict[str, Any],
+        resource_version: str | None = None,
+    ) -> str:
+        """Merge-patch the status subresource; the object's new resourceVersion.
+
+        Args:
+            resource_version: patch only if the object is still at this version (409 if not).
+        """
         res = self._resource(api_version, kind)
-        self._call(
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        done = self._call(
             "patch status of",
             f"{kind} {namespace}/{name}",
             lambda: res.status.patch(
-                body={"status": status},
+                body=body, name=name, namespace=namespace, content_type="application/merge-patch+json"
+            ),
+        )
+        return str(
+            ((done.to_dict() if done is not None else {}).get("metadata") or {}).get("resourceVersion") or ""
+        )
+
+    def get_scale(self, api_version: str, kind: str, name: str, namespace: str | None) -> Scale:
+        """The object's scale subresource: ``spec.replicas``, ``status.replicas`` and the
+        resourceVersion to write back against (`patch_scale`).
+
+        Raises:
+            KubeError: the object or its scale subresource does not exist (404), or the API
+                refused or did not answer.
+        """
+        scale = self._resource(api_version, kind).subresources["scale"]
+        obj = self._call(
+            "get scale of", f"{kind} {namespace}/{name}", lambda: scale.get(name=name, namespace=namespace)
+        ).to_dict()
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        replicas = status.get("replicas")
+        return Scale(
+            replicas=int(spec.get("replicas") or 0),
+            status_replicas=None if replicas is None else int(replicas),
+            resource_version=str((obj.get("metadata") or {}).get("resourceVersion") or ""),
+        )
+
+    def patch_scale(
+        self,
+        api_version: str,
+        kind: str,
+        name: str,
+        namespace: str | None,
+        replicas: int,
+        resource_version: str,
+    ) -> None:
+        """Set ``spec.replicas`` through the scale subresource, as ``kubectl scale`` and an HPA
+        do (so they compose), and only if the object is still at `resource_version`.
+
+        Raises:
+            KubeError: 409 when the object changed since it was read (someone scaled
+                meanwhile), or the API refused or did not answer.
+        """
+        scale = self._resource(api_version, kind).subresources["scale"]
+        meta = {"resourceVersion": resource_version} if resource_version else {}
+        self._call(
+            "patch scale of",
+            f"{kind} {namespace}/{name}",
+            lambda: scale.patch(
+                body={"metadata": meta, "spec": {"replicas": replicas}},
                 name=name,
                 namespace=namespace,
                 content_type="application/merge-patch+json",
