@@ -60,3 +60,26 @@ def test_a_new_plan_that_moves_members_is_announced_with_its_reason(monkeypatch:
     assert handlers._announce_plan({}, joined, moved) is joined  # an older epoch is not news
     forged = PlanStatus(9, "x", {"a": Role.DECODE}, {}, (), False, ())
     assert handlers._announce_plan({}, joined, forged) is joined and len(said) == 1
+
+
+def test_the_engines_load_is_summed_by_role() -> None:
+    from weft.api.records import LoadRecord, Percentiles
+
+    roles = {"p0": Role.PREFILL, "d0": Role.DECODE, "d1": Role.DECODE}
+    plan = PlanStatus(2, "p0", roles, {}, (), True, tuple(roles))
+    loads = (
+        LoadRecord(name="d0", generation=1, queue_depth=3, running=2, kv_cache_usage=0.5,
+                   itl_ms=Percentiles(p50=10, p90=30, p99=40), tokens_per_s=100.4),
+        LoadRecord(name="d1", generation=1, queue_depth=1, running=4, kv_cache_usage=0.25, tokens_per_s=50.0),
+        LoadRecord(name="p0", generation=1, queue_depth=9, ttft_ms=Percentiles(p50=100, p90=812.6, p99=900)),
+    )  # fmt: skip
+    doc = GroupStatus("g", "ns", 3, "p0", 2, plan, tuple(member(n) for n in roles), (), loads=loads)
+    load = {x["role"]: x for x in mirror_fields(doc, None)["load"]}
+    assert load["decode"] == {
+        "role": "decode", "members": 2, "queueDepth": 4, "running": 6, "kvCacheUsage": 0.38,
+        "tokensPerSecond": 150, "ttftP90Ms": None, "itlP90Ms": 30,
+    }  # fmt: skip
+    assert (load["prefill"]["queueDepth"], load["prefill"]["ttftP90Ms"]) == (9, 813)
+    from weft.api.transfergroup import TransferGroupStatus
+
+    TransferGroupStatus.model_validate({"load": list(load.values())})  # the status schema takes it

@@ -336,6 +336,19 @@ class Condition(_Model):
     last_transition_time: str | None = None
 
 
+class RoleLoad(_Model):
+    """The load the engines of one role reported (their members' load records)."""
+
+    role: Role
+    members: int = pydantic.Field(description="members of the role that reported load")
+    queue_depth: int = pydantic.Field(description="requests waiting, summed")
+    running: int = pydantic.Field(description="requests being served, summed")
+    kv_cache_usage: float = pydantic.Field(description="mean fraction of KV-cache blocks in use")
+    tokens_per_second: float = pydantic.Field(description="summed")
+    ttft_p90_ms: float | None = pydantic.Field(None, description="the worst member's p90 TTFT")
+    itl_p90_ms: float | None = pydantic.Field(None, description="the worst member's p90 ITL")
+
+
 class TransferGroupStatus(_Model):
     phase: Literal["Pending", "Running", "Degraded", "Invalid", "Deleting"] | None = None
     conditions: list[Condition] = pydantic.Field(default_factory=list)
@@ -353,6 +366,9 @@ class TransferGroupStatus(_Model):
         None, description="live members the plan puts in decode that applied its epoch"
     )
     plan_epoch: int | None = None
+    load: list[RoleLoad] = pydantic.Field(
+        default_factory=list, description="the engines' reported load, by role in the plan"
+    )
     under_replicated: list[int] = pydantic.Field(default_factory=list)
     draining: list[str] = pydantic.Field(
         default_factory=list, description="members being planned out before a scale-down removes their pods"

@@ -484,6 +484,7 @@ def mirror_fields(doc: GroupStatus, old_conditions: list[dict[str, Any]] | None)
         "prefillReady": sum(1 for n, r in roles.items() if r == "prefill" and n in acked),
         "decodeReady": sum(1 for n, r in roles.items() if r == "decode" and n in acked),
         "planEpoch": epoch,
+        "load": role_loads(doc, roles),
         "underReplicated": under,
         "conditions": _conditions(
             old_conditions,
@@ -513,6 +514,31 @@ def mirror_fields(doc: GroupStatus, old_conditions: list[dict[str, Any]] | None)
             },
         ),
     }
+
+
+def role_loads(doc: GroupStatus, roles: dict[str, Any]) -> list[dict[str, Any]]:
+    """The engines' load by role (``status.load``), rounded so that noise in the figures does
+    not rewrite the status at every report."""
+    out = []
+    for role in ("prefill", "decode"):
+        loads = [ld for ld in doc.loads if roles.get(ld.name) == role]
+        if not loads:
+            continue
+        ttft = [ld.ttft_ms.p90 for ld in loads if ld.ttft_ms is not None]
+        itl = [ld.itl_ms.p90 for ld in loads if ld.itl_ms is not None]
+        out.append(
+            {
+                "role": role,
+                "members": len(loads),
+                "queueDepth": sum(ld.queue_depth for ld in loads),
+                "running": sum(ld.running for ld in loads),
+                "kvCacheUsage": round(sum(ld.kv_cache_usage for ld in loads) / len(loads), 2),
+                "tokensPerSecond": round(sum(ld.tokens_per_s for ld in loads)),
+                "ttftP90Ms": round(max(ttft)) if ttft else None,
+                "itlP90Ms": round(max(itl)) if itl else None,
+            }
+        )
+    return out
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
