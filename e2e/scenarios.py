@@ -20,6 +20,7 @@ status agrees with etcd (members, plan epoch) within `STATUS_GRACE` while the op
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import random
@@ -27,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,19 @@ BASELINE_SECONDS = 4.0
 SETTLE_SECONDS = 3.0  # between rounds, so each baseline starts from a whole group
 
 
+ENGINE_PORT = 8000
+SETTLE_FLIPS = 5.0  # the load policy's settle time in the chaos group (roles.settleSeconds)
+AUTOSCALING = {
+    "enabled": True,
+    "targets": {"queueDepthPerMember": 8},
+    "behavior": {
+        "scaleUp": {"stabilizationWindowSeconds": 0, "maxStep": 1},
+        "scaleDown": {"stabilizationWindowSeconds": 10, "maxStep": 1},
+    },
+}
+"""What the engine-load round switches on (and off after): the other rounds scale by hand."""
+
+
 def group_manifest(
     *,
     namespace: str,
@@ -58,27 +73,45 @@ def group_manifest(
     token_secret: str,
     pull_policy: str = "IfNotPresent",
 ) -> dict[str, Any]:
-    """The TransferGroup every scenario runs against: GPU-less agents (host memory, TCP),
-    prefill:decode 1:1, `EXPERTS` experts twice each, a KV pool for the traffic."""
+    """The TransferGroup every scenario runs against: engine pods in sidecar mode (the
+    stand-in engine of `weft.testing.fakeengine`, which does not import weft, and `weft agent`
+    beside it reading its metrics and answering for it through its hook), GPU-less (host
+    memory, TCP), roles by load (floor 1:1), `EXPERTS` experts twice each, a KV pool for the
+    traffic on the pod's shared memory."""
+    engine = {
+        "name": "engine",
+        "image": image,
+        "imagePullPolicy": pull_policy,
+        "command": ["python", "-m", "weft.testing.fakeengine", "--port", str(ENGINE_PORT)],
+        "ports": [{"name": "engine", "containerPort": ENGINE_PORT}],
+        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
+    }
     return {
         "apiVersion": "weft.dev/v1alpha1",
         "kind": "TransferGroup",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "replicas": replicas,
+            "minReplicas": replicas,
             "maxReplicas": replicas + 2,
-            "roles": {"ratio": "1:1", "minPrefill": 1, "minDecode": 1, "gpuLessRoles": ["prefill", "decode"]},
+            "roles": {"policy": "load", "minPrefill": 1, "minDecode": 1,
+                      "gpuLessRoles": ["prefill", "decode"],
+                      "highQueue": 8, "lowQueue": 2, "settleSeconds": SETTLE_FLIPS},
             "experts": {"count": EXPERTS, "replication": 2},
             "fabric": {"backends": ["tcp"], "kvPoolBytes": KV_POOL_BYTES},
             "failureDetection": {"leaseTtlSeconds": LEASE_TTL},
             "etcd": {"endpoints": endpoints, "joinTokenSecretRef": {"name": token_secret}},
-            "template": {
-                "image": image,
-                "imagePullPolicy": pull_policy,
-                "resources": {"requests": {"cpu": "50m", "memory": "96Mi"}},
+            "engine": {
+                "mode": "sidecar",
+                "agent": {"image": image, "imagePullPolicy": pull_policy,
+                          "resources": {"requests": {"cpu": "50m", "memory": "96Mi"}}},
+                "metricsUrl": f"http://127.0.0.1:{ENGINE_PORT}/metrics",
+                "hookUrl": f"http://127.0.0.1:{ENGINE_PORT}/weft",
+                "sharedMemory": {"sizeLimit": f"{2 * KV_POOL_BYTES >> 20}Mi"},
             },
+            "template": {"spec": {"containers": [engine]}},
         },
-    }
+    }  # fmt: skip
 
 
 @dataclass
@@ -399,6 +432,51 @@ def gpu_less(run: Run, r: Round) -> None:
     run.recover(r, run.replicas, both)
 
 
+def set_engine_load(pod: Pod, waiting: int) -> None:
+    """The stand-in engine's queue (what the sidecar reads from its metrics)."""
+    body = json.dumps({"waiting": waiting, "running": min(waiting, 4)}).encode()
+    url = f"http://{pod.ip}:{ENGINE_PORT}/load"
+    req = urllib.request.Request(url, body, {"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as answer:
+        answer.read()
+
+
+def _prefill_count(v: View) -> int:
+    return sum(1 for role in (v.plan.roles.values() if v.plan else ()) if role == "prefill")
+
+
+def engine_load(run: Run, r: Round) -> None:
+    """Engine pods under load while the traffic flows: overloaded prefill engines make the
+    leader flip a decode member to prefill (settle time + a plan); then every engine
+    overloaded makes the autoscaler add a pod through /scale; load gone, it drains one and
+    scales back in."""
+    view = run.view()
+    before = _prefill_count(view)
+    pods = {p.name: p for p in run.driver.pods("agent")}
+    for name, role in view.plan.roles.items() if view.plan else ():
+        set_engine_load(pods[name], 30 if role == "prefill" else 0)
+    run.detected(r, lambda v: _prefill_count(v) > before, timeout=SETTLE_FLIPS + 60)
+    group, ns = run.driver.group, run.driver.namespace
+    patch = json.dumps({"spec": {"autoscaling": AUTOSCALING}})
+    run.driver.kubectl("patch", "transfergroup", group, "-n", ns, "--type=merge", "-p", patch)
+    try:
+        for pod in pods.values():
+            set_engine_load(pod, 20)
+        run.wait("scaled out by load", lambda v: len(v.members) > run.replicas, RECOVERY_DEADLINE)
+        for pod in run.driver.pods("agent"):
+            if pod.ip:
+                set_engine_load(pod, 0)
+        r.t_heal = run.now()
+        run.recover(r, run.replicas)  # scaled back in, the leaving member drained first
+    finally:
+        off = json.dumps({"spec": {"autoscaling": None}})
+        run.driver.kubectl("patch", "transfergroup", group, "-n", ns, "--type=merge", "-p", off, check=False)
+        for pod in run.driver.pods("agent"):
+            if pod.ip:
+                with contextlib.suppress(OSError):
+                    set_engine_load(pod, 0)
+
+
 SCENARIOS: dict[str, Callable[[Run, Round], None]] = {
     "kill-agent": kill_agent,
     "freeze-agent": freeze_agent,
@@ -407,6 +485,7 @@ SCENARIOS: dict[str, Callable[[Run, Round], None]] = {
     "scale-up-down": scale_up_down,
     "kill-operator": kill_operator,
     "gpu-less": gpu_less,
+    "engine-load": engine_load,
 }
 
 
