@@ -95,3 +95,25 @@ def test_chart_crds_are_the_generated_ones() -> None:
         assert (ROOT / "helm/weft/crds" / name).read_text() == (ROOT / "crds" / name).read_text(), (
             f"helm/weft/crds/{name} differs from crds/{name}: copy it (make crds)"
         )
+
+
+# what the operator's code calls on the API (weft/operator): resource -> verbs
+OPERATOR_NEEDS = {
+    ("weft.dev", "transfergroups"): {"get", "list", "watch", "patch"},
+    ("weft.dev", "transfergroups/status"): {"get", "patch"},
+    ("weft.dev", "transfergroups/scale"): {"get", "patch"},  # the autoscaler writes through /scale
+    ("apps", "statefulsets"): {"get", "create", "patch"},
+    ("", "secrets"): {"get"},
+}
+
+
+@pytest.mark.parametrize("values", [{}, {"operator": {"watchNamespaces": ["a"]}}])
+def test_the_operator_s_role_allows_what_it_calls(values: dict[str, object]) -> None:
+    rules = [
+        r for m in chart.render(values) if m.doc["kind"] in ("ClusterRole", "Role") for r in m.doc["rules"]
+    ]
+    for (group, resource), verbs in OPERATOR_NEEDS.items():
+        granted = {
+            v for r in rules if group in r["apiGroups"] and resource in r["resources"] for v in r["verbs"]
+        }
+        assert verbs <= granted, f"{group}/{resource}: needs {sorted(verbs - granted)}"
