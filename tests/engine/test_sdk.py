@@ -16,6 +16,7 @@ import pytest
 from tests.agent.test_cli import TOKEN, wait_for
 from weft.agent import daemon
 from weft.api.agent_settings import AgentSettings
+from weft.api.settings import EtcdSettings, GroupRef
 from weft.engine import (
     ChangeState,
     DrainRequest,
@@ -30,6 +31,7 @@ from weft.engine.experts import SyntheticExperts, digest
 from weft.engine.load import percentiles
 from weft.fabric.errors import ConfigError
 from weft.fabric.types import Op
+from weft.membership import GroupClient
 from weft.testing.etcd import EtcdServer
 
 
@@ -229,3 +231,54 @@ def test_the_kv_pool_file_is_shared_memory_another_process_maps(make_agent: Any,
     bad = s.model_copy(update={"kv_pool_file": tmp_path / "missing-dir" / "pool"})
     with pytest.raises(ConfigError, match="missing-dir"):
         daemon._kv_pool(side, bad)
+
+
+@pytest.mark.integration
+def test_a_scale_down_drain_record_asks_the_engine_to_drain_before_its_role_goes(etcd: EtcdServer) -> None:
+    """The operator's ``drain/<pod>`` record (scale-down): the engine is told at once (stop
+    admitting), /readyz says it is draining, and the plan then takes its role away through a
+    RoleChange to no role, which the engine also answers before it is acked."""
+
+    async def main() -> list[str]:
+        seen: list[str] = []
+        engines = [Engine.from_env(settings_env(etcd, f"d{i}")) for i in range(3)]
+        for e in engines:
+
+            async def drain(change: DrainRequest, name: str = e.name) -> None:
+                seen.append(f"{name}:drain:{change.why}")
+
+            async def switch(change: RoleChange, name: str = e.name) -> None:
+                seen.append(f"{name}:role:{change.new}")
+
+            e.on_drain(drain)
+            e.on_role_change(switch)
+        try:
+            for e in engines:
+                await e.start()
+            await asyncio.wait_for(_until(lambda: all(e.epoch > 0 for e in engines)), 30)
+            leaving = engines[2]
+            group = GroupRef(namespace="default", group="sdk")
+            async with GroupClient(EtcdSettings(endpoints=[etcd.endpoint]), group, TOKEN.encode()) as client:
+                await client.request_drain("d2", "scale-down to 2")
+            await asyncio.wait_for(
+                _until(lambda: leaving.role is None and leaving.drain_request is not None), 30
+            )
+            assert leaving._not_ready() == "draining (scale-down)"
+            m = engines[0].membership
+            assert m is not None
+            await asyncio.wait_for(_until(lambda: m.plan is not None and "d2" not in m.plan.roles), 30)
+        finally:
+            for e in engines:
+                await e.stop()
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen.index("d2:drain:scale-down") < seen.index("d2:role:None")
+
+
+async def _until(check: Any) -> None:
+    """Poll `check` (the callers bound it with wait_for)."""
+    while True:
+        if check():
+            return
+        await asyncio.sleep(0.05)
