@@ -267,6 +267,11 @@ def test_a_scale_down_drain_record_asks_the_engine_to_drain_before_its_role_goes
             m = engines[0].membership
             assert m is not None
             await asyncio.wait_for(_until(lambda: m.plan is not None and "d2" not in m.plan.roles), 30)
+            async with GroupClient(EtcdSettings(endpoints=[etcd.endpoint]), group, TOKEN.encode()) as client:
+                await client.cancel_drain("d2")  # scaled back up before the pod went
+            back = lambda: leaving.drain_request is None and leaving.role is not None  # noqa: E731
+            await asyncio.wait_for(_until(back), 30)
+            assert leaving._not_ready() is None
         finally:
             for e in engines:
                 await e.stop()
@@ -274,6 +279,9 @@ def test_a_scale_down_drain_record_asks_the_engine_to_drain_before_its_role_goes
 
     seen = asyncio.run(main())
     assert seen.index("d2:drain:scale-down") < seen.index("d2:role:None")
+    d2_roles = [x for x in seen if x.startswith("d2:role:")]
+    assert d2_roles[-1] != "d2:role:None"  # serving again once the drain was withdrawn
+    assert seen[-1] == "d2:drain:stop"  # and asked to drain once more when it stops
 
 
 async def _until(check: Any) -> None:

@@ -115,7 +115,9 @@ class ExpertChange(Change):
 class DrainRequest(Change):
     """Stop taking new requests; finish or hand off the running ones, then answer.
 
-    `why`: ``scale-down`` (the operator planned this member out), ``SIGTERM``, ``stop``."""
+    `why`: ``scale-down`` (the operator planned this member out), ``SIGTERM``, ``stop``. A
+    scale-down the operator withdraws (scaled back up) ends with a `RoleChange` that gives
+    the member a role again: serve it."""
 
     why: str = ""
 

@@ -309,11 +309,18 @@ class Engine:
 
     def _on_event(self, ev: MembershipEvent) -> None:
         m = self.membership
-        if ev.kind is not EventKind.DRAIN or m is None or ev.name != self.name or self.name not in m.drains:
+        if ev.kind is not EventKind.DRAIN or m is None or ev.name != self.name:
+            return
+        if self.name not in m.drains:  # withdrawn (scaled back up): the plan gives a role again
+            request = self.drain_request
+            if request is not None and request.why == "scale-down" and not self._stopped:
+                log.info("%s: the scale-down drain was withdrawn", self.name)
+                self.drain_request = None
             return
         if self.drain_request is None:
             loop = asyncio.get_running_loop()
-            self._tasks.append(loop.create_task(self._drain("scale-down", self.settings.drain_timeout)))
+            task = loop.create_task(self._drain("scale-down", self.settings.drain_timeout))
+            self._tasks = [t for t in self._tasks if not t.done()] + [task]
 
     async def _drain(self, why: str, timeout: float) -> None:
         if self.drain_request is not None:  # asked already (scale-down, then SIGTERM): wait for that one
@@ -333,7 +340,7 @@ class Engine:
         handler = next((h for kind, h in self._handlers.items() if isinstance(change, kind)), None)
         if handler is not None:
             task = asyncio.get_running_loop().create_task(_run_handler(handler, change))
-            self._tasks.append(task)
+            self._tasks = [t for t in self._tasks if not t.done()] + [task]
         elif self._streams:
             for put in list(self._streams):
                 put(change)
