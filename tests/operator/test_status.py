@@ -83,3 +83,13 @@ def test_the_engines_load_is_summed_by_role() -> None:
     from weft.api.transfergroup import TransferGroupStatus
 
     TransferGroupStatus.model_validate({"load": list(load.values())})  # the status schema takes it
+
+
+def test_load_alone_is_mirrored_at_most_every_few_seconds() -> None:
+    before = {"members": 3, "planEpoch": 4, "load": [{"role": "decode", "queueDepth": 1}]}
+    load_moved = {**before, "load": [{"role": "decode", "queueDepth": 2}]}
+    members_moved = {**load_moved, "members": 4}
+    assert handlers._only_load_changed(load_moved, before, since_patch=1.0)  # held back
+    assert not handlers._only_load_changed(load_moved, before, handlers.MIRROR_LOAD_INTERVAL)  # due
+    assert not handlers._only_load_changed(members_moved, before, since_patch=1.0)  # at once
+    assert not handlers._only_load_changed(load_moved, None, since_patch=0.0)  # the first patch

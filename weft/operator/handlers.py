@@ -464,6 +464,7 @@ async def _drain_step(
 # -- the plan mirror ---------------------------------------------------------------------------
 MIRROR_MIN_INTERVAL = 0.25  # seconds between two status patches of one group
 MIRROR_IDLE_RECHECK = 5.0  # re-read at least this often, changes or not
+MIRROR_LOAD_INTERVAL = 5.0  # seconds between two patches that change only status.load
 
 
 def mirror_fields(doc: GroupStatus, old_conditions: list[dict[str, Any]] | None) -> dict[str, Any]:
@@ -572,7 +573,7 @@ async def mirror(
             comparable = {k: v for k, v in fields.items() if k != "conditions"} | {
                 "c": [(c["type"], c["status"], c["message"]) for c in fields["conditions"]]
             }
-            if comparable != last:
+            if comparable != last and not _only_load_changed(comparable, last, loop.time() - last_patch):
                 await asyncio.sleep(max(0.0, last_patch + MIRROR_MIN_INTERVAL - loop.time()))
                 await asyncio.to_thread(
                     kube().patch_status, f"{GROUP}/{VERSION}", "TransferGroup", name, namespace, fields
@@ -584,6 +585,16 @@ async def mirror(
         except Exception as exc:  # etcd down, Secret missing, API hiccup: say so, keep going
             log.warning("status mirror of %s/%s: %s", namespace, name, exc)
             await stopped.wait(2.0)
+
+
+def _only_load_changed(now: dict[str, Any], before: dict[str, Any] | None, since_patch: float) -> bool:
+    """Only ``status.load`` moved, and the last patch is recent: the engines' figures change
+    at every report, and rewriting the object each second would churn its resourceVersion
+    and every watcher of it; they go out with the next patch, at most `MIRROR_LOAD_INTERVAL`
+    later."""
+    if before is None or since_patch >= MIRROR_LOAD_INTERVAL:
+        return False
+    return {k: v for k, v in now.items() if k != "load"} == {k: v for k, v in before.items() if k != "load"}
 
 
 def _announce_plan(body: Any, before: PlanStatus | None, plan: PlanStatus | None) -> PlanStatus | None:
