@@ -57,10 +57,12 @@ AUTOSCALING = {
     "targets": {"queueDepthPerMember": 8},
     "behavior": {
         "scaleUp": {"stabilizationWindowSeconds": 0, "maxStep": 1},
-        "scaleDown": {"stabilizationWindowSeconds": 10, "maxStep": 1},
+        "scaleDown": {"stabilizationWindowSeconds": 10, "maxStep": 2},
     },
 }
-"""What the engine-load round switches on (and off after): the other rounds scale by hand."""
+"""What the engine-load round switches on (and off after): the other rounds scale by hand.
+Scale-down steps by 2, so the way back from maxReplicas (replicas + 2) is one decision and one
+drain, not two of each (a CI run measured 132 s for the round with steps of 1)."""
 
 
 def group_manifest(
