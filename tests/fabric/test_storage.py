@@ -204,11 +204,12 @@ def test_without_the_backend_or_for_gds_the_reason_is_said(tmp_path: Path) -> No
                 a.add_backend(name)
         with pytest.raises(BackendUnavailableError, match="unknown storage backend"):
             a.add_backend("tape")
-        with pytest.raises(ConfigError, match="unknown parameters"):
-            a.add_backend("posix", {"lanez": "2"})
         with pytest.raises(ConfigError, match="not a boolean"):
             a.add_backend("posix", {"direct": "perhaps"})
-        a.add_backend("posix", {"use_aio": "true"})  # NIXL's own parameters are accepted
+        with pytest.raises(ConfigError, match="must be >= 1"):
+            a.add_backend("posix", {"lanes": "0"})
+        # NIXL's own parameters, and keys a client passes through (LMCache's), are ignored
+        a.add_backend("posix", {"use_aio": "true", "file_path": "/x", "use_direct_io": "false"})
         with pytest.raises(ConfigError, match="already has a FILE backend"):
             a.add_backend("posix")
 

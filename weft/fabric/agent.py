@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$")
 
+#: Parameters of a storage backend, as NIXL's clients pass them (strings, mostly).
+Params = Mapping[str, Any]
+
 #: One generation of a remote agent (defined in `weft.fabric.peers`).
 Peer = peers.Peer
 
@@ -87,17 +90,11 @@ class Agent(Receiving):
         """The backends that loaded, in order of preference."""
         return [b.kind for b in self._backends]
 
-    @property
-    def storage_backends(self) -> list[StorageBackend]:
-        """The storage backends `add_backend` created (this agent's own FILE and OBJ memory)."""
-        return [b.kind for b in self._dispatch.storage.values()]
-
     def add_backend(
         self, kind: StorageBackend | str, params: Mapping[str, Any] | None = None
     ) -> StorageBackend:
         """Create a storage backend, ``posix`` (FILE) or ``obj`` (OBJ: S3), by weft's or NIXL's
         name, with parameters as NIXL's clients pass them (`weft.fabric.backends.posix`, `.obj`).
-
         Raises:
             BackendUnavailableError: GDS, GDS_MT, HF3FS (refused, the reason said), unknown names.
             ConfigError: bad parameters; a backend for that memory kind exists. StorageError:
@@ -272,6 +269,17 @@ class Agent(Receiving):
             InvalidDescriptorError, UnknownPeerError, StalePeerError, BackendUnavailableError.
         """
         return self._dispatch.prepare(op, local, peer, remote, notify)
+
+    def post_many(
+        self, prepared: Sequence[PreparedTransfer], *, timeout: float | None = None
+    ) -> list[Transfer]:
+        """Post several prepared transfers at once; storage ones of one backend move in
+        parallel (a batch of chunks to files, say). Returns their transfers, in order.
+
+        Raises:
+            the errors of `PreparedTransfer.post`, before anything is posted for that item.
+        """
+        return self._dispatch.post_many(prepared, timeout)
 
     def transfer(
         self,

@@ -164,6 +164,11 @@ class StoragePath(Protocol):
         delivered to the agent's own inbox once the bytes are in place."""
         ...
 
+    def post_batch(self, items: list[tuple[Any, Transfer, bytes | None]]) -> None:
+        """Post several (plan, transfer, notification) at once, as `post` does each; a
+        backend may move them in parallel. Errors end their own transfer."""
+        ...
+
     def query(self, spec: FileRegion | ObjectRegion) -> StorageInfo | None:
         """The file's or object's size, or None when it does not exist.
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -197,6 +197,45 @@ class Dispatcher:
         self, prepared: PreparedTransfer, plan: Any, notify: bytes | None, timeout: float | None
     ) -> Transfer:
         """Post a prepared transfer once (`PreparedTransfer.post`)."""
+        t = self._admit(prepared, plan, notify, timeout)
+        try:
+            plan[0].post(plan[2], t, notify)
+        except errors.WeftError as exc:
+            t.complete(exc)
+        return t
+
+    def post_many(self, prepared: Sequence[PreparedTransfer], timeout: float | None) -> list[Transfer]:
+        """Post several prepared transfers at once (`Agent.post_many`).
+
+        Storage transfers of one backend go to it as one batch (`StoragePath.post_batch`),
+        which spreads them over its lanes; the others are posted one by one, in order.
+        """
+        out: list[Transfer] = []
+        batches: dict[int, tuple[StoragePath, list[tuple[Any, Transfer, bytes | None]]]] = {}
+        for p in prepared:
+            plan = p.plan_for_post()
+            t = self._admit(p, plan, p.notify, timeout)
+            out.append(t)
+            backend = plan[0]
+            if plan[1] is None:  # the agent's own storage
+                batches.setdefault(id(backend), (backend, []))[1].append((plan[2], t, p.notify))
+                continue
+            try:
+                backend.post(plan[2], t, p.notify)
+            except errors.WeftError as exc:
+                t.complete(exc)
+        for backend, items in batches.values():
+            try:
+                backend.post_batch(items)
+            except errors.WeftError as exc:
+                for _, t, _ in items:
+                    t.complete(exc)
+        return out
+
+    def _admit(
+        self, prepared: PreparedTransfer, plan: Any, notify: bytes | None, timeout: float | None
+    ) -> Transfer:
+        """Check what may have changed since prepare and make the `Transfer` (not yet posted)."""
         self._check_open()
         agent = self._agent
         if agent.fenced:
@@ -218,10 +257,6 @@ class Dispatcher:
             self._counts["transfers"] += 1
             self._counts["bytes"] += t.nbytes
         t.on_done(lambda: self._count_end(t))
-        try:
-            backend.post(plan[2], t, notify)
-        except errors.WeftError as exc:
-            t.complete(exc)
         return t
 
     def _count_end(self, t: Transfer) -> None:

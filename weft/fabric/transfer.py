@@ -238,6 +238,12 @@ class PreparedTransfer:
             raise errors.RegistrationError("prepared transfer was released")
         return self._poster(self, self._plan, self.notify if notify is None else notify, timeout)
 
+    def plan_for_post(self) -> Any:
+        """The laid-out request (`Agent.post_many`). Raises RegistrationError once released."""
+        if self._plan is None:
+            raise errors.RegistrationError("prepared transfer was released")
+        return self._plan
+
     def release(self) -> None:
         self._plan = None
 

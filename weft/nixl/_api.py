@@ -23,14 +23,12 @@ return None on bad input, ``remove_remote_agent`` of an unknown name does nothin
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import ctypes
 import itertools
 import logging
 import os
 import queue
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +43,8 @@ from weft import fabric
 from weft.fabric import Agent, AgentConfig, Backend, Op, TransferState
 from weft.nixl import _bindings as nixlBind
 from weft.nixl import _convert, _exchange
+from weft.nixl._memory import _MEM, Memory, _Table
+from weft.nixl._metadata import Metadata
 
 logger = logging.getLogger(__name__)
 
@@ -55,24 +55,6 @@ MIN_SECRET_BYTES = 16
 PLUGINS = ("OBJ", "POSIX", "UCX")
 #: weft data paths for NIXL's "UCX": the best DRAM path available, in order.
 UCX_PATHS: tuple[Backend, ...] = (Backend.LOCAL, Backend.UCX, Backend.TCP)
-_MEM_TYPES = {
-    "UCX": ["DRAM_SEG", "VRAM_SEG"],
-    "POSIX": ["DRAM_SEG", "FILE_SEG"],
-    "OBJ": ["DRAM_SEG", "OBJ_SEG"],
-}
-_PLUGIN_PARAMS: dict[str, dict[str, str]] = {
-    "UCX": {},
-    "POSIX": {},
-    "OBJ": {
-        "bucket": "",
-        "endpoint_override": "",
-        "access_key": "",
-        "secret_key": "",
-        "region": "",
-        "scheme": "http",
-    },
-}
-
 _base_config: AgentConfig | None = None
 
 
@@ -212,76 +194,7 @@ class nixl_agent_config:
 
 # -- the shim's internals ----------------------------------------------------------------
 
-_MEM = {
-    "DRAM": nixlBind.DRAM_SEG,
-    "VRAM": nixlBind.VRAM_SEG,
-    "FILE": nixlBind.FILE_SEG,
-    "BLOCK": nixlBind.BLK_SEG,
-    "OBJ": nixlBind.OBJ_SEG,
-    "cpu": nixlBind.DRAM_SEG,
-    "cuda": nixlBind.VRAM_SEG,
-}
-_KIND = {
-    nixlBind.DRAM_SEG: fabric.MemoryKind.DRAM,
-    nixlBind.VRAM_SEG: fabric.MemoryKind.VRAM,
-    nixlBind.FILE_SEG: fabric.MemoryKind.FILE,
-    nixlBind.OBJ_SEG: fabric.MemoryKind.OBJ,
-}
-_SEG = {v: k for k, v in _KIND.items()}
 _STATE = {TransferState.DONE: "DONE", TransferState.POSTED: "PROC", TransferState.ERROR: "ERR"}
-
-
-class _CudaSpan:
-    """Device memory at an address, as weft's `register` accepts it (duck-typed VRAM)."""
-
-    def __init__(self, addr: int, size: int) -> None:
-        self.__cuda_array_interface__ = {
-            "shape": (size,),
-            "typestr": "|u1",
-            "data": (addr, False),
-            "strides": None,
-            "version": 3,
-        }
-
-
-class _Table:
-    """Regions by (kind, device) as sorted intervals: address -> (region, offset)."""
-
-    def __init__(self) -> None:
-        self._spans: dict[tuple[nixlBind.nixl_mem_t, int], tuple[list[int], list[tuple[int, int, Any]]]] = {}
-
-    @staticmethod
-    def _key(seg: nixlBind.nixl_mem_t, dev: int) -> tuple[nixlBind.nixl_mem_t, int]:
-        return (seg, 0 if seg is nixlBind.DRAM_SEG else dev)
-
-    def add(self, seg: nixlBind.nixl_mem_t, dev: int, addr: int, size: int, region: Any) -> None:
-        starts, items = self._spans.setdefault(self._key(seg, dev), ([], []))
-        i = bisect.bisect_right(starts, addr)
-        starts.insert(i, addr)
-        items.insert(i, (addr, size, region))
-
-    def remove(self, seg: nixlBind.nixl_mem_t, dev: int, addr: int, size: int) -> Any | None:
-        starts, items = self._spans.get(self._key(seg, dev), ([], []))
-        for i in range(bisect.bisect_left(starts, addr), len(starts)):
-            if starts[i] != addr:
-                break
-            if items[i][1] == size:
-                del starts[i]
-                return items.pop(i)[2]
-        return None
-
-    def find(self, seg: nixlBind.nixl_mem_t, dev: int, addr: int, length: int) -> tuple[Any, int] | None:
-        starts, items = self._spans.get(self._key(seg, dev), ([], []))
-        i = bisect.bisect_right(starts, addr) - 1
-        while i >= 0:
-            start, size, region = items[i]
-            if addr + length <= start + size:
-                return region, addr - start
-            i -= 1  # overlapping registrations: an earlier, larger one may hold it
-        return None
-
-    def regions(self) -> list[Any]:
-        return [r for _, items in self._spans.values() for _, _, r in items]
 
 
 class _Prepped:
@@ -375,10 +288,7 @@ class _Xfer:
                 return self.state()
             self._done_parts = 0
             self.status = "PROC"
-            posted = []
-            for p in parts:
-                t = p.post()
-                posted.append(t)
+            posted = self.shim.agent.post_many(parts)  # storage parts move in parallel
             self.posted = posted
             self.t_posted = time.monotonic()
             if not posted:
@@ -459,6 +369,7 @@ class _Shim:
         self._notes: queue.SimpleQueue[tuple[_Xfer, bytes] | None] | None = None
         self._lock = threading.Lock()
         self.send: Callable[[str, bytes], None] | None = None
+        self.agent: Agent  # set by the nixl_agent that owns this shim
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -503,11 +414,7 @@ def _indices(idx: Any, count: int, side: str) -> npt.NDArray[np.int64]:
     return arr
 
 
-def _bytes(msg: bytes | str) -> bytes:
-    return msg.encode() if isinstance(msg, str) else bytes(msg)
-
-
-class nixl_agent:
+class nixl_agent(Memory, Metadata):
     """NIXL's agent over one weft `Agent`.
 
     Args:
@@ -545,6 +452,7 @@ class nixl_agent:
         self.agent = self._new_agent(agent_name, tuple(weft_paths) or UCX_PATHS)
         self._shim = _Shim()
         self._shim.send = self._send_bytes
+        self._shim.agent = self.agent
         self._local = _Table()
         self._regs: list[tuple[nixlBind.nixl_mem_t, int, int, int, Any]] = []
         self._remote: dict[str, tuple[int, _Table]] = {}
@@ -578,10 +486,6 @@ class nixl_agent:
             self.agent.close()
             raise nixlBind.nixlBackendError(f"cannot listen on port {conf.port}: {exc}") from exc
 
-    def _forget(self, name: str) -> None:
-        with contextlib.suppress(fabric.UnknownPeerError):
-            self.agent.remove_peer(name)
-
     @property
     def listen_port(self) -> int:
         """The metadata listener's port (the one asked for, or the one given for port 0)."""
@@ -595,299 +499,7 @@ class nixl_agent:
         self._exchange.close()
         self.agent.close()
 
-    # -- plugins and backends ---------------------------------------------------------------
-    def get_plugin_list(self) -> list[str]:
-        """NIXL plugin names this shim offers (weft's own names are accepted too)."""
-        return self.plugin_list
-
-    def get_plugin_mem_types(self, backend: str) -> list[str]:
-        if backend not in _MEM_TYPES:
-            logger.warning("Plugin %s is not available to get its supported mem types.", backend)
-            return []
-        return list(_MEM_TYPES[backend])
-
-    def get_plugin_params(self, backend: str) -> dict[str, str]:
-        if backend not in _PLUGIN_PARAMS:
-            logger.warning("Plugin %s is not available to get its parameters.", backend)
-            return {}
-        return dict(_PLUGIN_PARAMS[backend])
-
-    def get_backend_mem_types(self, backend: str) -> list[str]:
-        if backend in self.backend_mems:
-            return self.backend_mems[backend]
-        logger.warning("Backend %s not instantiated to get its supported mem types.", backend)
-        return []
-
-    def get_backend_params(self, backend: str) -> dict[str, str]:
-        if backend in self.backend_options:
-            return self.backend_options[backend]
-        logger.warning("Backend %s not instantiated to get its parameters.", backend)
-        return {}
-
-    def create_backend(self, backend: str, initParams: dict[str, str] = {}) -> None:  # noqa: B006
-        """Start a backend: "UCX" (weft's DRAM paths, always on), weft's "local"/"tcp"/"ucx",
-        "POSIX" (files) or "OBJ" (S3 API; NIXL's OBJ parameters).
-
-        Raises:
-            nixlNotFoundError: an unknown plugin. nixlNotSupportedError: storage backends on a
-            fabric without them. nixlBackendError: the backend failed to start.
-        """
-        if backend in self.backends:
-            return
-        if backend in ("POSIX", "OBJ"):
-            add = getattr(self.agent, "add_backend", None)
-            if add is None:
-                raise nixlBind.nixlNotSupportedError(f"{backend}: this weft fabric has no storage backends")
-            try:
-                add(backend.lower(), dict(initParams)) if initParams else add(backend.lower())
-            except fabric.WeftError as exc:
-                raise _convert.nixl_error(exc) from exc
-        elif backend != "UCX" and backend.lower() not in {"local", "tcp", "ucx"}:
-            raise nixlBind.nixlNotFoundError(f"createBackend: unsupported backend {backend!r}")
-        self.backends[backend] = self._shim.next_id()
-        self.backend_mems[backend] = list(_MEM_TYPES.get(backend, ["DRAM_SEG"]))
-        self.backend_options[backend] = {**_PLUGIN_PARAMS.get(backend, {}), **initParams}
-        logger.info("Backend %s was instantiated", backend)
-
-    # -- memory -----------------------------------------------------------------------------
-    def register_memory(
-        self,
-        reg_list: Any,
-        mem_type: str | None = None,
-        backends: list[str] = [],  # noqa: B006
-    ) -> nixlBind.nixlRegDList:
-        """Register descriptors (tuples, Nx3 array, tensors, nixlRegDList) with weft, one weft
-        registration per descriptor.
-
-        Raises:
-            nixlInvalidParamError: input NIXL cannot read, or weft refuses the memory.
-        """
-        reg_descs = self.get_reg_descs(reg_list, mem_type)
-        if reg_descs is None:
-            raise nixlBind.nixlInvalidParamError("registerMem: cannot read the descriptor list")
-        seg = reg_descs.getType()
-        done: list[tuple[nixlBind.nixl_mem_t, int, int, int]] = []
-        try:
-            for addr, size, dev, meta in reg_descs.descs():
-                reg = self._register_one(seg, addr, size, dev, meta)
-                with self._lock:
-                    self._local.add(seg, dev, addr, size, reg)
-                    self._regs.append((seg, dev, addr, size, reg))
-                done.append((seg, dev, addr, size))
-        except fabric.WeftError as exc:
-            for d in done:
-                self._deregister_one(*d)
-            raise _convert.nixl_error(exc) from exc
-        return reg_descs
-
-    def _register_one(self, seg: nixlBind.nixl_mem_t, addr: int, size: int, dev: int, meta: bytes) -> Any:
-        if size <= 0:
-            raise fabric.InvalidBufferError("cannot register an empty region")
-        if seg is nixlBind.DRAM_SEG:
-            return self.agent.register((ctypes.c_char * size).from_address(addr))
-        if seg is nixlBind.VRAM_SEG:
-            return self.agent.register(_CudaSpan(addr, size), kind=fabric.MemoryKind.VRAM)
-        if seg in (nixlBind.FILE_SEG, nixlBind.OBJ_SEG):
-            return self._register_storage(seg, addr, size, dev, meta)
-        raise nixlBind.nixlNotSupportedError(f"{seg.name} memory is not supported by weft")
-
-    def _register_storage(self, seg: nixlBind.nixl_mem_t, addr: int, size: int, dev: int, meta: bytes) -> Any:
-        region_cls = getattr(fabric, "FileRegion" if seg is nixlBind.FILE_SEG else "ObjectRegion", None)
-        if region_cls is None:
-            raise nixlBind.nixlNotSupportedError(f"{seg.name}: this weft fabric has no storage memory")
-        if seg is nixlBind.FILE_SEG:  # NIXL: addr is the file offset, devId the descriptor
-            return self.agent.register(region_cls(fd=dev, offset=addr, length=size))
-        key = meta.decode() if meta else str(dev)  # NIXL: metaInfo is the object key
-        return self.agent.register(region_cls(key=key, size=addr + size))
-
-    def deregister_memory(
-        self,
-        dereg_list: nixlBind.nixlRegDList,
-        backends: list[str] = [],  # noqa: B006
-    ) -> None:
-        """Release the weft registrations of these descriptors.
-
-        Raises:
-            nixlNotFoundError: a descriptor that was not registered (the others are released).
-        """
-        seg = dereg_list.getType()
-        missing = [d for d in dereg_list.descs() if not self._deregister_one(seg, d[2], d[0], d[1])]
-        if missing:
-            raise nixlBind.nixlNotFoundError(f"deregisterMem: not registered: {missing[0][:3]}")
-
-    def _deregister_one(self, seg: nixlBind.nixl_mem_t, dev: int, addr: int, size: int) -> bool:
-        with self._lock:
-            reg = self._local.remove(seg, dev, addr, size)
-            if reg is None:
-                return False
-            self._regs = [r for r in self._regs if r[4] is not reg]
-        reg.release()
-        return True
-
-    def query_memory(
-        self, reg_list: Any, backend: str, mem_type: str | None = None
-    ) -> list[dict[str, str] | None]:
-        """Which of these files/objects exist: None, or {"size": ...} (weft's `Agent.query`).
-
-        Raises:
-            ValueError: an unknown backend (as NIXL). nixlNotSupportedError: no storage.
-        """
-        reg_descs = self.get_reg_descs(reg_list, mem_type)
-        if backend not in self.backends:
-            raise ValueError(
-                f"Backend '{backend}' not found. Available backends: {list(self.backends.keys())}"
-            )
-        if reg_descs is None:
-            raise nixlBind.nixlInvalidParamError("queryMem: cannot read the descriptor list")
-        query = getattr(self.agent, "query", None)
-        file_cls = getattr(fabric, "FileRegion", None)
-        obj_cls = getattr(fabric, "ObjectRegion", None)
-        if query is None or file_cls is None or obj_cls is None:
-            raise nixlBind.nixlNotSupportedError("queryMem: this weft fabric has no storage memory")
-        seg = reg_descs.getType()
-        asks = [
-            file_cls(path=d[3].decode()) if seg is nixlBind.FILE_SEG else obj_cls(key=d[3].decode())
-            for d in reg_descs.descs()
-        ]
-        try:
-            found = query(asks)
-        except fabric.WeftError as exc:
-            raise _convert.nixl_error(exc) from exc
-        return [None if f is None else {"size": str(f.size)} for f in found]
-
-    # -- descriptor lists -------------------------------------------------------------------
-    @staticmethod
-    def _tensor_mem_type(tensor: Any) -> str:
-        return "VRAM" if getattr(tensor, "is_cuda", False) else "DRAM"
-
-    def get_xfer_descs(self, descs: Any, mem_type: str | None = None) -> nixlBind.nixlXferDList | None:
-        """A nixlXferDList from 3-tuples + mem_type, an Nx3 array + mem_type, a tensor, a list
-        of tensors, or a nixlXferDList. As NIXL (its tests assert it), bad input is logged
-        and None is returned instead of raising."""
-        out: nixlBind.nixlXferDList | None = self._dlist(descs, mem_type, nixlBind.nixlXferDList, 3)
-        return out
-
-    def get_reg_descs(self, descs: Any, mem_type: str | None = None) -> nixlBind.nixlRegDList | None:
-        """A nixlRegDList from 4-tuples + mem_type, an Nx3 array + mem_type, a tensor, a list
-        of tensors, or a nixlRegDList; None (logged) on bad input, as NIXL."""
-        out: nixlBind.nixlRegDList | None = self._dlist(descs, mem_type, nixlBind.nixlRegDList, 4)
-        return out
-
-    def _dlist(self, descs: Any, mem_type: str | None, cls: type[nixlBind._DList], width: int) -> Any:
-        other = nixlBind.nixlRegDList if cls is nixlBind.nixlXferDList else nixlBind.nixlXferDList
-        try:
-            if isinstance(descs, cls):
-                return descs
-            if isinstance(descs, other):
-                logger.error("%s type detected, please use %s", type(descs).__name__, cls.__name__)
-                return None
-            if isinstance(descs, np.ndarray):
-                if mem_type is None:
-                    logger.error("Please specify a mem type if not using Tensors")
-                    return None
-                if descs.ndim != 2 or descs.shape[1] != 3:
-                    logger.error("Nx3 shape required for transfer descriptor list from numpy array")
-                    return None
-                return cls(self.nixl_mems[mem_type], descs)
-            if _convert.is_tensor(descs):
-                d = _convert.tensor_desc(descs)
-                if d is None:
-                    logger.error("Please use a list of contiguous Tensors")
-                    return None
-                seg = nixlBind.VRAM_SEG if d[3] else nixlBind.DRAM_SEG
-                return cls(seg, [(*d[:3], "")] if width == 4 else [d[:3]])
-            if len(descs) and isinstance(descs[0], tuple):
-                if mem_type is None:
-                    logger.error("Please specify a mem type if not using Tensors")
-                    return None
-                if len(descs[0]) != width:
-                    logger.error("%d-tuple list needed", width)
-                    return None
-                return cls(self.nixl_mems[mem_type], list(descs))
-            if len(descs) and _convert.is_tensor(descs[0]):
-                got = _convert.tensors_array(descs)
-                if got is None:
-                    logger.error("Please use a list of contiguous Tensors on one device kind")
-                    return None
-                return cls(nixlBind.VRAM_SEG if got[1] else nixlBind.DRAM_SEG, got[0])
-        except (TypeError, ValueError, KeyError, OverflowError) as exc:
-            logger.error("cannot read the descriptor list: %s", exc)
-            return None
-        return None
-
-    def get_remote_descs(self, descs: Any, mem_type: str | None = None) -> nixlBind.nixlRemoteDList | None:
-        """A nixlRemoteDList from (addr, len, devId, agent) 4-tuples; None on bad input."""
-        if isinstance(descs, nixlBind.nixlRemoteDList):
-            return descs
-        if descs and isinstance(descs[0], tuple) and mem_type is not None and len(descs[0]) == 4:
-            return nixlBind.nixlRemoteDList(self.nixl_mems[mem_type], list(descs))
-        logger.error("4-tuple list (addr, len, dev_id, agent_name) and a mem type needed")
-        return None
-
-    def get_serialized_descs(self, descs: Any) -> bytes:
-        """Descriptor list -> bytes for a peer's ``deserialize_descs``. NIXL pickles; weft does
-        not (unpickling a peer's bytes runs its code): a fixed binary layout instead."""
-        if not isinstance(descs, nixlBind._DList):
-            raise nixlBind.nixlInvalidParamError("only NIXL descriptor lists can be serialized")
-        kinds = {nixlBind.nixlXferDList: 0, nixlBind.nixlRegDList: 1, nixlBind.nixlRemoteDList: 2}
-        out = [b"WNXD", struct.pack("!BBI", kinds[type(descs)], int(descs.getType()), descs.descCount())]
-        for d in descs.descs():
-            extra = b"" if len(d) == 3 else (d[3] if isinstance(d[3], bytes) else str(d[3]).encode())
-            out.append(struct.pack("!QQQI", d[0], d[1], d[2], len(extra)) + extra)
-        return b"".join(out)
-
-    def deserialize_descs(self, serialized_descs: bytes) -> Any:
-        """Bytes from `get_serialized_descs` -> the descriptor list.
-
-        Raises:
-            nixlMismatchError: bytes that are not a serialized list.
-        """
-        data = memoryview(serialized_descs)
-        try:
-            if bytes(data[:4]) != b"WNXD":
-                raise ValueError("not a weft.nixl descriptor list")
-            kind, seg, count = struct.unpack_from("!BBI", data, 4)
-            cls = (nixlBind.nixlXferDList, nixlBind.nixlRegDList, nixlBind.nixlRemoteDList)[kind]
-            pos, descs = 10, list[tuple[Any, ...]]()
-            for _ in range(count):
-                addr, size, dev, n = struct.unpack_from("!QQQI", data, pos)
-                pos += 28
-                extra = bytes(data[pos : pos + n])
-                pos += n
-                if cls is nixlBind.nixlXferDList:
-                    descs.append((addr, size, dev))
-                else:
-                    descs.append((addr, size, dev, extra if cls is nixlBind.nixlRegDList else extra.decode()))
-            if pos != len(data):
-                raise ValueError("trailing bytes")
-            return cls(nixlBind.nixl_mem_t(seg), descs)
-        except (ValueError, IndexError, struct.error, UnicodeDecodeError) as exc:
-            raise nixlBind.nixlMismatchError(f"cannot deserialize descriptors: {exc}") from exc
-
     # -- preparing --------------------------------------------------------------------------
-    def _peer_name(self, agent_name: str | bytes) -> str:
-        return agent_name.decode() if isinstance(agent_name, bytes) else str(agent_name)
-
-    def _remote_table(self, peer: str, refresh: bool = False) -> _Table:
-        """The peer's regions by address, rebuilt when its metadata changed."""
-        try:
-            if refresh:
-                self.agent.refresh_peer(peer)
-            p = self.agent.backend_host.peer(peer)
-        except fabric.WeftError as exc:
-            raise _convert.nixl_error(exc) from exc
-        md = p.md
-        cached = self._remote.get(peer)
-        if cached is not None and cached[0] == id(md):
-            return cached[1]
-        table = _Table()
-        for r in md.regions:
-            seg = _SEG.get(fabric.MemoryKind(r.kind))
-            if seg is not None:
-                table.add(seg, 0, int(r.addr), int(r.size), int(r.id))
-        self._remote[peer] = (id(md), table)
-        return table
-
     def prep_xfer_dlist(
         self,
         agent_name: str | bytes,
@@ -995,7 +607,7 @@ class nixl_agent:
         lens = lh.lengths[li]
         if not np.array_equal(lens, rh.lengths[ri]):
             raise nixlBind.nixlInvalidParamError("makeXferReq: local and remote descriptor lengths differ")
-        x = self._build(op, lh, li, rh, ri, _bytes(notif_msg))
+        x = self._build(op, lh, li, rh, ri, _convert.text_bytes(notif_msg))
         return self._handle(x)
 
     def _op(self, operation: str) -> Op:
@@ -1090,7 +702,7 @@ class nixl_agent:
             lp, rp = self._prepped(lh), self._prepped(rh)
             if not np.array_equal(lp.lengths, rp.lengths):
                 raise nixlBind.nixlInvalidParamError("createXferReq: descriptor lengths differ")
-            x = self._build(op, lp, idx, rp, idx, _bytes(notif_msg))
+            x = self._build(op, lp, idx, rp, idx, _convert.text_bytes(notif_msg))
         except Exception:
             lh.release()
             rh.release()
@@ -1113,7 +725,7 @@ class nixl_agent:
             refused to start it (peer lost, agent closed ...).
         """
         x = self._xfer(handle)
-        return x.post(notif_msg if notif_msg.__class__ is bytes else _bytes(notif_msg))
+        return x.post(notif_msg if notif_msg.__class__ is bytes else _convert.text_bytes(notif_msg))
 
     def check_xfer_state(self, handle: nixl_xfer_handle) -> str:
         """ "DONE", "PROC" or "ERR"; reads state only, never blocks. A failed transfer reads
@@ -1164,144 +776,3 @@ class nixl_agent:
             self.agent.connect(self._peer_name(remote_agent))
         except fabric.WeftError as exc:
             raise _convert.nixl_error(exc) from exc
-
-    # -- notifications ----------------------------------------------------------------------
-    def _send_bytes(self, peer: str, msg: bytes) -> None:
-        if peer == self.name:
-            with self._lock:
-                self._loop_notifs.append(msg)
-            return
-        self.agent.send_notification(peer, msg)
-
-    def get_new_notifs(self, backends: list[str] = []) -> dict[str, list[bytes]]:  # noqa: B006
-        """New notifications, {agent name (str): [bytes]}."""
-        out = self.agent.get_notifications()
-        if self._loop_notifs:
-            with self._lock:
-                mine, self._loop_notifs = self._loop_notifs, []
-            out.setdefault(self.name, []).extend(mine)
-        return out
-
-    def update_notifs(self, backends: list[str] = []) -> dict[str, list[bytes]]:  # noqa: B006
-        """Add new notifications to ``self.notifs`` and return it."""
-        for name, msgs in self.get_new_notifs().items():
-            self.notifs.setdefault(name, []).extend(msgs)
-        return self.notifs
-
-    def check_remote_xfer_done(
-        self,
-        remote_agent_name: str,
-        lookup_tag: bytes,
-        backends: list[str] = [],  # noqa: B006
-        tag_is_prefix: bool = True,
-    ) -> bool:
-        """Take the first notification of that agent matching `lookup_tag` (prefix or substring)."""
-        self.update_notifs()
-        msgs = self.notifs.get(remote_agent_name, [])
-        for msg in msgs:
-            if (tag_is_prefix and msg.startswith(lookup_tag)) or (not tag_is_prefix and lookup_tag in msg):
-                msgs.remove(msg)
-                return True
-        return False
-
-    def send_notif(
-        self, remote_agent_name: str | bytes, notif_msg: bytes | str, backend: str | None = None
-    ) -> None:
-        """A notification alone.
-
-        Raises:
-            nixlNotFoundError: an unknown agent (as NIXL).
-        """
-        try:
-            self._send_bytes(self._peer_name(remote_agent_name), _bytes(notif_msg))
-        except fabric.WeftError as exc:
-            raise _convert.nixl_error(exc) from exc
-
-    # -- metadata ---------------------------------------------------------------------------
-    def get_agent_metadata(self) -> bytes:
-        """weft's signed metadata record (all registered regions and endpoints)."""
-        return self.agent.metadata()
-
-    def get_partial_agent_metadata(
-        self,
-        descs: nixlBind.nixlRegDList,
-        inc_conn_info: bool = False,
-        backends: list[str] = [],  # noqa: B006
-    ) -> bytes:
-        """The full metadata: weft's record is not split (a superset of what was asked)."""
-        return self.agent.metadata()
-
-    def add_remote_agent(self, metadata: bytes) -> bytes:
-        """Add a peer. Returns its name as **bytes**, as NIXL's binding does (clients pass it
-        back to ``prep_xfer_dlist``, which takes bytes or str).
-
-        Raises:
-            nixlMismatchError: not metadata. nixlNotAllowedError: not signed with the group
-            secret, or an older generation.
-        """
-        try:
-            return self.agent.add_peer(bytes(metadata)).encode()
-        except fabric.StalePeerError as exc:
-            raise nixlBind.nixlNotAllowedError(str(exc)) from exc
-        except fabric.WeftError as exc:
-            raise _convert.nixl_error(exc) from exc
-
-    def remove_remote_agent(self, agent: str | bytes) -> None:
-        """Forget a peer (its transfers in flight fail). An unknown name is ignored, as NIXL."""
-        self._forget(self._peer_name(agent))
-
-    def check_remote_metadata(self, agent: str | bytes, descs: nixlBind.nixlXferDList | None = None) -> bool:
-        """True when the peer is known and alive (and, with `descs`, holds all of them)."""
-        name = self._peer_name(agent)
-        try:
-            if not self.agent.peer_alive(name):
-                return False
-            if descs is None or descs.isEmpty():
-                return True
-            table = self._remote_table(name)
-        except (fabric.WeftError, nixlBind.nixlError):
-            return False
-        seg = descs.getType()
-        return all(table.find(seg, 0, a, n) is not None for a, n, _ in descs.descs())
-
-    def _central(self, what: str) -> _exchange.Exchange:
-        raise nixlBind.nixlNotSupportedError(
-            f"{what}: no central metadata server in weft.nixl; give ip_addr and port "
-            "(or use weft's membership, which exchanges metadata through etcd)"
-        )
-
-    def send_local_metadata(self, ip_addr: str = "", port: int = DEFAULT_COMM_PORT) -> None:
-        """Push this agent's metadata to a peer's listener, in the background."""
-        if not ip_addr:
-            self._central("sendLocalMD")
-        md = self.agent.metadata()
-        self._exchange.submit(lambda: self._exchange.push(ip_addr, port, md))
-
-    def send_partial_agent_metadata(
-        self,
-        descs: nixlBind.nixlRegDList,
-        inc_conn_info: bool = False,
-        backends: list[str] = [],  # noqa: B006
-        ip_addr: str = "",
-        port: int = DEFAULT_COMM_PORT,
-        label: str = "",
-    ) -> None:
-        """As `send_local_metadata` (weft's record is not split)."""
-        self.send_local_metadata(ip_addr, port)
-
-    def fetch_remote_metadata(
-        self, remote_agent: str, ip_addr: str = "", port: int = DEFAULT_COMM_PORT, label: str = ""
-    ) -> None:
-        """Ask a peer's listener for its metadata, in the background (poll
-        ``check_remote_metadata``)."""
-        if not ip_addr:
-            self._central("fetchRemoteMD")
-        name = self._peer_name(remote_agent)
-        self._exchange.submit(lambda: self._exchange.fetch(ip_addr, port, name))
-
-    def invalidate_local_metadata(self, ip_addr: str = "", port: int = DEFAULT_COMM_PORT) -> None:
-        """Tell a peer's listener to forget this agent (authenticated with the group secret)."""
-        if not ip_addr:
-            self._central("invalidateLocalMD")
-        payload = _exchange.invalidation(self.agent.config.secret, self.name)
-        self._exchange.submit(lambda: self._exchange.push(ip_addr, port, payload, b"I"))

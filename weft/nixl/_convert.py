@@ -69,3 +69,7 @@ def tensors_array(tensors: Any) -> tuple[np.ndarray[Any, Any], bool] | None:
     if len(kinds) != 1:
         return None
     return np.asarray(rows, dtype=np.uint64).reshape(-1, 3), kinds.pop()
+
+
+def text_bytes(msg: bytes | str) -> bytes:
+    return msg.encode() if isinstance(msg, str) else bytes(msg)

@@ -5,7 +5,8 @@ once per backend from NIXL's OBJ parameters (`weft.api.storage.ObjParams`: ``buc
 ``endpoint_override``, ``scheme``, ``access_key``, ``secret_key``, ``session_token``,
 ``region``, ``ca_bundle``, ``use_virtual_addressing``, ``req_checksum``, and weft's
 ``prefix``), plus ``workers`` (requests in flight at once; default 16) and ``timeout_s``
-(deadline of one request; default 30).
+(deadline of one request; default 30). Other keys are ignored with one log line naming
+them, as NIXL's plugins ignore what they do not know.
 
 S3 has no partial writes, so a WRITE replaces the whole object: its descriptors must cover
 the object from offset 0 without gaps (in any order; several are gathered into one body, one
@@ -17,6 +18,7 @@ appears whole or not at all: a writer killed mid-PUT leaves the old object (or n
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from weft.fabric.memory import DescList
     from weft.fabric.transfer import Transfer
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class ObjPlan:
@@ -55,7 +59,10 @@ class ObjBackend:
 
     def __init__(self, host: BackendHost, params: Mapping[str, Any]) -> None:
         ours = {k: params[k] for k in ("workers", "timeout_s", "staging_bytes") if k in params}
-        theirs = {k: v for k, v in params.items() if k not in ours}
+        theirs = {k: v for k, v in params.items() if k in ObjParams.model_fields or k == "endpoint"}
+        ignored = sorted(set(params) - set(ours) - set(theirs))
+        if ignored:
+            log.info("agent %s: the obj backend ignores parameters %s", host.name, ignored)
         try:
             parsed = ObjParams.model_validate(theirs)
         except pydantic.ValidationError as exc:
@@ -121,6 +128,13 @@ class ObjBackend:
         if plan.stage is not None and plan.op is Op.WRITE:
             posix.stage_out(self.host, plan.stage)
         self._pool.submit(functools.partial(self._run, plan, transfer, notify))
+
+    def post_batch(self, items: list[tuple[ObjPlan, Transfer, bytes | None]]) -> None:
+        for plan, transfer, notify in items:  # each request runs on the pool already
+            try:
+                self.post(plan, transfer, notify)
+            except errors.WeftError as exc:
+                transfer.complete(exc)
 
     def _run(self, plan: ObjPlan, transfer: Transfer, notify: bytes | None) -> None:
         err: errors.WeftError | None = None

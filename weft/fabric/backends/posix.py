@@ -3,25 +3,28 @@
 A FILE region is raw bytes at the caller's offsets (NIXL's POSIX semantics: no header, no
 format). A request is laid out once: its descriptors become runs of consecutive file
 offsets, each run one ``preadv``/``pwritev`` of the caller's buffers (up to 1024 of them),
-with no copy. Requests of at least `PARALLEL_BYTES` are split over the lanes of
-`weft.fabric.files` (the engine the KV store's POSIX tier runs on); smaller ones up to the
-agent's ``inline_bytes`` run in the posting thread, so a small READ is DONE when `post`
-returns.
+with no copy. The posting thread moves the bytes (see `PosixBackend.post`); requests of at
+least `PARALLEL_BYTES` are split, and the lanes of `weft.fabric.files` (the engine the KV
+store's POSIX tier runs on) move all parts but the poster's own.
 
 Parameters (strings, as NIXL passes them): ``lanes`` (threads; default the CPU count),
 ``direct`` (``O_DIRECT`` for runs whose buffers, offset and length are 4096-aligned; the page
 cache for the rest), ``staging_bytes`` (largest VRAM request, staged through host memory).
 NIXL's own POSIX parameters (``use_aio``, ``use_uring``, ``use_posix_aio``,
-``kernel_queue_size``, ``ios_pool_size``) are accepted and have no effect: the lanes do the
-asynchronous part.
+``kernel_queue_size``, ``ios_pool_size``) have no effect: the lanes do the asynchronous part.
+Other keys are ignored with one log line naming them, as NIXL's plugins ignore what they do
+not know: clients pass their own settings through (LMCache's L2 adapter passes ``file_path``
+and ``use_direct_io`` and opens the files itself).
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,8 +40,12 @@ if TYPE_CHECKING:
     from weft.fabric.memory import DescList
     from weft.fabric.transfer import Transfer
 
+log = logging.getLogger(__name__)
+
 #: Requests at least this large are split over the lanes.
 PARALLEL_BYTES = 4 << 20
+#: Batches at least this large (`post_batch`) are shared out over the lanes.
+BATCH_BYTES = 1 << 20
 #: Buffers one preadv/pwritev takes at most (Linux's IOV_MAX).
 IOV_MAX = 1024
 
@@ -93,10 +100,9 @@ class PosixBackend:
     memory = MemoryKind.FILE
 
     def __init__(self, host: BackendHost, params: Mapping[str, Any]) -> None:
-        known = {"lanes", "direct", "staging_bytes"} | _NIXL_PARAMS
-        unknown = sorted(set(params) - known)
+        unknown = sorted(set(params) - {"lanes", "direct", "staging_bytes"} - _NIXL_PARAMS)
         if unknown:
-            raise errors.ConfigError(f"posix backend: unknown parameters {unknown} (known: {sorted(known)})")
+            log.info("agent %s: the posix backend ignores parameters %s", host.name, unknown)
         self.host = host
         self.direct = flag(params, "direct", False)
         self.staging_bytes = count(params, "staging_bytes", 256 << 20)
@@ -143,18 +149,61 @@ class PosixBackend:
 
     # -- moving ---------------------------------------------------------------------------
     def post(self, plan: PosixPlan, transfer: Transfer, notify: bytes | None) -> None:
+        """Move the bytes now, in the posting thread, with the lanes' help for a large request.
+
+        A page-cache copy is the work itself, and the poster's thread is free to do it: NIXL's
+        POSIX plugin does the same (buffered AIO completes in the submitting call), and
+        clients poll with a sleep between checks (LMCache: 1 ms), so a transfer that is DONE
+        when `post` returns is the fast path. The wait for the lanes' parts is bounded by the
+        transfer's deadline; past it `post` returns and the transfer ends as it ends.
+        """
         if self._closed:
             raise errors.AgentClosedError(f"agent {self.host.name!r}: posix backend closed")
         if plan.stage is not None and plan.op is Op.WRITE:
             stage_out(self.host, plan.stage)
-        if plan.parts:
-            joint = _Joint(len(plan.parts), functools.partial(self._end, plan, transfer, notify))
-            for part in plan.parts:
-                self._lanes.submit(functools.partial(self._part, plan, part, joint))
-        elif plan.total <= self.host.config.inline_bytes:
+        if not plan.parts:
             self._end(plan, transfer, notify, self._move(plan, plan.runs))
-        else:
-            self._lanes.submit(lambda: self._end(plan, transfer, notify, self._move(plan, plan.runs)))
+            return
+        joint = _Joint(len(plan.parts), functools.partial(self._end, plan, transfer, notify))
+        for part in plan.parts[1:]:
+            self._lanes.submit(functools.partial(self._part, plan, part, joint))
+        self._part(plan, plan.parts[0], joint)
+        joint.finished.wait(max(0.0, transfer.deadline - time.monotonic()))
+
+    def post_batch(self, items: list[tuple[PosixPlan, Transfer, bytes | None]]) -> None:
+        """Several requests at once: contiguous shares of them go to the lanes, the first
+        share is moved in this thread (LMCache puts 64 chunks, one file each, in one NIXL
+        request: one request at a time would leave every core but one idle)."""
+        if self._closed:
+            raise errors.AgentClosedError(f"agent {self.host.name!r}: posix backend closed")
+        total = sum(plan.total for plan, _, _ in items)
+        lanes = min(self._lanes.lanes, len(items))
+        if lanes < 2 or total < BATCH_BYTES or any(plan.parts for plan, _, _ in items):
+            for plan, transfer, notify in items:
+                self._post_one(plan, transfer, notify)
+            return
+        bounds = [len(items) * j // lanes for j in range(lanes + 1)]
+        joint = _Joint(lanes - 1, lambda _err: None)
+        for j in range(1, lanes):
+            share = items[bounds[j] : bounds[j + 1]]
+            self._lanes.submit(functools.partial(self._share, share, joint))
+        for plan, transfer, notify in items[bounds[0] : bounds[1]]:
+            self._post_one(plan, transfer, notify)
+        deadline = min(t.deadline for _, t, _ in items)
+        joint.finished.wait(max(0.0, deadline - time.monotonic()))
+
+    def _share(self, share: list[tuple[PosixPlan, Transfer, bytes | None]], joint: _Joint) -> None:
+        try:
+            for plan, transfer, notify in share:
+                self._post_one(plan, transfer, notify)
+        finally:
+            joint.done(None)
+
+    def _post_one(self, plan: PosixPlan, transfer: Transfer, notify: bytes | None) -> None:
+        try:
+            self.post(plan, transfer, notify)
+        except errors.WeftError as exc:
+            transfer.complete(exc)
 
     def _part(self, plan: PosixPlan, part: list[Run], joint: _Joint) -> None:
         joint.done(self._move(plan, part))
@@ -240,6 +289,7 @@ class _Joint:
         self._error: errors.WeftError | None = None
         self._lock = threading.Lock()
         self._end = finish
+        self.finished = threading.Event()
 
     def done(self, error: errors.WeftError | None) -> None:
         with self._lock:
@@ -249,6 +299,7 @@ class _Joint:
             last = self._left == 0
         if last:
             self._end(self._error)
+            self.finished.set()
 
 
 def _io(fd: int, off: int, views: list[memoryview], write: bool, handle: storage.FileHandle) -> None:
