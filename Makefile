@@ -40,7 +40,9 @@ $(STAMP): pyproject.toml | etcd
 		{ echo "weft needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,ucx]'
+	$(BIN)/python -m pip install --quiet 'torch==2.13.0'
+	$(BIN)/python -m pip install --quiet --no-deps 'lmcache==0.5.6'
+	$(BIN)/python -m pip install --quiet -e '.[dev,ucx,lmcache]'
 	touch $@
 
 test: lint k8s
@@ -107,9 +109,8 @@ lint: setup
 demo: setup
 	$(BIN)/weft demo
 
-# nixl depends on torch: install the CPU build first so pip does not pull CUDA wheels.
+# nixl depends on torch: setup installs the CPU build first so pip does not pull CUDA wheels.
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet 'torch==2.13.0'
 	$(BIN)/python -m pip install --quiet -e '.[dev,ucx,bench]'
 	touch $@
 
