@@ -17,8 +17,8 @@ import pytest
 from tests.kvstore.contract import check_round_trip, pattern
 from tests.s3_fixtures import S3Server, s3_client
 from weft.fabric.errors import ConfigError, StorageError
+from weft.fabric.objstore import S3Client
 from weft.kvstore import KVStore
-from weft.kvstore._s3 import S3Client
 from weft.kvstore.obj import object_name
 
 pytestmark = pytest.mark.integration

@@ -34,6 +34,7 @@ from weft.fabric.errors import (
 )
 from weft.fabric.memory import DescList, Registration, RemoteRegion
 from weft.fabric.notify import Notification
+from weft.fabric.storage import FileRegion, ObjectRegion, StorageInfo
 from weft.fabric.transfer import PreparedTransfer, Transfer
 from weft.fabric.types import Backend, MemoryKind, Op, TransferState
 
@@ -48,12 +49,14 @@ __all__ = [
     "DescList",
     "DeviceUnavailableError",
     "FencedError",
+    "FileRegion",
     "InvalidBufferError",
     "InvalidDescriptorError",
     "MemoryKind",
     "MetadataError",
     "Notification",
     "NotificationTimeoutError",
+    "ObjectRegion",
     "Op",
     "PeerFencedError",
     "PeerLostError",
@@ -65,6 +68,7 @@ __all__ = [
     "RemoteRegion",
     "StalePeerError",
     "StorageError",
+    "StorageInfo",
     "Transfer",
     "TransferCancelledError",
     "TransferError",

@@ -12,18 +12,19 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from weft.api import metadata as md_api
-from weft.fabric import _cuda, backends, dispatch, errors, memory, peers, wire
+from weft.api.vocab import StorageBackend
+from weft.fabric import _cuda, backends, dispatch, errors, memory, peers, storage, wire
 from weft.fabric.config import AgentConfig
 from weft.fabric.host import AgentHost, LostHook
 from weft.fabric.listener import Listener
 from weft.fabric.memory import DescList, Registration, RemoteRegion
-from weft.fabric.notify import Notification
+from weft.fabric.notify import Receiving
 from weft.fabric.transfer import PreparedTransfer, Transfer
 from weft.fabric.types import Backend, MemoryKind, Op
 
@@ -35,7 +36,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$")
 Peer = peers.Peer
 
 
-class Agent:
+class Agent(Receiving):
     """One process's endpoint of the fabric.
 
     Args:
@@ -85,6 +86,34 @@ class Agent:
     def backends(self) -> list[Backend]:
         """The backends that loaded, in order of preference."""
         return [b.kind for b in self._backends]
+
+    @property
+    def storage_backends(self) -> list[StorageBackend]:
+        """The storage backends `add_backend` created (this agent's own FILE and OBJ memory)."""
+        return [b.kind for b in self._dispatch.storage.values()]
+
+    def add_backend(
+        self, kind: StorageBackend | str, params: Mapping[str, Any] | None = None
+    ) -> StorageBackend:
+        """Create a storage backend, ``posix`` (FILE) or ``obj`` (OBJ: S3), by weft's or NIXL's
+        name, with parameters as NIXL's clients pass them (`weft.fabric.backends.posix`, `.obj`).
+
+        Raises:
+            BackendUnavailableError: GDS, GDS_MT, HF3FS (refused, the reason said), unknown names.
+            ConfigError: bad parameters; a backend for that memory kind exists. StorageError:
+            the obj backend's bucket does not answer.
+        """
+        return self._dispatch.add_storage(kind, dict(params or {}))
+
+    def query(
+        self, specs: Sequence[storage.FileRegion | storage.ObjectRegion]
+    ) -> list[storage.StorageInfo | None]:
+        """NIXL's ``query_memory``: per file or object, `StorageInfo(size)` or None if missing.
+
+        Raises:
+            BackendUnavailableError: no backend for that kind. StorageError: no answer.
+        """
+        return self._dispatch.query(list(specs))
 
     def _metadata_record(self) -> md_api.AgentMetadata:
         return self.backend_host.record(
@@ -181,7 +210,9 @@ class Agent:
 
         Args:
             obj: anything with the buffer protocol (numpy, bytearray, mmap, ...) or
-                `__cuda_array_interface__` (cupy, torch.cuda); C-contiguous.
+                `__cuda_array_interface__` (cupy, torch.cuda), C-contiguous; or storage:
+                a `FileRegion` (FILE) or an `ObjectRegion` (OBJ, needs the obj backend),
+                moved with transfers whose peer is this agent itself.
             name: how peers find it (`Agent.remote(peer, name)`); unique in this agent.
             kind: expected memory kind (checked); inferred by default.
             readonly: refuse remote WRITEs (default: read-only buffers are read-only).
@@ -191,6 +222,8 @@ class Agent:
         self._check_open()
         if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
             raise errors.RegistrationError(f"invalid region name {name!r}")
+        if isinstance(obj, storage.ObjectRegion):
+            self._dispatch.storage_for(MemoryKind.OBJ)  # raises when there is no obj backend
         mkind, addr, size, ro, view, device, keep = memory.normalise(obj, kind)
         if readonly is not None:
             if ro and not readonly:
@@ -231,8 +264,9 @@ class Agent:
         Args:
             op: Op.WRITE (local -> remote) or Op.READ (remote -> local).
             local: descriptors of a registration of this agent.
-            peer: the peer's name.
-            remote: descriptors of that peer's region (`Agent.remote(peer, name).descs(...)`).
+            peer: the peer's name; this agent's own name for its FILE and OBJ regions.
+            remote: descriptors of that peer's region (`Agent.remote(peer, name).descs(...)`),
+                or of this agent's own FILE/OBJ registration.
             notify: a notification the target receives once the bytes are in place.
         Raises:
             InvalidDescriptorError, UnknownPeerError, StalePeerError, BackendUnavailableError.
@@ -291,41 +325,6 @@ class Agent:
             inbound.send(frame)
         else:
             raise errors.UnknownPeerError(f"no peer named {peer!r}")
-
-    def get_notifications(self) -> dict[str, list[bytes]]:
-        """All notifications received so far, by peer, removed from the inbox (polling)."""
-        return self._inbox.drain()
-
-    def wait_notification(
-        self, peer: str | None = None, message: bytes | None = None, timeout: float = 30.0
-    ) -> bytes:
-        """Wait for (and take) a notification, optionally from `peer` and equal to `message`.
-
-        Raises:
-            NotificationTimeoutError, AgentClosedError.
-        """
-        return self._inbox.wait(peer, message, timeout).message
-
-    def take_notification(self, timeout: float = 30.0) -> Notification:
-        """Wait for (and take) the oldest notification from any peer: (peer, message).
-
-        Raises:
-            NotificationTimeoutError, AgentClosedError.
-        """
-        return self._inbox.wait(None, None, timeout)
-
-    async def next_notification(
-        self, peer: str | None = None, message: bytes | None = None, timeout: float | None = None
-    ) -> Notification:
-        """`wait_notification` for asyncio; returns (peer, message)."""
-        return await self._inbox.wait_async(peer, message, timeout)
-
-    def notifications(
-        self, peer: str | None = None, *, idle_timeout: float | None = None
-    ) -> AsyncIterator[Notification]:
-        """Iterate notifications as they arrive (`async for n in agent.notifications()`); ends
-        when the agent closes, or raises NotificationTimeoutError after `idle_timeout` s of silence."""
-        return self._inbox.iterate(peer, idle_timeout)
 
     # -- membership hooks ----------------------------------------------------------------
     @property

@@ -13,6 +13,11 @@ manner of NIXL's backend engines:
   notification, reports a peer it lost, logs a refused stranger, copies to and from device
   memory, and gives the identity and secret the handshake (`weft.fabric.handshake`) needs.
 
+Storage backends (`posix` for FILE memory, `obj` for OBJ) implement `StoragePath`: the same
+plan-once, post-many, `Transfer.complete` shape, for transfers between this agent's own
+DRAM (or VRAM, staged) and its own FILE or OBJ regions (the agent is its own "peer"), plus
+`query` (does a file or object exist, and how large is it).
+
 A backend ends each posted transfer with `Transfer.complete(error)`, exactly once in effect
 (later calls are ignored), from any thread, and sets `Transfer.on_cancel` when it must hear
 of a transfer that ended early. It touches nothing else of the agent. A `Factory` builds a
@@ -21,9 +26,10 @@ backend for one agent; `weft.fabric.backends.register_backend` makes it availabl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from weft.api.vocab import StorageBackend
 from weft.fabric.types import Backend, MemoryKind, Op
 
 if TYPE_CHECKING:
@@ -33,6 +39,7 @@ if TYPE_CHECKING:
     from weft.fabric.memory import DescList, Region
     from weft.fabric.peers import Peer
     from weft.fabric.regions import Resolved
+    from weft.fabric.storage import FileRegion, ObjectRegion, StorageInfo
     from weft.fabric.transfer import Transfer
 
 
@@ -135,3 +142,40 @@ class BackendHost(Protocol):
 
 #: Builds a backend for one agent; may raise (ImportError, ...) when its library is missing.
 Factory = Callable[[BackendHost], DataPath]
+
+
+class StoragePath(Protocol):
+    """What the agent asks of a storage backend: moves between its own memory and storage."""
+
+    kind: StorageBackend
+    #: The memory kind this backend stores (FILE or OBJ).
+    memory: MemoryKind
+
+    def plan(self, op: Op, local: DescList, storage: DescList) -> Any:
+        """Lay out a request once (WRITE: memory -> storage; READ: storage -> memory).
+
+        Raises:
+            WeftError: the request cannot be served by this backend.
+        """
+        ...
+
+    def post(self, plan: Any, transfer: Transfer, notify: bytes | None) -> None:
+        """Start moving bytes; end `transfer` with `Transfer.complete`. A notification is
+        delivered to the agent's own inbox once the bytes are in place."""
+        ...
+
+    def query(self, spec: FileRegion | ObjectRegion) -> StorageInfo | None:
+        """The file's or object's size, or None when it does not exist.
+
+        Raises:
+            StorageError: the storage could not answer.
+        """
+        ...
+
+    def close(self) -> None:
+        """Stop; transfers in flight end with `AgentClosedError`."""
+        ...
+
+
+#: Builds a storage backend for one agent from its parameters (NIXL's backend params).
+StorageFactory = Callable[[BackendHost, Mapping[str, Any]], StoragePath]

@@ -5,25 +5,33 @@ ownership, generations, lengths, read-only regions) and asks the configured back
 order, for the first that can move it (`DataPath.usable`), which lays it out once
 (`DataPath.plan`). Every `post` of the prepared transfer re-checks only what can change
 (closed, fenced, the peer replaced) and hands the plan to the backend.
+
+A request whose peer is the agent itself, with remote descriptors of its own FILE or OBJ
+region, goes to the storage backend of that memory kind (`add_storage`): same checks, same
+`Transfer`, no peer.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from weft.fabric import errors
-from weft.fabric.memory import DescList, RemoteRegion
+from weft.api.vocab import StorageBackend
+from weft.fabric import backends, errors, storage
+from weft.fabric.memory import DescList, Registration, RemoteRegion
 from weft.fabric.transfer import PreparedTransfer, Transfer
-from weft.fabric.types import Op, TransferState
+from weft.fabric.types import MemoryKind, Op, TransferState
 
 if TYPE_CHECKING:
     from weft.fabric.agent import Agent
-    from weft.fabric.backend import DataPath
+    from weft.fabric.backend import DataPath, StoragePath
     from weft.fabric.peers import Peer
+
+_STORAGE_KINDS = (MemoryKind.FILE, MemoryKind.OBJ)
 
 
 class Dispatcher:
@@ -37,6 +45,7 @@ class Dispatcher:
     def __init__(self, agent: Agent, backends: list[DataPath]) -> None:
         self._agent = agent
         self.backends = backends
+        self.storage: dict[MemoryKind, StoragePath] = {}
         self._posted: weakref.WeakSet[Transfer] = weakref.WeakSet()
         self._counts = {"transfers": 0, "bytes": 0, "errors": 0}
         self._lock = threading.Lock()
@@ -70,6 +79,8 @@ class Dispatcher:
             )
         self.check_notify(notify)
         self._check_open()
+        if peer == self._agent.name:
+            return self._prepare_storage(operation, local, remote, notify)
         host = self._agent.backend_host
         p = host.peer(peer)
         region = host.local_region(local)
@@ -80,14 +91,7 @@ class Dispatcher:
             raise errors.InvalidDescriptorError(f"remote descriptors belong to {owner.peer!r}, not {peer!r}")
         if owner.instance != p.instance:
             raise errors.StalePeerError(f"remote descriptors are from an older generation of {peer!r}")
-        if len(local) != len(remote) or not np.array_equal(local.lengths, remote.lengths):
-            raise errors.InvalidDescriptorError(
-                f"local and remote descriptors must match one to one in length "
-                f"({len(local)} local, {len(remote)} remote descriptors)"
-            )
-        limit = self._agent.config.max_descriptors
-        if len(local) > limit:
-            raise errors.InvalidDescriptorError(f"{len(local)} descriptors exceed max_descriptors={limit}")
+        self._check_pairing(local, remote)
         if operation is Op.WRITE and owner.readonly:
             raise errors.RegistrationError(f"remote region {owner.name or owner.id} is read-only")
         if operation is Op.READ and region.readonly:
@@ -102,6 +106,93 @@ class Dispatcher:
             f"(configured: {[b.kind.value for b in self.backends]})"
         )
 
+    # -- the agent's own storage -----------------------------------------------------------
+    def add_storage(self, kind: StorageBackend | str, params: Mapping[str, Any]) -> StorageBackend:
+        """Create the storage backend `kind` (`Agent.add_backend`)."""
+        self._check_open()
+        try:
+            parsed = kind if isinstance(kind, StorageBackend) else StorageBackend(str(kind).strip().upper())
+        except ValueError:
+            known = ", ".join(b.value for b in StorageBackend)
+            raise errors.BackendUnavailableError(
+                f"unknown storage backend {kind!r} (known: {known})"
+            ) from None
+        made = backends.load_storage(parsed, self._agent.backend_host, params)
+        with self._lock:
+            if made.memory in self.storage:
+                made.close()
+                raise errors.ConfigError(
+                    f"agent {self._agent.name!r} already has a {made.memory.value} backend "
+                    f"({self.storage[made.memory].kind.value})"
+                )
+            self.storage[made.memory] = made
+        return made.kind
+
+    def storage_for(self, kind: MemoryKind) -> StoragePath:
+        found = self.storage.get(kind)
+        if found is None:
+            name = "posix" if kind is MemoryKind.FILE else "obj"
+            raise errors.BackendUnavailableError(
+                f"agent {self._agent.name!r} has no {kind.value} backend: "
+                f"call add_backend({name!r}, ...) first"
+            )
+        return found
+
+    def _prepare_storage(
+        self, op: Op, local: DescList, remote: DescList, notify: bytes | None
+    ) -> PreparedTransfer:
+        host = self._agent.backend_host
+        if not isinstance(remote.owner, Registration):
+            raise errors.InvalidDescriptorError(
+                "a transfer with the agent itself needs descriptors of its own FILE or OBJ region"
+            )
+        region = host.local_region(local)
+        target = host.local_region(remote)
+        if target.kind not in _STORAGE_KINDS:
+            raise errors.InvalidDescriptorError(
+                f"a transfer with the agent itself moves to or from FILE or OBJ, not {target.kind.value} "
+                f"(region {target.label})"
+            )
+        if region.kind not in (MemoryKind.DRAM, MemoryKind.VRAM):
+            raise errors.InvalidDescriptorError(
+                f"local descriptors must be DRAM or VRAM, not {region.kind.value}"
+            )
+        self._check_pairing(local, remote)
+        if op is Op.WRITE and target.readonly:
+            raise errors.RegistrationError(f"{target.kind.value} region {target.label} is read-only")
+        if op is Op.READ and region.readonly:
+            raise errors.RegistrationError("cannot READ into a read-only local region")
+        backend = self.storage_for(target.kind)
+        plan = (backend, None, backend.plan(op, local, remote))
+        return PreparedTransfer(self.post, op, local, self._agent.name, remote, notify, plan)
+
+    def query(
+        self, specs: list[storage.FileRegion | storage.ObjectRegion]
+    ) -> list[storage.StorageInfo | None]:
+        """`Agent.query`: each file's or object's size, None where it does not exist."""
+        self._check_open()
+        out: list[storage.StorageInfo | None] = []
+        for spec in specs:
+            if isinstance(spec, storage.FileRegion):
+                out.append(self.storage_for(MemoryKind.FILE).query(spec))
+            elif isinstance(spec, storage.ObjectRegion):
+                out.append(self.storage_for(MemoryKind.OBJ).query(spec))
+            else:
+                raise errors.InvalidDescriptorError(
+                    f"query takes FileRegion or ObjectRegion items, not {type(spec).__name__}"
+                )
+        return out
+
+    def _check_pairing(self, local: DescList, remote: DescList) -> None:
+        if len(local) != len(remote) or not np.array_equal(local.lengths, remote.lengths):
+            raise errors.InvalidDescriptorError(
+                f"local and remote descriptors must match one to one in length "
+                f"({len(local)} local, {len(remote)} remote descriptors)"
+            )
+        limit = self._agent.config.max_descriptors
+        if len(local) > limit:
+            raise errors.InvalidDescriptorError(f"{len(local)} descriptors exceed max_descriptors={limit}")
+
     def post(
         self, prepared: PreparedTransfer, plan: Any, notify: bytes | None, timeout: float | None
     ) -> Transfer:
@@ -111,16 +202,17 @@ class Dispatcher:
         if agent.fenced:
             raise errors.FencedError(f"agent {agent.name!r} is fenced: it lost its group lease")
         self.check_notify(notify)
-        backend: DataPath = plan[0]
-        peer: Peer = plan[1]
-        with agent.backend_host.lock:
-            current = agent.backend_host.peers.get(peer.name)
-        if current is not peer:
-            raise errors.StalePeerError(f"peer {peer.name!r} was replaced or removed since prepare()")
+        backend: DataPath | StoragePath = plan[0]
+        peer: Peer | None = plan[1]
+        if peer is not None:
+            with agent.backend_host.lock:
+                current = agent.backend_host.peers.get(peer.name)
+            if current is not peer:
+                raise errors.StalePeerError(f"peer {peer.name!r} was replaced or removed since prepare()")
         limit = agent.config.transfer_timeout if timeout is None else timeout
         if limit <= 0:
             raise errors.ConfigError("timeout must be > 0")
-        t = Transfer(prepared.op, peer.name, prepared.local.total, limit, backend.kind)
+        t = Transfer(prepared.op, prepared.peer, prepared.local.total, limit, backend.kind)
         self._posted.add(t)
         with self._lock:
             self._counts["transfers"] += 1
@@ -150,3 +242,7 @@ class Dispatcher:
         """Close every backend."""
         for b in self.backends:
             b.close()
+        with self._lock:
+            stores, self.storage = list(self.storage.values()), {}
+        for st in stores:
+            st.close()

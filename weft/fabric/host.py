@@ -20,7 +20,7 @@ from weft.api import metadata as md_api
 from weft.fabric import _cuda, _sys, errors, handshake, peers
 from weft.fabric.notify import Inbox
 from weft.fabric.regions import RegionTable, Resolved
-from weft.fabric.types import Backend
+from weft.fabric.types import Backend, MemoryKind
 
 if TYPE_CHECKING:
     from weft.fabric.agent import Agent
@@ -91,6 +91,7 @@ class AgentHost:
                     device=r.device,
                 )
                 for r in self.regions.snapshot().values()
+                if r.kind in (MemoryKind.DRAM, MemoryKind.VRAM)  # storage is moved by its own agent
             ]
         return md_api.AgentMetadata(
             name=a.name,

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from weft.fabric import _cuda, errors
+from weft.fabric import _cuda, errors, storage
 from weft.fabric.types import MemoryKind
 
 U64Array = npt.NDArray[np.uint64]
@@ -64,13 +64,30 @@ class Region:
         if self._view is not None:
             self._view.release()
             self._view = None
+        if isinstance(self.keepalive, storage.FileHandle):
+            self.keepalive.release()  # closes the file once no transfer uses it
         self.keepalive = None
 
 
 def normalise(
     obj: Any, kind: MemoryKind | None
 ) -> tuple[MemoryKind, int, int, bool, memoryview | None, int | None, Any]:
-    """Turn a user object into (kind, addr, size, readonly, host view, device, keepalive)."""
+    """Turn a user object into (kind, addr, size, readonly, host view, device, keepalive).
+
+    A `FileRegion` becomes a FILE region whose address is its offset in the file and whose
+    keepalive is the open `storage.FileHandle`; an `ObjectRegion` an OBJ region at address 0
+    whose keepalive is the spec itself.
+    """
+    if isinstance(obj, storage.FileRegion):
+        if kind not in (None, MemoryKind.FILE):
+            raise errors.InvalidBufferError(f"a FileRegion cannot be registered as {kind}")
+        handle, size, readonly = storage.open_file(obj)
+        return MemoryKind.FILE, obj.offset, size, readonly, None, None, handle
+    if isinstance(obj, storage.ObjectRegion):
+        if kind not in (None, MemoryKind.OBJ):
+            raise errors.InvalidBufferError(f"an ObjectRegion cannot be registered as {kind}")
+        size = obj.size if obj.size is not None else storage.UNBOUNDED
+        return MemoryKind.OBJ, 0, size, obj.readonly, None, None, obj
     if hasattr(obj, "__cuda_array_interface__"):
         if kind not in (None, MemoryKind.VRAM):
             raise errors.InvalidBufferError(f"a CUDA array cannot be registered as {kind}")
@@ -94,7 +111,8 @@ def normalise(
         )
     if kind in (MemoryKind.FILE, MemoryKind.OBJ):
         raise errors.InvalidBufferError(
-            f"{kind.value} regions are registered through the storage backends (weft.kvstore)"
+            f"a {kind.value} region is registered as FileRegion(...) or ObjectRegion(...), "
+            f"not as {type(obj).__name__}"
         )
     try:
         view = memoryview(obj)

@@ -128,3 +128,45 @@ class Inbox:
         for loop, event in waiters:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(event.set)
+
+
+class Receiving:
+    """The receiving half of an agent's notifications (`weft.fabric.Agent` inherits it):
+    polling, waiting in threads or in asyncio, iterating. Its one piece of state is the inbox."""
+
+    _inbox: Inbox
+
+    def get_notifications(self) -> dict[str, list[bytes]]:
+        """All notifications received so far, by peer, removed from the inbox (polling)."""
+        return self._inbox.drain()
+
+    def wait_notification(
+        self, peer: str | None = None, message: bytes | None = None, timeout: float = 30.0
+    ) -> bytes:
+        """Wait for (and take) a notification, optionally from `peer` and equal to `message`.
+
+        Raises:
+            NotificationTimeoutError, AgentClosedError.
+        """
+        return self._inbox.wait(peer, message, timeout).message
+
+    def take_notification(self, timeout: float = 30.0) -> Notification:
+        """Wait for (and take) the oldest notification from any peer: (peer, message).
+
+        Raises:
+            NotificationTimeoutError, AgentClosedError.
+        """
+        return self._inbox.wait(None, None, timeout)
+
+    async def next_notification(
+        self, peer: str | None = None, message: bytes | None = None, timeout: float | None = None
+    ) -> Notification:
+        """`wait_notification` for asyncio; returns (peer, message)."""
+        return await self._inbox.wait_async(peer, message, timeout)
+
+    def notifications(
+        self, peer: str | None = None, *, idle_timeout: float | None = None
+    ) -> AsyncIterator[Notification]:
+        """Iterate notifications as they arrive (`async for n in agent.notifications()`); ends
+        when the agent closes, or raises NotificationTimeoutError after `idle_timeout` s of silence."""
+        return self._inbox.iterate(peer, idle_timeout)

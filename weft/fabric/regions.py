@@ -130,6 +130,13 @@ class RegionTable:
                     f"descriptor {i} (offset {off}, length {n}) is outside region "
                     f"{region.label} of {region.size} bytes",
                 )
+            if region.kind in (MemoryKind.FILE, MemoryKind.OBJ):
+                return Resolved(
+                    None,
+                    errors.ErrorCode.UNKNOWN_REGION,
+                    f"region {region.label} of {self.owner!r} is {region.kind.value} storage, "
+                    "which only its own agent moves",
+                )
             if write and region.readonly:
                 return Resolved(None, errors.ErrorCode.READ_ONLY, f"region {region.label} is read-only")
             view = None

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from weft.api.vocab import StorageBackend
 from weft.fabric import errors
 from weft.fabric.types import Backend, Op, TransferState
 
@@ -46,7 +47,9 @@ class Transfer:
         "t_posted",
     )
 
-    def __init__(self, op: Op, peer: str, nbytes: int, timeout: float, backend: Backend) -> None:
+    def __init__(
+        self, op: Op, peer: str, nbytes: int, timeout: float, backend: Backend | StorageBackend
+    ) -> None:
         self.op = op
         self.peer = peer
         self.nbytes = nbytes

@@ -24,11 +24,12 @@ import importlib.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import pydantic
 
 from weft import fabric
+from weft.api.storage import ObjParams
 from weft.api.vocab import BufferDevice, StorageBackend
 from weft.fabric.errors import ConfigError
 
@@ -52,44 +53,6 @@ NixlBackend = StorageBackend
 
 
 CPU_ONLY = frozenset({NixlBackend.POSIX, NixlBackend.HF3FS, NixlBackend.OBJ})
-
-
-class ObjParams(pydantic.BaseModel):
-    """``nixl_backend_params`` of the OBJ backend (the S3 API)."""
-
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
-    bucket: Annotated[str, pydantic.Field(min_length=1, max_length=255)]
-    access_key: pydantic.SecretStr | None = None
-    """None: the S3 client's default credential chain (environment, files, instance role)."""
-    secret_key: pydantic.SecretStr | None = None
-    region: Annotated[str, pydantic.Field(max_length=64)] | None = None
-    endpoint_override: Annotated[str, pydantic.Field(max_length=2048)] | None = None
-    """URL of an S3-compatible store (MinIO, Ceph, a local test server); None: AWS."""
-    scheme: Literal["http", "https"] | None = None
-    """For an `endpoint_override` given as a bare host[:port]."""
-    ca_bundle: str | None = None
-    prefix: Annotated[str, pydantic.Field(max_length=512)] = ""
-    """Object names start with it (several stores can share a bucket)."""
-
-    @property
-    def endpoint_url(self) -> str | None:
-        e = self.endpoint_override
-        if e is None or "://" in e:
-            return e
-        return f"{self.scheme or 'https'}://{e}"
-
-    @pydantic.model_validator(mode="before")
-    @classmethod
-    def _endpoint_spellings(cls, data: Any) -> Any:
-        if isinstance(data, Mapping) and "endpoint" in data and "endpoint_override" not in data:
-            data = {("endpoint_override" if k == "endpoint" else k): v for k, v in data.items()}
-        return data
-
-    @pydantic.model_validator(mode="after")
-    def _keys_pair(self) -> ObjParams:
-        if (self.access_key is None) != (self.secret_key is None):
-            raise ValueError("access_key and secret_key go together")
-        return self
 
 
 class ExtraConfig(pydantic.BaseModel):

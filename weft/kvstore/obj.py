@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from weft.fabric.objstore import S3Client
 from weft.kvstore import _hash, chunk
-from weft.kvstore._s3 import S3Client
 from weft.kvstore.chunk import DIGEST, SEGMENT, Corrupt
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class ObjTier:
     """Chunks as objects in one bucket.
 
     Args:
-        client: the bucket (`weft.kvstore._s3.S3Client`).
+        client: the bucket (`weft.fabric.objstore.S3Client`).
         workers: requests in flight at once for batches (``nixl_pool_size``).
     """
 

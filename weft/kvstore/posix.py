@@ -13,7 +13,7 @@ pages: truncating or renaming first cost 3-6x per chunk here (`bench/kvstore.py`
 Files are spread over 256 sub-directories by the first byte of the key's SHA-256 (the key is
 stored inside and compared). The 256 directories are opened once, at init, and every file is
 opened relative to its directory's handle; up to ``nixl_pool_size`` chunk files stay open for
-reuse (`_Handles`).
+reuse (`weft.fabric.files.Handles`).
 
 Parallelism: page-cache copies are bound by CPU, so a batch or a large chunk is split into
 at most ``lanes`` parts (default: the CPU count), one of them in the calling thread.
@@ -24,15 +24,11 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
+from weft.fabric import files
 from weft.kvstore import _hash, chunk
 from weft.kvstore.chunk import ALIGN, DIGEST, SEGMENT, Corrupt
 
@@ -53,89 +49,6 @@ def _path(root: Path, key: str) -> Path:
     """Where `key`'s chunk lives (tests and tools)."""
     shard, name = _name(key)
     return Path(root) / f"{shard:02x}" / name
-
-
-class _Handles:
-    """Open chunk files, kept for reuse: at most `size`, least recently used closed first.
-
-    A handle in use is never closed under its user: eviction and `drop` only mark it, and
-    the last `release` closes it. A handle may outlive a delete by another process; it then
-    reads the chunk as it was, which is still that key's data (LMCache keys are content
-    hashes).
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = max(0, size)
-        self._lock = threading.Lock()
-        self._open: OrderedDict[str, list[int]] = OrderedDict()  # key -> [fd, users, size]
-        self._doomed: dict[int, int] = {}  # fd -> users, evicted while in use
-
-    def acquire(self, key: str, opener: Callable[[], int]) -> int:
-        with self._lock:
-            entry = self._open.get(key)
-            if entry is not None:
-                self._open.move_to_end(key)
-                entry[1] += 1
-                return entry[0]
-        fd = opener()  # outside the lock: opening may block on the filesystem
-        if self.size == 0:
-            return fd
-        with self._lock:
-            entry = self._open.get(key)
-            if entry is not None:  # another thread opened it meanwhile: use theirs
-                entry[1] += 1
-                os.close(fd)
-                return entry[0]
-            self._open[key] = [fd, 1, -1]
-            while len(self._open) > self.size:
-                _, (old, users, _) = self._open.popitem(last=False)
-                self._retire(old, users)
-            return fd
-
-    def release(self, key: str, fd: int) -> None:
-        if self.size == 0:
-            os.close(fd)
-            return
-        with self._lock:
-            entry = self._open.get(key)
-            if entry is not None and entry[0] == fd:
-                entry[1] -= 1
-                return
-            users = self._doomed[fd] - 1
-            if users:
-                self._doomed[fd] = users
-                return
-            del self._doomed[fd]
-        os.close(fd)
-
-    def size_of(self, key: str) -> int:
-        """The file size last seen through this key's kept handle (-1: none). A hint: the
-        reader checks it against the header and the digests, and asks fstat when it fails."""
-        entry = self._open.get(key)
-        return entry[2] if entry is not None else -1
-
-    def remember(self, key: str, size: int) -> None:
-        entry = self._open.get(key)
-        if entry is not None:
-            entry[2] = size
-
-    def drop(self, key: str) -> None:
-        with self._lock:
-            entry = self._open.pop(key, None)
-            if entry is not None:
-                self._retire(entry[0], entry[1])
-
-    def _retire(self, fd: int, users: int) -> None:
-        if users:
-            self._doomed[fd] = users
-        else:
-            os.close(fd)
-
-    def close(self) -> None:
-        with self._lock:
-            for fd, users, _ in self._open.values():
-                self._retire(fd, users)
-            self._open.clear()
 
 
 class PosixTier:
@@ -168,9 +81,9 @@ class PosixTier:
         self.root.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
         self.direct = direct
-        self.lanes = max(1, lanes if lanes is not None else os.cpu_count() or 1)
-        self._pool = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix="weft-kv-posix")
-        self._handles = _Handles(handles)
+        self._lanes = files.Lanes(lanes, "weft-kv-posix")
+        self.lanes = self._lanes.lanes
+        self._handles = files.Handles(handles)
         self._dirs: list[int] = []
         try:
             for shard in range(SHARDS):
@@ -183,7 +96,7 @@ class PosixTier:
         self.corrupt = 0
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._lanes.close()
         self._handles.close()
         for fd in self._dirs:
             os.close(fd)
@@ -222,7 +135,7 @@ class PosixTier:
                 seg = _hash.digest(data) if nseg else b""
                 parts: list[Any] = [head, data, seg, chunk.final_digest(head, klen, seg)]
                 if os.pwritev(fd, parts, 0) != off + dlen + len(seg) + DIGEST:
-                    _write_all(fd, parts, 0)  # a short write (signals, quotas): finish it
+                    files.write_all(fd, parts, 0)  # a short write (signals, quotas): finish it
             else:
                 seg = self._put_segments(key, fd, head, klen, data, lanes)
             end = off + dlen + len(seg) + DIGEST
@@ -243,7 +156,7 @@ class PosixTier:
         digests = bytearray(DIGEST * nseg)
         dfd = self._direct_fd(key, os.O_WRONLY) if self.direct and dlen else None
         try:
-            _write_all(fd, [head], 0)
+            files.write_all(fd, [head], 0)
 
             def segment(i: int) -> None:
                 lo = i * SEGMENT
@@ -252,9 +165,9 @@ class PosixTier:
                 for p in range(lo, hi, PIECE):
                     piece = data[p : min(p + PIECE, hi)]
                     h.update(piece)  # hashed, then copied while it is still in cache
-                    out = fd if dfd is None else _pick(fd, dfd, piece, off + p)
+                    out = fd if dfd is None else files.pick(fd, dfd, piece, off + p)
                     if os.pwrite(out, piece, off + p) != piece.nbytes:
-                        _write_all(out, [piece], off + p)
+                        files.write_all(out, [piece], off + p)
                 digests[DIGEST * i : DIGEST * (i + 1)] = h.digest()
 
             self._spread(nseg, segment, lanes)
@@ -262,7 +175,7 @@ class PosixTier:
             if dfd is not None:
                 os.close(dfd)
         seg = bytes(digests)
-        _write_all(fd, [seg, chunk.final_digest(head, klen, seg)], off + dlen)  # the digests last
+        files.write_all(fd, [seg, chunk.final_digest(head, klen, seg)], off + dlen)  # the digests last
         return seg
 
     def get(self, key: str, into: memoryview | None, lanes: int | None = None) -> bytes | int | None:
@@ -316,7 +229,7 @@ class PosixTier:
         foot = bytearray(DIGEST * (nseg + 1))
         if nseg <= 1 and not self.direct:
             views: list[Any] = [head, target, foot]
-            if os.preadv(fd, views, 0) != size and _preadv_all(fd, views, 0) != size:
+            if os.preadv(fd, views, 0) != size and files.preadv_all(fd, views, 0) != size:
                 raise Corrupt("truncated while reading")
             chunk.check_head(head, kb, dlen)
             if nseg and _hash.digest(target) != foot[:DIGEST]:
@@ -340,10 +253,10 @@ class PosixTier:
     ) -> None:
         """Read a chunk segment by segment over the lanes, each checked as it arrives."""
         off, dlen = len(head), target.nbytes
-        if _preadv_all(fd, [head], 0) < off:
+        if files.preadv_all(fd, [head], 0) < off:
             raise Corrupt("truncated header")
         chunk.check_head(head, kb, dlen)
-        if _preadv_all(fd, [foot], off + dlen) < len(foot):
+        if files.preadv_all(fd, [foot], off + dlen) < len(foot):
             raise Corrupt("truncated digests")
         dfd = self._direct_fd(key, os.O_RDONLY) if self.direct else None
         bad: list[int] = []
@@ -354,9 +267,9 @@ class PosixTier:
             h = _hash.Checksum()
             for p in range(lo, hi, PIECE):
                 piece = target[p : min(p + PIECE, hi)]
-                src = fd if dfd is None else _pick(fd, dfd, piece, off + p)
+                src = fd if dfd is None else files.pick(fd, dfd, piece, off + p)
                 n = os.preadv(src, [piece], off + p)
-                if n != piece.nbytes and _preadv_all(src, [piece[n:]], off + p + n) < piece.nbytes - n:
+                if n != piece.nbytes and files.preadv_all(src, [piece[n:]], off + p + n) < piece.nbytes - n:
                     bad.append(i)
                     return
                 h.update(piece)  # checked while it is still in cache
@@ -410,7 +323,7 @@ class PosixTier:
             for i in range(lo, hi):
                 fn(i)
 
-        self._spread_ranges(count, part, min(count, self.lanes if lanes is None else lanes))
+        self._lanes.spread(count, part, lanes)
 
     # Below this many bytes in a batch, one thread does it all (a hand-off costs more).
     SPLIT_MIN_BYTES = 1 << 20
@@ -428,7 +341,7 @@ class PosixTier:
             for k, d in items:
                 self.put(k, d)
             return
-        self._spread_ranges(len(items), lambda lo, hi: self._put_range(items, lo, hi), lanes)
+        self._lanes.spread(len(items), lambda lo, hi: self._put_range(items, lo, hi), lanes)
 
     def get_many(self, keys: Sequence[str], intos: Sequence[memoryview | None]) -> list[Any]:
         if len(keys) != len(intos):
@@ -440,21 +353,8 @@ class PosixTier:
             for i, k in enumerate(keys):
                 out[i] = self.get(k, intos[i])
         else:
-            self._spread_ranges(len(keys), lambda lo, hi: self._get_range(keys, intos, out, lo, hi), lanes)
+            self._lanes.spread(len(keys), lambda lo, hi: self._get_range(keys, intos, out, lo, hi), lanes)
         return out
-
-    def _spread_ranges(self, count: int, fn: Callable[[int, int], None], lanes: int) -> None:
-        """Run fn(lo, hi) on `lanes` contiguous ranges of 0..count-1, the first in this thread."""
-        if lanes <= 1:
-            fn(0, count)
-            return
-        bounds = [count * j // lanes for j in range(lanes + 1)]
-        futures = [self._pool.submit(fn, bounds[j], bounds[j + 1]) for j in range(1, lanes)]
-        try:
-            fn(bounds[0], bounds[1])
-        finally:
-            for f in futures:
-                f.result()
 
     # The lanes of a batch of small chunks run these loops: the common case (a kept handle of
     # known size, one segment, page cache) inline, with no call it can spare, because the
@@ -487,7 +387,7 @@ class PosixTier:
                 parts: list[Any] = [lead, _zeros(off - len(lead)), data, seg, digest(lead + seg)]
                 end = off + dlen + 2 * DIGEST
                 if os.pwritev(fd, parts, 0) != end:
-                    _write_all(fd, parts, 0)
+                    files.write_all(fd, parts, 0)
                 if os.fstat(fd).st_size > end:
                     os.ftruncate(fd, end)
                 entry[2] = end
@@ -548,41 +448,3 @@ def _zeros(n: int) -> bytes:
     if z is None:
         z = _ZEROS[n] = bytes(n)
     return z
-
-
-def _pick(fd: int, dfd: int | None, piece: memoryview, offset: int) -> int:
-    """The O_DIRECT handle when it may carry this piece, else the buffered one."""
-    if dfd is None or offset % ALIGN or piece.nbytes % ALIGN:
-        return fd
-    return dfd if np.frombuffer(piece, dtype=np.uint8).ctypes.data % ALIGN == 0 else fd
-
-
-def _write_all(fd: int, parts: list[Any], offset: int) -> None:
-    views = [memoryview(p).cast("B") for p in parts]
-    views = [v for v in views if v.nbytes]
-    while views:
-        n = os.pwritev(fd, views, offset)
-        offset += n
-        while views and n >= views[0].nbytes:
-            n -= views[0].nbytes
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
-
-
-def _preadv_all(fd: int, parts: list[Any], offset: int) -> int:
-    """Fill `parts` in order from `offset` until they are full or the file ends; bytes read."""
-    views = [memoryview(p).cast("B") for p in parts]
-    views = [v for v in views if v.nbytes]
-    done = 0
-    while views:
-        n = os.preadv(fd, views, offset + done)
-        if n == 0:
-            break
-        done += n
-        while views and n >= views[0].nbytes:
-            n -= views[0].nbytes
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
-    return done

@@ -103,20 +103,10 @@ class KVStore:
                 Path(config.extra_config.nixl_path), pool, fsync, lanes=lanes, direct=direct
             )
         elif backend is NixlBackend.OBJ:
-            from weft.kvstore._s3 import S3Client
+            from weft.fabric.objstore import S3Client
             from weft.kvstore.obj import ObjTier
 
-            p = config.obj_params
-            client = S3Client(
-                p.bucket,
-                access_key=p.access_key.get_secret_value() if p.access_key else None,
-                secret_key=p.secret_key.get_secret_value() if p.secret_key else None,
-                region=p.region,
-                endpoint=p.endpoint_url,
-                ca_bundle=p.ca_bundle,
-                prefix=p.prefix,
-                timeout_s=timeout_s,
-            )
+            client = S3Client.from_params(config.obj_params, timeout_s=timeout_s)
             client.check_bucket()
             self._tier = ObjTier(client, pool)
         else:

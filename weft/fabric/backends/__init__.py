@@ -12,17 +12,37 @@ one `register_backend` line at the bottom of this file.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+from weft.api.vocab import StorageBackend
 from weft.fabric import errors
-from weft.fabric.backend import BackendHost, DataPath, Factory
+from weft.fabric.backend import BackendHost, DataPath, Factory, StorageFactory, StoragePath
 from weft.fabric.types import Backend
 
-__all__ = ["DataPath", "Factory", "load_backend", "load_backends", "register_backend"]
+__all__ = [
+    "DataPath",
+    "Factory",
+    "StorageFactory",
+    "StoragePath",
+    "load_backend",
+    "load_backends",
+    "load_storage",
+    "register_backend",
+    "register_storage",
+]
 
 log = logging.getLogger(__name__)
 
 _FACTORIES: dict[Backend, Callable[[], Factory]] = {}
+_STORAGE: dict[StorageBackend, Callable[[], StorageFactory]] = {}
+
+#: Storage backends NIXL has that this weft refuses, and why.
+_REFUSED = {
+    StorageBackend.GDS: "GPUDirect Storage needs cuFile (kvikio) and a GPU; neither is in this weft",
+    StorageBackend.GDS_MT: "GPUDirect Storage needs cuFile (kvikio) and a GPU; neither is in this weft",
+    StorageBackend.HF3FS: "3FS needs its client library (hf3fs_usrbio), which is not in this weft",
+}
 
 
 def register_backend(kind: Backend, loader: Callable[[], Factory]) -> None:
@@ -64,6 +84,29 @@ def load_backends(kinds: Sequence[Backend], host: BackendHost) -> list[DataPath]
     return loaded
 
 
+def register_storage(kind: StorageBackend, loader: Callable[[], StorageFactory]) -> None:
+    """Make the storage backend `kind` available to `Agent.add_backend`."""
+    _STORAGE[kind] = loader
+
+
+def load_storage(kind: StorageBackend, host: BackendHost, params: Mapping[str, Any]) -> StoragePath:
+    """Build the storage backend `kind` for one agent.
+
+    Raises:
+        BackendUnavailableError: refused here (GDS, GDS_MT, HF3FS: the reason is said) or its
+            library is missing. ConfigError: bad parameters.
+    """
+    if kind in _REFUSED:
+        raise errors.BackendUnavailableError(f"storage backend {kind.value} is refused: {_REFUSED[kind]}")
+    try:
+        factory = _STORAGE[kind]()
+    except KeyError:
+        raise errors.BackendUnavailableError(f"no storage backend registered for {kind.value!r}") from None
+    except ImportError as exc:
+        raise errors.BackendUnavailableError(f"storage backend {kind.value} is unavailable: {exc}") from None
+    return factory(host, params)
+
+
 def _tcp() -> Factory:
     from weft.fabric.backends import tcp
 
@@ -86,3 +129,19 @@ def _ucx() -> Factory:
 register_backend(Backend.TCP, _tcp)
 register_backend(Backend.LOCAL, _local)
 register_backend(Backend.UCX, _ucx)
+
+
+def _posix() -> StorageFactory:
+    from weft.fabric.backends import posix
+
+    return posix.PosixBackend
+
+
+def _obj() -> StorageFactory:
+    from weft.fabric.backends import obj
+
+    return obj.ObjBackend
+
+
+register_storage(StorageBackend.POSIX, _posix)
+register_storage(StorageBackend.OBJ, _obj)

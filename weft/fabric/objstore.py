@@ -1,4 +1,5 @@
-"""The S3 client of the OBJ tier: the only module that imports obstore.
+"""The S3 client of the fabric's `obj` backend and the KV store's OBJ tier: the only module
+that imports obstore.
 
 Chosen by measurement (`bench/s3_clients.py`, DEVELOPMENT.md): against the same S3-API server,
 obstore (Rust's object_store) spent 2.2 ms of client CPU per MB on 256 KiB objects where
@@ -21,6 +22,7 @@ from typing import Any
 import obstore
 from obstore.store import S3Store
 
+from weft.api.storage import ObjParams
 from weft.fabric.errors import StorageError
 
 
@@ -53,6 +55,8 @@ class S3Client:
         retry_timeout_s: float = 60.0,
         part_size: int = 16 << 20,
         concurrency: int = 8,
+        session_token: str | None = None,
+        virtual_hosted: bool = False,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
@@ -61,12 +65,14 @@ class S3Client:
         config: dict[str, Any] = {}
         if access_key is not None and secret_key is not None:
             config.update(access_key_id=access_key, secret_access_key=secret_key)
+            if session_token:
+                config["session_token"] = session_token
         if region:
             config["region"] = region
         elif endpoint:
             config["region"] = "us-east-1"  # S3-compatible stores ignore it; SigV4 needs one
         if endpoint:
-            config.update(endpoint=endpoint, virtual_hosted_style_request=False)
+            config.update(endpoint=endpoint, virtual_hosted_style_request=virtual_hosted)
         client: Any = {
             "timeout": datetime.timedelta(seconds=timeout_s),
             "connect_timeout": datetime.timedelta(seconds=min(timeout_s, 5.0)),
@@ -87,6 +93,23 @@ class S3Client:
             self._store = S3Store(bucket, client_options=client, retry_config=retry, **config)
         except Exception as exc:  # obstore raises its own types for bad settings
             raise StorageError(f"S3 bucket {bucket!r}: {exc}") from None
+
+    @classmethod
+    def from_params(cls, p: ObjParams, *, timeout_s: float = 30.0) -> S3Client:
+        """The client NIXL-style OBJ parameters describe (`weft.api.storage.ObjParams`)."""
+        secret = p.secret_key.get_secret_value() if p.secret_key else None
+        return cls(
+            p.bucket,
+            access_key=p.access_key.get_secret_value() if p.access_key else None,
+            secret_key=secret,
+            region=p.region,
+            endpoint=p.endpoint_url,
+            ca_bundle=p.ca_bundle,
+            prefix=p.prefix,
+            timeout_s=timeout_s,
+            session_token=p.session_token.get_secret_value() if p.session_token else None,
+            virtual_hosted=p.use_virtual_addressing,
+        )
 
     def _name(self, name: str) -> str:
         return self.prefix + name
@@ -135,6 +158,15 @@ class S3Client:
             return None
         except Exception as exc:
             raise self._fail("head", name, exc) from None
+
+    def get_range(self, name: str, start: int, length: int) -> Any:
+        """One byte range of an object (a buffer), or None if it is gone."""
+        try:
+            return obstore.get_range(self._store, self._name(name), start=start, length=length)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._fail("ranged get", name, exc) from None
 
     def get_ranges(self, name: str, starts: Sequence[int], lengths: Sequence[int]) -> list[Any] | None:
         """Several byte ranges of one object, fetched in parallel; None if it is gone."""

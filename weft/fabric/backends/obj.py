@@ -1,0 +1,167 @@
+"""The `obj` storage backend: OBJ memory, one S3 object per region, through obstore.
+
+The client is `weft.fabric.objstore.S3Client` (chosen by measurement, decision 007), made
+once per backend from NIXL's OBJ parameters (`weft.api.storage.ObjParams`: ``bucket``,
+``endpoint_override``, ``scheme``, ``access_key``, ``secret_key``, ``session_token``,
+``region``, ``ca_bundle``, ``use_virtual_addressing``, ``req_checksum``, and weft's
+``prefix``), plus ``workers`` (requests in flight at once; default 16) and ``timeout_s``
+(deadline of one request; default 30).
+
+S3 has no partial writes, so a WRITE replaces the whole object: its descriptors must cover
+the object from offset 0 without gaps (in any order; several are gathered into one body, one
+descriptor goes up with no copy). A READ fetches each descriptor's byte range (in parallel
+for several) into the caller's buffers; a range past the object's end fails. An object
+appears whole or not at all: a writer killed mid-PUT leaves the old object (or none).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pydantic
+
+from weft.api.storage import ObjParams
+from weft.api.vocab import StorageBackend
+from weft.fabric import errors, storage
+from weft.fabric.backends import posix
+from weft.fabric.objstore import S3Client
+from weft.fabric.types import MemoryKind, Op
+
+if TYPE_CHECKING:
+    from weft.fabric.backend import BackendHost
+    from weft.fabric.memory import DescList
+    from weft.fabric.transfer import Transfer
+
+
+@dataclass(frozen=True, slots=True)
+class ObjPlan:
+    op: Op
+    key: str
+    views: list[memoryview]  # local buffers, ordered by object offset for a WRITE
+    starts: list[int]
+    lengths: list[int]
+    total: int
+    stage: Any
+
+
+class ObjBackend:
+    kind = StorageBackend.OBJ
+    memory = MemoryKind.OBJ
+
+    def __init__(self, host: BackendHost, params: Mapping[str, Any]) -> None:
+        ours = {k: params[k] for k in ("workers", "timeout_s", "staging_bytes") if k in params}
+        theirs = {k: v for k, v in params.items() if k not in ours}
+        try:
+            parsed = ObjParams.model_validate(theirs)
+        except pydantic.ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "parameters"
+            raise errors.ConfigError(f"obj backend: {where}: {first['msg']}") from None
+        timeout = float(posix.count(ours, "timeout_s", 30))
+        self.host = host
+        self.staging_bytes = posix.count(ours, "staging_bytes", 256 << 20)
+        self.client = S3Client.from_params(parsed, timeout_s=timeout)
+        self.client.check_bucket()
+        self._pool = ThreadPoolExecutor(
+            max_workers=posix.count(ours, "workers", 16), thread_name_prefix=f"weft-obj {host.name}"
+        )
+        self._closed = False
+
+    def plan(self, op: Op, local: DescList, store: DescList) -> ObjPlan:
+        region = self.host.local_region(local)
+        obj_region = self.host.local_region(store)
+        spec = obj_region.keepalive
+        if not isinstance(spec, storage.ObjectRegion):
+            raise errors.InvalidDescriptorError(f"region {obj_region.label} is not an OBJ region")
+        if len(local) != len(store):
+            raise errors.InvalidDescriptorError(
+                f"local and object descriptors must match one to one ({len(local)} and {len(store)})"
+            )
+        starts, lengths = store.offsets.tolist(), store.lengths.tolist()
+        stage = None
+        if region.kind is MemoryKind.DRAM:
+            base = region.view
+            views = [base[o : o + n] for o, n in zip(local.offsets.tolist(), lengths, strict=True)]
+        elif region.kind is MemoryKind.VRAM:
+            if local.total > self.staging_bytes:
+                raise errors.InvalidDescriptorError(
+                    f"a VRAM request of {local.total} bytes exceeds the staging limit "
+                    f"(staging_bytes={self.staging_bytes})"
+                )
+            buf = np.empty(local.total, np.uint8).data
+            views, at = [], 0
+            for n in lengths:
+                views.append(buf[at : at + n])
+                at += n
+            stage = (region, local.offsets.tolist(), views)
+        else:
+            raise errors.BackendUnavailableError(f"obj moves DRAM or VRAM to OBJ, not {region.kind.value}")
+        if op is Op.WRITE:
+            order = sorted(range(len(starts)), key=starts.__getitem__)
+            at = 0
+            for i in order:
+                if starts[i] != at:
+                    raise errors.InvalidDescriptorError(
+                        f"a WRITE replaces the whole object {spec.key!r} (S3 has no partial writes): "
+                        f"its descriptors must cover it from offset 0 without gaps; offset {at} is "
+                        f"{'missing' if starts[i] > at else 'written twice'}"
+                    )
+                at += lengths[i]
+            views = [views[i] for i in order]
+        return ObjPlan(op, spec.key, views, starts, lengths, local.total, stage)
+
+    def post(self, plan: ObjPlan, transfer: Transfer, notify: bytes | None) -> None:
+        if self._closed:
+            raise errors.AgentClosedError(f"agent {self.host.name!r}: obj backend closed")
+        if plan.stage is not None and plan.op is Op.WRITE:
+            posix.stage_out(self.host, plan.stage)
+        self._pool.submit(functools.partial(self._run, plan, transfer, notify))
+
+    def _run(self, plan: ObjPlan, transfer: Transfer, notify: bytes | None) -> None:
+        err: errors.WeftError | None = None
+        try:
+            if transfer.done():  # its deadline passed (or it was released) while it queued
+                return
+            if plan.op is Op.WRITE:
+                body: Any = plan.views[0] if len(plan.views) == 1 else b"".join(plan.views)
+                self.client.put(plan.key, body)
+            else:
+                self._read(plan)
+                if plan.stage is not None:
+                    posix.stage_in(self.host, plan.stage)
+        except errors.WeftError as exc:
+            err = exc
+        if transfer.complete(err) and err is None and notify is not None:
+            self.host.deliver(self.host.name, notify)
+
+    def _read(self, plan: ObjPlan) -> None:
+        if len(plan.starts) == 1:
+            one = self.client.get_range(plan.key, plan.starts[0], plan.lengths[0])
+            got = None if one is None else [one]
+        else:
+            got = self.client.get_ranges(plan.key, plan.starts, plan.lengths)
+        if got is None:
+            raise errors.StorageError(f"object {plan.key!r} does not exist in bucket {self.client.bucket!r}")
+        for i, (view, data) in enumerate(zip(plan.views, got, strict=True)):
+            chunk = memoryview(data)
+            if chunk.nbytes != view.nbytes:
+                raise errors.StorageError(
+                    f"object {plan.key!r} ends before descriptor {i} (offset {plan.starts[i]}, "
+                    f"length {plan.lengths[i]}): got {chunk.nbytes} bytes"
+                )
+            view[:] = chunk
+
+    def query(self, spec: storage.FileRegion | storage.ObjectRegion) -> storage.StorageInfo | None:
+        if not isinstance(spec, storage.ObjectRegion):
+            raise errors.InvalidDescriptorError("the obj backend answers for ObjectRegion, not FileRegion")
+        size = self.client.size(spec.key)
+        return None if size is None else storage.StorageInfo(size=size)
+
+    def close(self) -> None:
+        self._closed = True
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,335 @@
+"""The `posix` storage backend: FILE memory, moved with preadv/pwritev on the file engine.
+
+A FILE region is raw bytes at the caller's offsets (NIXL's POSIX semantics: no header, no
+format). A request is laid out once: its descriptors become runs of consecutive file
+offsets, each run one ``preadv``/``pwritev`` of the caller's buffers (up to 1024 of them),
+with no copy. Requests of at least `PARALLEL_BYTES` are split over the lanes of
+`weft.fabric.files` (the engine the KV store's POSIX tier runs on); smaller ones up to the
+agent's ``inline_bytes`` run in the posting thread, so a small READ is DONE when `post`
+returns.
+
+Parameters (strings, as NIXL passes them): ``lanes`` (threads; default the CPU count),
+``direct`` (``O_DIRECT`` for runs whose buffers, offset and length are 4096-aligned; the page
+cache for the rest), ``staging_bytes`` (largest VRAM request, staged through host memory).
+NIXL's own POSIX parameters (``use_aio``, ``use_uring``, ``use_posix_aio``,
+``kernel_queue_size``, ``ios_pool_size``) are accepted and have no effect: the lanes do the
+asynchronous part.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from weft.api.vocab import StorageBackend
+from weft.fabric import errors, files, storage
+from weft.fabric.types import MemoryKind, Op
+
+if TYPE_CHECKING:
+    from weft.fabric.backend import BackendHost
+    from weft.fabric.memory import DescList
+    from weft.fabric.transfer import Transfer
+
+#: Requests at least this large are split over the lanes.
+PARALLEL_BYTES = 4 << 20
+#: Buffers one preadv/pwritev takes at most (Linux's IOV_MAX).
+IOV_MAX = 1024
+
+_NIXL_PARAMS = frozenset({"use_aio", "use_uring", "use_posix_aio", "kernel_queue_size", "ios_pool_size"})
+
+#: A run: where it starts in the file, the buffers it fills or drains in order, and whether
+#: O_DIRECT may carry it.
+Run = tuple[int, list[memoryview], bool]
+
+
+def flag(params: Mapping[str, Any], key: str, default: bool) -> bool:
+    """A boolean parameter given as NIXL gives them ("true", "1", "yes", ...) or as a bool."""
+    value = params.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise errors.ConfigError(f"parameter {key}={value!r} is not a boolean")
+
+
+def count(params: Mapping[str, Any], key: str, default: int, lo: int = 1) -> int:
+    """An integer parameter (string or int) of at least `lo`."""
+    value = params.get(key)
+    if value is None:
+        return default
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        raise errors.ConfigError(f"parameter {key}={value!r} is not an integer") from None
+    if n < lo:
+        raise errors.ConfigError(f"parameter {key}={n} must be >= {lo}")
+    return n
+
+
+@dataclass(slots=True)
+class PosixPlan:
+    op: Op
+    handle: storage.FileHandle
+    runs: list[Run]
+    parts: list[list[Run]]  # the runs split for the lanes; empty: one part
+    total: int
+    stage: Any  # VRAM requests: (host buffer, local region, local offsets, lengths)
+
+
+class PosixBackend:
+    kind = StorageBackend.POSIX
+    memory = MemoryKind.FILE
+
+    def __init__(self, host: BackendHost, params: Mapping[str, Any]) -> None:
+        known = {"lanes", "direct", "staging_bytes"} | _NIXL_PARAMS
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise errors.ConfigError(f"posix backend: unknown parameters {unknown} (known: {sorted(known)})")
+        self.host = host
+        self.direct = flag(params, "direct", False)
+        self.staging_bytes = count(params, "staging_bytes", 256 << 20)
+        self._lanes = files.Lanes(count(params, "lanes", os.cpu_count() or 1), f"weft-posix {host.name}")
+        self._closed = False
+        self._direct_lock = threading.Lock()
+        self._direct_fds: dict[int, int] = {}  # id(handle) -> O_DIRECT descriptor
+
+    # -- laying a request out -------------------------------------------------------------
+    def plan(self, op: Op, local: DescList, store: DescList) -> PosixPlan:
+        region = self.host.local_region(local)
+        file_region = self.host.local_region(store)
+        handle = file_region.keepalive
+        if not isinstance(handle, storage.FileHandle):
+            raise errors.InvalidDescriptorError(f"region {file_region.label} is not a FILE region")
+        if len(local) != len(store):
+            raise errors.InvalidDescriptorError(
+                f"local and file descriptors must match one to one ({len(local)} and {len(store)})"
+            )
+        starts = (store.offsets + np.uint64(handle.offset)).tolist()
+        lengths = store.lengths.tolist()
+        stage = None
+        if region.kind is MemoryKind.DRAM:
+            base = region.view
+            views = [base[o : o + n] for o, n in zip(local.offsets.tolist(), lengths, strict=True)]
+        elif region.kind is MemoryKind.VRAM:
+            if local.total > self.staging_bytes:
+                raise errors.InvalidDescriptorError(
+                    f"a VRAM request of {local.total} bytes exceeds the staging limit "
+                    f"(staging_bytes={self.staging_bytes})"
+                )
+            buf = np.empty(local.total, np.uint8).data
+            views, at = [], 0
+            for n in lengths:
+                views.append(buf[at : at + n])
+                at += n
+            stage = (region, local.offsets.tolist(), views)
+        else:
+            raise errors.BackendUnavailableError(f"posix moves DRAM or VRAM to FILE, not {region.kind.value}")
+        runs = _runs(starts, views, self.direct)
+        split = local.total >= PARALLEL_BYTES and self._lanes.lanes > 1
+        parts = _split(runs, self._lanes.lanes) if split else []
+        return PosixPlan(op, handle, runs, parts, local.total, stage)
+
+    # -- moving ---------------------------------------------------------------------------
+    def post(self, plan: PosixPlan, transfer: Transfer, notify: bytes | None) -> None:
+        if self._closed:
+            raise errors.AgentClosedError(f"agent {self.host.name!r}: posix backend closed")
+        if plan.stage is not None and plan.op is Op.WRITE:
+            stage_out(self.host, plan.stage)
+        if plan.parts:
+            joint = _Joint(len(plan.parts), functools.partial(self._end, plan, transfer, notify))
+            for part in plan.parts:
+                self._lanes.submit(functools.partial(self._part, plan, part, joint))
+        elif plan.total <= self.host.config.inline_bytes:
+            self._end(plan, transfer, notify, self._move(plan, plan.runs))
+        else:
+            self._lanes.submit(lambda: self._end(plan, transfer, notify, self._move(plan, plan.runs)))
+
+    def _part(self, plan: PosixPlan, part: list[Run], joint: _Joint) -> None:
+        joint.done(self._move(plan, part))
+
+    def _end(
+        self, plan: PosixPlan, transfer: Transfer, notify: bytes | None, err: errors.WeftError | None
+    ) -> None:
+        if err is None and plan.stage is not None and plan.op is Op.READ:
+            try:
+                stage_in(self.host, plan.stage)
+            except errors.WeftError as exc:
+                err = exc
+        if transfer.complete(err) and err is None and notify is not None:
+            self.host.deliver(self.host.name, notify)
+
+    def _move(self, plan: PosixPlan, runs: list[Run]) -> errors.WeftError | None:
+        """Move some runs of a request; returns the error instead of raising it."""
+        handle = plan.handle
+        try:
+            fd = handle.acquire()
+        except errors.WeftError as exc:
+            return exc
+        try:
+            write = plan.op is Op.WRITE
+            for off, views, direct in runs:
+                dfd = self._direct_fd(handle, fd) if direct else None
+                _io(fd if dfd is None else dfd, off, views, write, handle)
+        except errors.WeftError as exc:
+            return exc
+        finally:
+            handle.done()
+        return None
+
+    def _direct_fd(self, handle: storage.FileHandle, fd: int) -> int | None:
+        key = id(handle)
+        with self._direct_lock:
+            dfd = self._direct_fds.get(key)
+            if dfd is not None:
+                return dfd
+            try:
+                dfd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError:
+                try:
+                    dfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+                except OSError:
+                    return None  # the filesystem refuses O_DIRECT (tmpfs): the page cache it is
+            self._direct_fds[key] = dfd
+            handle.on_release(lambda: self._drop_direct(key))
+            return dfd
+
+    def _drop_direct(self, key: int) -> None:
+        with self._direct_lock:
+            dfd = self._direct_fds.pop(key, None)
+        if dfd is not None:
+            os.close(dfd)
+
+    # -- queries and lifetime -------------------------------------------------------------
+    def query(self, spec: storage.FileRegion | storage.ObjectRegion) -> storage.StorageInfo | None:
+        if not isinstance(spec, storage.FileRegion):
+            raise errors.InvalidDescriptorError("the posix backend answers for FileRegion, not ObjectRegion")
+        try:
+            st = os.stat(spec.path) if spec.path is not None else os.fstat(spec.fd or 0)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise errors.StorageError(f"cannot stat {spec.path or f'fd {spec.fd}'}: {exc.strerror}") from None
+        return storage.StorageInfo(size=max(0, st.st_size - spec.offset))
+
+    def close(self) -> None:
+        self._closed = True
+        self._lanes.close()
+        with self._direct_lock:
+            fds, self._direct_fds = list(self._direct_fds.values()), {}
+        for dfd in fds:
+            os.close(dfd)
+
+
+class _Joint:
+    """Finishes once, after `n` parts, with the first error any part reported."""
+
+    def __init__(self, n: int, finish: Callable[[errors.WeftError | None], None]) -> None:
+        self._left = n
+        self._error: errors.WeftError | None = None
+        self._lock = threading.Lock()
+        self._end = finish
+
+    def done(self, error: errors.WeftError | None) -> None:
+        with self._lock:
+            self._left -= 1
+            if error is not None and self._error is None:
+                self._error = error
+            last = self._left == 0
+        if last:
+            self._end(self._error)
+
+
+def _io(fd: int, off: int, views: list[memoryview], write: bool, handle: storage.FileHandle) -> None:
+    total = sum(v.nbytes for v in views)
+    try:
+        if write:
+            if os.pwritev(fd, views, off) != total:
+                files.write_all(fd, list(views), off)  # a short write (signals, quotas): finish it
+            return
+        if os.preadv(fd, views, off) == total:
+            return
+        got = files.preadv_all(fd, list(views), off)
+    except OSError as exc:
+        where = handle.path or f"fd {handle.fd}"
+        what = "write" if write else "read"
+        reason = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        raise errors.StorageError(f"{what} of {total} bytes at offset {off} of {where}: {reason}") from None
+    if got < total:
+        where = handle.path or f"fd {handle.fd}"
+        raise errors.StorageError(
+            f"read of {total} bytes at offset {off} of {where} reached the end of the file after {got}"
+        )
+
+
+def _runs(starts: list[int], views: list[memoryview], direct: bool) -> list[Run]:
+    """Group descriptors whose file ranges follow each other into runs of <= IOV_MAX buffers."""
+    grouped: list[tuple[int, list[memoryview]]] = []
+    end = -1
+    for off, view in zip(starts, views, strict=True):
+        if off == end and len(grouped[-1][1]) < IOV_MAX:
+            grouped[-1][1].append(view)
+        else:
+            grouped.append((off, [view]))
+        end = off + view.nbytes
+    return [(off, vs, direct and _aligned(off, vs)) for off, vs in grouped]
+
+
+def _split(runs: list[Run], parts: int) -> list[list[Run]]:
+    """Cut runs into `parts` lists of about equal bytes (a run may be cut inside a buffer)."""
+    total = sum(v.nbytes for _, vs, _ in runs for v in vs)
+    share = -(-total // parts)
+    share = -(-share // files.ALIGN) * files.ALIGN  # cuts on page boundaries
+    out: list[list[Run]] = [[]]
+    room = share
+    for off, views, direct in runs:
+        current: list[memoryview] = []
+        start = off
+        for view in views:
+            v = view
+            while v.nbytes:
+                take = min(v.nbytes, room)
+                current.append(v[:take])
+                v = v[take:]
+                room -= take
+                if room == 0:
+                    out[-1].append((start, current, direct))
+                    start += sum(c.nbytes for c in current)
+                    current = []
+                    out.append([])
+                    room = share
+        if current:
+            out[-1].append((start, current, direct))
+    return [p for p in out if p]
+
+
+def _aligned(off: int, views: list[memoryview]) -> bool:
+    if off % files.ALIGN:
+        return False
+    return all(
+        v.nbytes % files.ALIGN == 0 and np.frombuffer(v, np.uint8).ctypes.data % files.ALIGN == 0
+        for v in views
+    )
+
+
+def stage_out(host: BackendHost, stage: Any) -> None:
+    region, offsets, views = stage
+    for off, view in zip(offsets, views, strict=True):
+        host.device_to_host(region, off, view)
+
+
+def stage_in(host: BackendHost, stage: Any) -> None:
+    region, offsets, views = stage
+    for off, view in zip(offsets, views, strict=True):
+        host.host_to_device(view, region, off)
