@@ -344,6 +344,8 @@ def _child(flavour: str, fn_name: str, conn: Connection, a: dict[str, Any]) -> N
             conn.send(("ok", fn(a)))
             return
         os.environ.update(a.get("env", {}))
+        if flavour == "weft":  # the group's join token, as a deployment sets it
+            os.environ.setdefault("WEFT_SECRET", "bench-nixl-api-secret-0123456789")
         api = use(flavour)
         res = fn(api, conn, a) if fn_name.startswith(("blocks_", "kill_")) else fn(api, a)
         conn.send(("ok", {**(res or {}), "nixl_api": getattr(api, "__file__", api.__name__)}))

@@ -37,6 +37,8 @@ import pytest
 from tests.s3_fixtures import S3Server
 
 ROOT = Path(__file__).resolve().parents[2]
+# weft.nixl's agents take the group's join token from the environment, as a deployment sets it
+WEFT_ENV = {"WEFT_SECRET": "weft-lmcache-test-secret-0123456789"}
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
@@ -65,11 +67,16 @@ def _check_origin(flavour: str, result: dict[str, Any]) -> None:
         assert "nixl_cu" in origin, f"nixl._api came from {origin}, not the NIXL wheel"
 
 
+def env(flavour: str) -> dict[str, str]:
+    return {**os.environ, **WEFT_ENV} if flavour == "weft" else dict(os.environ)
+
+
 def run(flavour: str, scenario: str, args: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
     """One scenario in a fresh interpreter; its RESULT line, or a failure with its output."""
     proc = subprocess.run(
         [sys.executable, "-m", "tests.nixl.lmcacheproc", flavour, scenario, json.dumps(args)],
         cwd=ROOT,
+        env=env(flavour),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -153,7 +160,20 @@ def _check_l2(result: dict[str, Any]) -> None:
     assert result["reuse_equal"] is True
 
 
-def test_l2_adapter_posix(flavour: str, tmp_path: Path) -> None:
+# LMCache's NixlStoreL2Adapter hands its whole `backend_params` to
+# `nixl_agent.create_backend("POSIX", params)`, its own keys `file_path` and `use_direct_io`
+# included; NIXL 1.5's POSIX plugin ignores keys it does not know, weft.nixl passes them to
+# weft's posix backend, which refuses them (nixlInvalidParamError: "posix backend: unknown
+# parameters ['file_path', 'use_direct_io']"). Strict: it fails loudly once weft.nixl accepts.
+L2_POSIX_WEFT = pytest.mark.xfail(
+    reason="weft.nixl create_backend('POSIX') refuses LMCache's file_path/use_direct_io params",
+    strict=True,
+)
+
+
+def test_l2_adapter_posix(flavour: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if flavour == "weft":
+        request.applymarker(L2_POSIX_WEFT)
     params = {"file_path": str(tmp_path / "l2"), "use_direct_io": "false"}
     _check_l2(run(flavour, "l2", {"backend": "POSIX", "pool": 4, "params": params}))
 
@@ -179,6 +199,7 @@ def channel_server(
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.nixl.lmcacheproc", flavour, "chan-server", json.dumps(args)],
         cwd=ROOT,
+        env=env(flavour),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
