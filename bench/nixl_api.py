@@ -53,6 +53,8 @@ import numpy as np
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 KiB, MiB = 1 << 10, 1 << 20
+if str(REPO_ROOT) not in sys.path:  # this checkout's weft, in this process and the spawned ones
+    sys.path.insert(0, str(REPO_ROOT))
 FLAVOURS = ("nixl", "weft")
 WORKLOADS = ("posix", "blocks", "overhead", "kill")
 POSIX_SIZES = [256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 32 * MiB]
