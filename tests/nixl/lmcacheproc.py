@@ -277,15 +277,24 @@ def chan_client(a: dict[str, Any]) -> dict[str, Any]:
     size = a["obj_pages"] * page
     remote = ctx.get_transfer_channel_address([(i * size, size) for i in range(n)])
     local = ctx.get_transfer_channel_address([((n - 1 - i) * size, size) for i in range(n)])
+    if a.get("pause"):  # one READ opens the data path; then the parent may kill the server
+        first = client.submit_read(local, remote)
+        wait_for(lambda: client.query_read_status(first).is_finished(), "first read")
+        l1.zero_()
+        print("CONNECTED", flush=True)
+        sys.stdin.readline()
     t0 = time.monotonic()
-    task = client.submit_read(local, remote)
-    if a.get("announce"):
-        print("SUBMITTED", flush=True)
-    out = wait_for(
-        lambda: (r := client.query_read_status(task)).is_finished() and r,
-        "read",
-        a.get("deadline", DEADLINE_S),
-    )
+    try:
+        task = client.submit_read(local, remote)
+        out = wait_for(
+            lambda: (r := client.query_read_status(task)).is_finished() and r,
+            "read",
+            a.get("deadline", DEADLINE_S),
+        )
+    except Exception as e:  # what LMCache's channel lets through is the finding
+        res["raised"] = f"{type(e).__name__}: {e}"[:300]
+        res["elapsed_s"] = time.monotonic() - t0
+        return res
     res["elapsed_s"] = time.monotonic() - t0
     res["mask"] = list(out.succeeded_mask)
     ok = True
