@@ -33,6 +33,7 @@ from weft.fabric.errors import (
 )
 from weft.fabric.memory import DescList, Registration, RemoteRegion
 from weft.fabric.notify import Notification
+from weft.fabric.storage import FileRegion, ObjectRegion, StorageInfo
 from weft.fabric.transfer import PreparedTransfer, Transfer
 from weft.fabric.types import Backend, MemoryKind, Op, TransferState
 
@@ -47,12 +48,14 @@ __all__ = [
     "DescList",
     "DeviceUnavailableError",
     "FencedError",
+    "FileRegion",
     "InvalidBufferError",
     "InvalidDescriptorError",
     "MemoryKind",
     "MetadataError",
     "Notification",
     "NotificationTimeoutError",
+    "ObjectRegion",
     "Op",
     "PeerFencedError",
     "PeerLostError",
@@ -63,6 +66,7 @@ __all__ = [
     "RemoteError",
     "RemoteRegion",
     "StalePeerError",
+    "StorageInfo",
     "Transfer",
     "TransferCancelledError",
     "TransferError",

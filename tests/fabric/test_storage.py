@@ -32,6 +32,7 @@ from weft.fabric import (
     StorageInfo,
     TransferState,
     UnknownRegionError,
+    _cuda,
 )
 from weft.fabric.backends import posix
 
@@ -320,3 +321,19 @@ def test_a_missing_bucket_or_bad_parameters_fail_at_add_backend(s3_server: S3Ser
             a.add_backend("obj", _obj_params(s3_server, "no-such-bucket-here"))
         with pytest.raises(ConfigError, match="bucket"):
             a.add_backend("obj", {"endpoint_override": s3_server.endpoint})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda.gpu_available(), reason="no usable GPU")
+def test_vram_moves_to_a_file_and_back_through_host_staging(agent: Agent, tmp_path: Path) -> None:
+    import cupy
+
+    src = cupy.arange(1 << 18, dtype=cupy.uint32)  # 1 MiB
+    dst = cupy.zeros_like(src)
+    rs, rd = agent.register(src), agent.register(dst)
+    assert rs.kind is MemoryKind.VRAM
+    f = agent.register(FileRegion(path=tmp_path / "vram", create=True))
+    agent.write(rs.descs(), agent.name, f.descs([(0, 1 << 20)])).wait()
+    assert (tmp_path / "vram").read_bytes() == cupy.asnumpy(src).tobytes()
+    agent.read(rd.descs(), agent.name, f.descs([(0, 1 << 20)])).wait()
+    assert bool((dst == src).all())

@@ -281,7 +281,7 @@ def test_tensors_by_duck_typing(make: Callable[..., Any]) -> None:
     assert "torch" not in {m.split(".")[0] for m in weft_api.__dict__ if isinstance(m, str)}
 
 
-def test_storage_backends_before_the_fabric_has_them(make: Callable[..., Any]) -> None:
+def test_plugins_and_backends(make: Callable[..., Any]) -> None:
     a = make()
     assert a.get_plugin_list() == ["OBJ", "POSIX", "UCX"]
     assert "bucket" in a.get_plugin_params("OBJ")
@@ -374,3 +374,30 @@ def test_shim_overhead_per_transfer_is_small(
     overhead = float(np.median(shim) - np.median(raw))
     assert overhead <= 20e-6, f"shim overhead {overhead * 1e6:.1f} µs"
     assert weft.nixl.nixl_agent is weft_api.nixl_agent
+
+
+def test_posix_loopback_write_read_and_query(make: Callable[..., Any], tmp_path: Any) -> None:
+    a = make()
+    a.create_backend("POSIX", {})
+    path = tmp_path / "kv.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        buf = np.arange(8192, dtype=np.uint8) % 200
+        want = buf.copy()
+        a.register_memory([(buf.ctypes.data, 8192, 0, "")], "DRAM")
+        a.register_memory([(0, 8192, fd, str(path))], "FILE")
+        lo = a.prep_xfer_dlist("", [(buf.ctypes.data, 8192, 0)], "DRAM")
+        f = a.prep_xfer_dlist(a.name, [(0, 8192, fd)], "FILE")
+        h = a.make_prepped_xfer("WRITE", lo, [0], f, [0])
+        a.transfer(h)
+        assert _finish(a, h) == "DONE"
+        assert a.query_xfer_backend(h) == "POSIX"
+        buf[:] = 0
+        r = a.make_prepped_xfer("READ", lo, [0], f, [0])
+        a.transfer(r)
+        assert _finish(a, r) == "DONE"
+        assert (buf == want).all()
+        got = a.query_memory([(0, 0, 0, str(path)), (0, 0, 0, str(tmp_path / "none"))], "POSIX", "FILE")
+        assert got == [{"size": "8192"}, None]
+    finally:
+        os.close(fd)

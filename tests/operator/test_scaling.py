@@ -3,6 +3,7 @@ examples and by properties (bounds, step, tolerance, determinism)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -239,12 +240,19 @@ def test_stable_load_settles_and_stays(
     s: tuple[int, api.Autoscaling, Bounds, Sequence[LoadRecord], Sequence[Recommendation]],
 ) -> None:
     """Fed its own answers under an unchanging load, the autoscaler comes to rest within a
-    bounded number of decisions, and then does not move (no flapping)."""
+    bounded number of decisions, and then does not move (no flapping).
+
+    The bound: at most ``ceiling - floor`` moves of one pod or more, each waiting out at most
+    the longer stabilization window (decisions come every 10 s), then 10 decisions at rest.
+    """
     current, a, limits, got, _ = s
     history: tuple[Recommendation, ...] = ()
     now = 0.0
     seen = []
-    for _ in range(80):
+    b = a.behavior
+    window = max(b.scale_up.stabilization_window_seconds, b.scale_down.stabilization_window_seconds)
+    rounds = (limits.ceiling - limits.floor + 1) * (math.ceil(window / 10.0) + 1) + 10
+    for _ in range(rounds):
         d = decide(current, a, limits, got, history, now)
         current, history, now = d.replicas, d.history, now + 10.0
         seen.append(current)
