@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 E2E_ROUNDS ?= 20
 E2E_ARGS ?=
 
-.PHONY: setup etcd k8s cluster-up cluster-down test test-unit test-integration lint demo bench bench-kv clean help \
+.PHONY: setup etcd k8s cluster-up cluster-down test test-unit test-integration lint demo bench bench-kv bench-nixl clean help \
 	crds pod-schema helm-lint images e2e e2e-kind e2e-up e2e-down
 
 help:
@@ -24,6 +24,7 @@ help:
 	@echo "make cluster-up / cluster-down   a real kube-apiserver 1.20 on loopback, by hand"
 	@echo "make bench    weft against NIXL, DRAM to DRAM, two processes"
 	@echo "make bench-kv the KV store against NIXL's POSIX backend (and OBJ on a local S3)"
+	@echo "make bench-nixl  NIXL's Python API: NIXL 1.5 against weft.nixl, same client code"
 
 setup: etcd $(STAMP)
 
@@ -40,7 +41,9 @@ $(STAMP): pyproject.toml | etcd
 		{ echo "weft needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,ucx]'
+	$(BIN)/python -m pip install --quiet 'torch==2.13.0'
+	$(BIN)/python -m pip install --quiet --no-deps 'lmcache==0.5.6'
+	$(BIN)/python -m pip install --quiet -e '.[dev,ucx,lmcache]'
 	touch $@
 
 test: lint k8s
@@ -107,9 +110,8 @@ lint: setup
 demo: setup
 	$(BIN)/weft demo
 
-# nixl depends on torch: install the CPU build first so pip does not pull CUDA wheels.
+# nixl depends on torch: setup installs the CPU build first so pip does not pull CUDA wheels.
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet 'torch==2.13.0'
 	$(BIN)/python -m pip install --quiet -e '.[dev,ucx,bench]'
 	touch $@
 
@@ -119,6 +121,11 @@ bench: $(BENCH_STAMP)
 # the KV store's POSIX tier against NIXL's POSIX backend and os.pwrite/preadv; OBJ on moto
 bench-kv: $(BENCH_STAMP)
 	$(BIN)/python bench/kvstore.py $(BENCH_ARGS)
+
+# NIXL's Python API, the same client code on NIXL and on weft.nixl (chunks on POSIX, block
+# READs between two processes, per-call overhead, a target killed mid-READ)
+bench-nixl: $(BENCH_STAMP)
+	$(BIN)/python bench/nixl_api.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
