@@ -15,7 +15,7 @@ from weft.nixl import _bindings as nb
 
 _MAP: tuple[tuple[type[fabric.WeftError], type[nb.nixlError]], ...] = (
     (fabric.TransferCancelledError, nb.nixlCancelledError),
-    (fabric.PeerLostError, nb.nixlBackendError),  # NIXL's UCX reports a lost peer so
+    (fabric.PeerLostError, nb.nixlRemoteDisconnectError),  # NIXL_ERR_REMOTE_DISCONNECT
     (fabric.TransferError, nb.nixlBackendError),
     (fabric.UnknownPeerError, nb.nixlNotFoundError),
     (fabric.UnknownRegionError, nb.nixlNotFoundError),
