@@ -59,7 +59,7 @@ class Transfer:
         self.t_done: float | None = None
         self.error: errors.WeftError | None = None
         self._state = TransferState.POSTED
-        self._event = threading.Event()
+        self._event: threading.Event | None = None  # made by the first waiter (most never wait)
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[], None]] = []
         self._cancel_hook: Callable[[], None] | None = None
@@ -99,10 +99,21 @@ class Transfer:
             self._state = TransferState.DONE if error is None else TransferState.ERROR
             callbacks, self._callbacks = self._callbacks, []
             self._cancel_hook = None
-        self._event.set()
+            event = self._event
+        if event is not None:
+            event.set()
         for cb in callbacks:
             cb()
         return True
+
+    def _waiter(self) -> threading.Event:
+        """The event `wait` blocks on, made on first use (set at once if already ended)."""
+        with self._lock:
+            if self._event is None:
+                self._event = threading.Event()
+                if self._state is not TransferState.POSTED:
+                    self._event.set()
+            return self._event
 
     def _expire(self) -> None:
         waited = time.monotonic() - self.t_posted
@@ -144,7 +155,8 @@ class Transfer:
             WeftError: the transfer's error (`TransferTimeoutError`, `PeerLostError`, ...).
         """
         limit = self.deadline if timeout is None else min(self.deadline, time.monotonic() + timeout)
-        while not self._event.wait(max(0.0, limit - time.monotonic())):
+        event = self._waiter()
+        while not event.wait(max(0.0, limit - time.monotonic())):
             if time.monotonic() >= limit:
                 self._expire()
                 break
@@ -152,7 +164,7 @@ class Transfer:
 
     async def wait_async(self, timeout: float | None = None) -> Transfer:
         """`wait` for asyncio; `await transfer` does the same with the transfer's deadline."""
-        if not self._event.is_set():
+        if self._state is TransferState.POSTED:
             loop = asyncio.get_running_loop()
             fut: asyncio.Future[None] = loop.create_future()
 

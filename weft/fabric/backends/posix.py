@@ -171,14 +171,15 @@ class PosixBackend:
         joint.finished.wait(max(0.0, transfer.deadline - time.monotonic()))
 
     def post_batch(self, items: list[tuple[PosixPlan, Transfer, bytes | None]]) -> None:
-        """Several requests at once: contiguous shares of them go to the lanes, the first
-        share is moved in this thread (LMCache puts 64 chunks, one file each, in one NIXL
-        request: one request at a time would leave every core but one idle)."""
+        """Several requests at once: contiguous shares of them go to the lanes, whole (a large
+        request is not split again), the first share is moved in this thread. LMCache puts 64
+        chunks, one file each, in one NIXL request: one request at a time would leave every
+        core but one idle. The wait for the lanes is bounded by the earliest deadline."""
         if self._closed:
             raise errors.AgentClosedError(f"agent {self.host.name!r}: posix backend closed")
         total = sum(plan.total for plan, _, _ in items)
         lanes = min(self._lanes.lanes, len(items))
-        if lanes < 2 or total < BATCH_BYTES or any(plan.parts for plan, _, _ in items):
+        if lanes < 2 or total < BATCH_BYTES:
             for plan, transfer, notify in items:
                 self._post_one(plan, transfer, notify)
             return
@@ -187,17 +188,23 @@ class PosixBackend:
         for j in range(1, lanes):
             share = items[bounds[j] : bounds[j + 1]]
             self._lanes.submit(functools.partial(self._share, share, joint))
-        for plan, transfer, notify in items[bounds[0] : bounds[1]]:
-            self._post_one(plan, transfer, notify)
+        self._share(items[bounds[0] : bounds[1]], None)
         deadline = min(t.deadline for _, t, _ in items)
         joint.finished.wait(max(0.0, deadline - time.monotonic()))
 
-    def _share(self, share: list[tuple[PosixPlan, Transfer, bytes | None]], joint: _Joint) -> None:
+    def _share(self, share: list[tuple[PosixPlan, Transfer, bytes | None]], joint: _Joint | None) -> None:
         try:
             for plan, transfer, notify in share:
-                self._post_one(plan, transfer, notify)
+                if plan.stage is not None and plan.op is Op.WRITE:
+                    try:
+                        stage_out(self.host, plan.stage)
+                    except errors.WeftError as exc:
+                        transfer.complete(exc)
+                        continue
+                self._end(plan, transfer, notify, self._move(plan, plan.runs))
         finally:
-            joint.done(None)
+            if joint is not None:
+                joint.done(None)
 
     def _post_one(self, plan: PosixPlan, transfer: Transfer, notify: bytes | None) -> None:
         try:
