@@ -4,7 +4,6 @@ behaviour is odd (bytes names, None from get_xfer_descs), the same assertion on 
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import socket
 import subprocess
@@ -343,10 +342,9 @@ def test_auto_honours_weft_nixl(value: str, expected: str) -> None:
     assert out.stdout.strip() == expected
 
 
-def test_shim_overhead_per_transfer_is_small(
-    make: Callable[..., Any], caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.WARNING)
+def test_a_prepared_transfer_reposts_as_one_weft_transfer(make: Callable[..., Any]) -> None:
+    """One descriptor pair is one weft prepared transfer, posted again as is: no per-call
+    rebuilding (the per-call cost itself is measured by bench/nixl_api.py, not here)."""
     a, b = make(), make()
     src = np.arange(4096, dtype=np.uint8)
     dst = np.zeros(4096, np.uint8)
@@ -356,23 +354,14 @@ def test_shim_overhead_per_transfer_is_small(
     lo = a.prep_xfer_dlist("", [(dst.ctypes.data, 4096, 0)], "DRAM")
     r = a.prep_xfer_dlist(name, [(src.ctypes.data, 4096, 0)], "DRAM")
     h = a.make_prepped_xfer("READ", lo, [0], r, [0])
-    prepared = h._x.parts[0]
-    shim, raw = [], []
-    for _ in range(300):
-        t0 = time.perf_counter()
+    parts = list(h._x.parts)
+    assert len(parts) == 1
+    for i in range(20):
+        src[:] = i
         a.transfer(h)
-        a.check_xfer_state(h)
-        t1 = time.perf_counter()
-        _finish(a, h)
-        t2 = time.perf_counter()
-        t = prepared.post()
-        _ = t.state
-        t3 = time.perf_counter()
-        t.wait(10)
-        shim.append(t1 - t0)
-        raw.append(t3 - t2)
-    overhead = float(np.median(shim) - np.median(raw))
-    assert overhead <= 20e-6, f"shim overhead {overhead * 1e6:.1f} µs"
+        assert _finish(a, h) == "DONE"
+        assert (dst == i).all()
+        assert h._x.parts == parts  # the same prepared transfer every time
     assert weft.nixl.nixl_agent is weft_api.nixl_agent
 
 

@@ -459,6 +459,7 @@ class nixl_agent(Memory, Metadata):
         self._loop_notifs: list[bytes] = []
         self._lock = threading.RLock()
         self._exchange = self._start_exchange(nixl_conf)
+        self._etcd = self._start_central()
         for bknd in wanted:
             if bknd not in self.plugin_list and bknd.lower() not in {"local", "tcp", "ucx"}:
                 logger.warning("Skipping backend registration %s due to the missing plugin.", bknd)
@@ -497,6 +498,8 @@ class nixl_agent(Memory, Metadata):
             x.release()
         self._shim.close()
         self._exchange.close()
+        if self._etcd is not None:
+            self._etcd.close()
         self.agent.close()
 
     # -- preparing --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 from weft import fabric
 from weft.fabric import Agent
@@ -17,6 +18,9 @@ from weft.nixl import _bindings as nixlBind
 from weft.nixl import _convert
 from weft.nixl._exchange import Exchange, invalidation
 from weft.nixl._memory import _SEG, _Table
+
+if TYPE_CHECKING:
+    from weft.nixl._central import Central
 
 logger = logging.getLogger("weft.nixl._api")
 
@@ -33,6 +37,7 @@ class Metadata:
     _loop_notifs: list[bytes]
     _lock: threading.RLock
     _exchange: Exchange
+    _etcd: Central | None
 
     def _peer_name(self, agent_name: str | bytes) -> str:
         return agent_name.decode() if isinstance(agent_name, bytes) else str(agent_name)
@@ -56,6 +61,18 @@ class Metadata:
                 table.add(seg, 0, int(r.addr), int(r.size), int(r.id))
         self._remote[peer] = (id(md), table)
         return table
+
+    def _start_central(self) -> Central | None:
+        """The etcd directory when NIXL_ETCD_ENDPOINTS names one (imported only then)."""
+        from weft.nixl import _central
+
+        try:
+            etcd = _central.configured()
+        except ValueError as exc:
+            raise nixlBind.nixlInvalidParamError(f"NIXL_ETCD_ENDPOINTS: {exc}") from exc
+        if etcd is None:
+            return None
+        return _central.Central(self.name, etcd, self.agent.add_peer, self._forget)
 
     def _forget(self, name: str) -> None:
         with contextlib.suppress(fabric.UnknownPeerError):
@@ -160,16 +177,21 @@ class Metadata:
         seg = descs.getType()
         return all(table.find(seg, 0, a, n) is not None for a, n, _ in descs.descs())
 
-    def _central(self, what: str) -> Exchange:
-        raise nixlBind.nixlNotSupportedError(
-            f"{what}: no central metadata server in weft.nixl; give ip_addr and port "
-            "(or use weft's membership, which exchanges metadata through etcd)"
-        )
+    def _central(self, what: str) -> Central:
+        """The etcd directory, or nixlNotSupportedError naming how to get one."""
+        if self._etcd is None:
+            raise nixlBind.nixlNotSupportedError(
+                f"{what}: no central metadata server: set NIXL_ETCD_ENDPOINTS (etcd), "
+                "or give ip_addr and port (a peer's listener)"
+            )
+        return self._etcd
 
     def send_local_metadata(self, ip_addr: str = "", port: int = DEFAULT_COMM_PORT) -> None:
-        """Push this agent's metadata to a peer's listener, in the background."""
+        """Publish this agent's metadata to etcd (no ``ip_addr``) or push it to a peer's
+        listener; in the background, as NIXL."""
         if not ip_addr:
-            self._central("sendLocalMD")
+            self._central("sendLocalMD").publish(self.agent.metadata())
+            return
         md = self.agent.metadata()
         self._exchange.submit(lambda: self._exchange.push(ip_addr, port, md))
 
@@ -182,22 +204,29 @@ class Metadata:
         port: int = DEFAULT_COMM_PORT,
         label: str = "",
     ) -> None:
-        """As `send_local_metadata` (weft's record is not split)."""
+        """As `send_local_metadata`, under `label` in etcd (weft's record is not split: the
+        whole signed record goes, which holds what any part would)."""
+        if not ip_addr:
+            self._central("sendLocalPartialMD").publish(self.agent.metadata(), label)
+            return
         self.send_local_metadata(ip_addr, port)
 
     def fetch_remote_metadata(
         self, remote_agent: str, ip_addr: str = "", port: int = DEFAULT_COMM_PORT, label: str = ""
     ) -> None:
-        """Ask a peer's listener for its metadata, in the background (poll
-        ``check_remote_metadata``)."""
-        if not ip_addr:
-            self._central("fetchRemoteMD")
+        """Fetch a peer's metadata from etcd (no ``ip_addr``) or from its listener, in the
+        background (poll ``check_remote_metadata``)."""
         name = self._peer_name(remote_agent)
+        if not ip_addr:
+            self._central("fetchRemoteMD").fetch(name, label)
+            return
         self._exchange.submit(lambda: self._exchange.fetch(ip_addr, port, name))
 
     def invalidate_local_metadata(self, ip_addr: str = "", port: int = DEFAULT_COMM_PORT) -> None:
-        """Tell a peer's listener to forget this agent (authenticated with the group secret)."""
+        """Withdraw this agent's metadata from etcd (no ``ip_addr``), or tell a peer's listener
+        to forget this agent (authenticated with the group secret)."""
         if not ip_addr:
-            self._central("invalidateLocalMD")
+            self._central("invalidateLocalMD").withdraw()
+            return
         payload = invalidation(self.agent.config.secret, self.name)
         self._exchange.submit(lambda: self._exchange.push(ip_addr, port, payload, b"I"))
