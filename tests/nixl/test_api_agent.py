@@ -38,7 +38,12 @@ def _real_api() -> ModuleType | None:
 IMPLS = [
     pytest.param("weft", id="weft"),
     pytest.param(
-        "real", id="nixl", marks=pytest.mark.skipif(_real_api() is None, reason="NIXL is not importable")
+        "real",
+        id="nixl",
+        marks=pytest.mark.skipif(
+            _real_api() is None and os.environ.get("CI") != "true",  # on CI a missing NIXL fails
+            reason="NIXL is not importable",
+        ),
     ),
 ]
 
@@ -263,7 +268,7 @@ def test_initialize_xfer_and_serialized_descs(make: Callable[..., Any]) -> None:
 
 
 def test_tensors_by_duck_typing(make: Callable[..., Any]) -> None:
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch") if os.environ.get("CI") != "true" else __import__("torch")
     a, b = make(), make()
     layers = [torch.arange(1024, dtype=torch.float32) for _ in range(3)]
     dst = torch.zeros(1024, dtype=torch.float32)

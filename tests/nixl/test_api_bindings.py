@@ -3,6 +3,7 @@ descriptor-list behaviour (each case runs on both; the real one only where ``imp
 
 from __future__ import annotations
 
+import os
 import pickle
 from types import ModuleType
 
@@ -23,7 +24,12 @@ def _real() -> ModuleType | None:
 IMPLS = [
     pytest.param(weft_bindings, id="weft"),
     pytest.param(
-        "real", id="nixl", marks=pytest.mark.skipif(_real() is None, reason="NIXL is not importable")
+        "real",
+        id="nixl",
+        marks=pytest.mark.skipif(
+            _real() is None and os.environ.get("CI") != "true",  # on CI a missing NIXL fails
+            reason="NIXL is not importable",
+        ),
     ),
 ]
 

@@ -54,8 +54,6 @@ def flavour(request: pytest.FixtureRequest) -> str:
         _missing("LMCache is not installed (make setup installs lmcache==0.5.6 with --no-deps)")
     if request.param == "nixl" and importlib.util.find_spec("nixl") is None:
         _missing("NIXL is not installed (make setup installs it)")
-    if request.param == "weft" and importlib.util.find_spec("weft.nixl") is None:
-        pytest.skip("weft.nixl is not in this tree yet")
     return str(request.param)
 
 
