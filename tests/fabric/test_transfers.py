@@ -208,3 +208,45 @@ def test_stats_count_posted_served_and_refused(make_agent):  # type: ignore[no-u
     sa, sb = a.stats(), b.stats()
     assert (sa["transfers"], sa["bytes"], sa["errors"]) == (3, 8192 + 4096 + 8192, 1)
     assert (sb["served"], sb["served_bytes"], sb["refused"]) == (2, 8192 + 4096, 1)
+
+
+def test_queued_pieces_run_once_whether_a_worker_or_the_caller_takes_them() -> None:
+    from weft.fabric.backends.local import _Pending
+
+    runs: list[int] = []
+    lock = threading.Lock()
+
+    def job(i: int) -> None:
+        with lock:
+            runs.append(i)
+
+    pending = _Pending([lambda i=i: job(i) for i in range(2000)])  # type: ignore[misc]
+    takers = [threading.Thread(target=lambda: [None for _ in iter(pending.run_one, False)]) for _ in range(3)]
+    for t in takers:
+        t.start()
+    while pending.run_one():  # the "caller" takes pieces too
+        pass
+    for t in takers:
+        t.join(10)
+    assert sorted(runs) == list(range(2000))  # every piece exactly once
+
+
+def test_a_caller_that_waits_or_polls_moves_its_own_pieces(make_agent, make_peer):  # type: ignore[no-untyped-def]
+    """Same host, above inline_bytes: the copy is split into pieces for the workers, and the
+    waiting or polling thread takes pieces too (Transfer.assist); the bytes land either way."""
+    size = 32 << 20
+    peer = make_peer("b", backends=("local", "tcp"))
+    md = peer.call("register", "kv", size, 1)
+    a = make_agent("a", "local", "tcp", inline_bytes=4096, local_workers=1)
+    a.add_peer(md)
+    remote = a.remote("b", "kv")
+    for seed, poll in ((5, False), (6, True)):
+        src = a.register(pattern(size, seed))
+        t = a.write(src.descs([(0, size)]), "b", remote.descs([(0, size)]))
+        assert t.backend.value == "local"
+        if poll:
+            while not t.done():
+                t.assist()
+        t.wait(30)
+        assert peer.call("digest", "kv", 0, size) == digest(pattern(size, seed))
+        assert not t.assist()  # nothing left to take once it ended

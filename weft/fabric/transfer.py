@@ -32,6 +32,7 @@ class Transfer:
 
     __slots__ = (
         "__weakref__",
+        "_assist",
         "_callbacks",
         "_cancel_hook",
         "_event",
@@ -63,6 +64,7 @@ class Transfer:
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[], None]] = []
         self._cancel_hook: Callable[[], None] | None = None
+        self._assist: Callable[[], bool] | None = None
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -142,6 +144,21 @@ class Transfer:
         typically forgetting the request so a late answer is dropped. None clears it."""
         self._cancel_hook = hook
 
+    def on_assist(self, helper: Callable[[], bool] | None) -> None:
+        """Set what `assist` runs: a backend's way to let a waiting or polling caller do one
+        queued piece of this transfer's work itself (returns False when none is left)."""
+        self._assist = helper
+
+    def assist(self) -> bool:
+        """Do one queued piece of this transfer's work in the calling thread, if there is one.
+
+        Caller-driven completion: a thread that polls or waits would otherwise only compete
+        for the CPU with the workers doing the copies; here it does one of them. Returns
+        True if it did some work (there may be more), False if nothing was left to take.
+        """
+        helper = self._assist
+        return helper is not None and self._state is TransferState.POSTED and helper()
+
     # -- waiting -----------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> Transfer:
         """Block until the transfer ends.
@@ -155,6 +172,8 @@ class Transfer:
             WeftError: the transfer's error (`TransferTimeoutError`, `PeerLostError`, ...).
         """
         limit = self.deadline if timeout is None else min(self.deadline, time.monotonic() + timeout)
+        while time.monotonic() < limit and self.assist():
+            pass
         event = self._waiter()
         while not event.wait(max(0.0, limit - time.monotonic())):
             if time.monotonic() >= limit:

@@ -12,6 +12,7 @@ must not free memory a peer is still writing to.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import logging
@@ -57,6 +58,23 @@ class _Joint:
             self._end(self._error)
 
 
+class _Pending:
+    """The pieces of one transfer not started yet; each is taken once, by a worker or by a
+    caller that polls or waits on the transfer (`Transfer.assist`)."""
+
+    def __init__(self, jobs: list[Callable[[], None]]) -> None:
+        self._jobs = collections.deque(jobs)
+        self._lock = threading.Lock()
+
+    def run_one(self) -> bool:
+        with self._lock:
+            if not self._jobs:
+                return False
+            job = self._jobs.popleft()
+        job()
+        return True
+
+
 @dataclass(frozen=True, slots=True)
 class LocalPlan:
     op: Op
@@ -75,7 +93,7 @@ class LocalBackend:
         if not _sys.cma_supported():
             raise ImportError("process_vm_readv/writev is not available on this system")
         self.host = host
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
         self._lock = threading.Lock()
 
@@ -100,11 +118,14 @@ class LocalBackend:
             return
         self._ensure_workers()
         if not plan.pieces:
-            self._jobs.put(lambda: self._run(plan, transfer, notify))
-            return
-        joint = _Joint(len(plan.pieces), lambda err: self._end(plan, transfer, notify, err))
-        for liov, riov in plan.pieces:
-            self._jobs.put(functools.partial(self._piece, joint, plan, liov, riov))
+            jobs: list[Callable[[], None]] = [lambda: self._run(plan, transfer, notify)]
+        else:
+            joint = _Joint(len(plan.pieces), lambda err: self._end(plan, transfer, notify, err))
+            jobs = [functools.partial(self._piece, joint, plan, liov, riov) for liov, riov in plan.pieces]
+        pending = _Pending(jobs)
+        transfer.on_assist(pending.run_one)  # a caller polling or waiting takes pieces too
+        for _ in jobs:
+            self._jobs.put(pending.run_one)
 
     def _piece(self, joint: _Joint, plan: LocalPlan, liov: _sys.IovecArray, riov: _sys.IovecArray) -> None:
         joint.done(self._copy(plan, liov, riov))
@@ -157,7 +178,7 @@ class LocalBackend:
 
     def _work(self) -> None:
         while True:
-            job = self._jobs.get()
+            job = self._jobs.get()  # a piece, or nothing if a caller took it first
             if job is None:
                 return
             try:
