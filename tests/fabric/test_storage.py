@@ -35,6 +35,7 @@ from weft.fabric import (
     _cuda,
 )
 from weft.fabric.backends import posix
+from weft.fabric.storage import FileHandle
 
 SECRET = b"storage-test-secret"
 
@@ -118,6 +119,34 @@ def test_a_prepared_transfer_posts_many_times_and_notifies_the_agent_itself(
         assert (tmp_path / "again").read_bytes() == bytes([i]) * 8192
         assert agent.wait_notification(agent.name, b"landed", timeout=10) == b"landed"
     prepared.release()
+
+
+def test_a_batch_over_many_files_is_one_transfer(agent: Agent, tmp_path: Path) -> None:
+    n, size = 16, 256 << 10
+    src = agent.register(_random(n * size, seed=11))
+    dst = agent.alloc(n * size)
+    files = [
+        agent.register(FileRegion(path=tmp_path / f"chunk-{i}", create=True, length=size)) for i in range(n)
+    ]
+    put = agent.prepare_batch(
+        Op.WRITE, [(src.descs([(i * size, size)]), f.descs()) for i, f in enumerate(files)], notify=b"all"
+    )
+    get = agent.prepare_batch(
+        Op.READ, [(dst.descs([(i * size, size)]), f.descs()) for i, f in enumerate(files)]
+    )
+    t = put.post()
+    assert t.nbytes == n * size
+    t.wait()
+    assert agent.wait_notification(agent.name, b"all", timeout=10) == b"all"
+    for i in range(n):
+        assert (tmp_path / f"chunk-{i}").read_bytes() == src.buffer[i * size : (i + 1) * size].tobytes()
+    get.post().wait()
+    assert np.array_equal(dst.buffer, src.buffer)
+    with pytest.raises(InvalidDescriptorError, match="at least one"):
+        agent.prepare_batch(Op.WRITE, [])
+    files[3].release()
+    with pytest.raises(RegistrationError):
+        put.post().wait()  # a file deregistered since: a typed error, the others untouched
 
 
 def test_o_direct_carries_aligned_runs_and_the_page_cache_the_rest(tmp_path: Path) -> None:
@@ -228,14 +257,15 @@ def test_peers_never_see_or_reach_storage_regions(agent: Agent, tmp_path: Path) 
 
 def test_the_lanes_cut_runs_on_page_boundaries() -> None:
     buf = memoryview(bytearray(10 << 20))
-    runs = posix._runs([0, 4 << 20], [buf[: 4 << 20], buf[4 << 20 :]], direct=False)
-    assert len(runs) == 1 and len(runs[0][1]) == 2  # the file ranges follow each other: one run
+    handle = FileHandle(-1, 0, owned=False, path="nowhere")
+    runs = posix._runs(handle, [0, 4 << 20], [buf[: 4 << 20], buf[4 << 20 :]], direct=False)
+    assert len(runs) == 1 and len(runs[0][2]) == 2  # the file ranges follow each other: one run
     parts = posix._split(runs, 3)
     assert len(parts) == 3
     covered = []
     for part in parts:
-        for off, views, _ in part:
-            assert off % 4096 == 0
+        for h, off, views, _ in part:
+            assert h is handle and off % 4096 == 0
             covered.append((off, sum(v.nbytes for v in views)))
     at = 0
     for off, n in sorted(covered):

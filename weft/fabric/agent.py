@@ -270,6 +270,14 @@ class Agent(Receiving):
         """
         return self._dispatch.prepare(op, local, peer, remote, notify)
 
+    def prepare_batch(
+        self, op: Op | str, pairs: Sequence[tuple[DescList, DescList]], notify: bytes | None = None
+    ) -> PreparedTransfer:
+        """Prepare (memory, own FILE or OBJ) descriptor pairs of several regions as one request:
+        one `Transfer` per post, its pieces spread over the storage backend's lanes (LMCache
+        moves 64 chunks, one file each, in one NIXL request). Raises what `prepare` raises."""
+        return self._dispatch.prepare_batch(op, pairs, notify)
+
     def post_many(
         self, prepared: Sequence[PreparedTransfer], *, timeout: float | None = None
     ) -> list[Transfer]:

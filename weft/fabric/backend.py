@@ -159,6 +159,14 @@ class StoragePath(Protocol):
         """
         ...
 
+    def plan_batch(self, op: Op, pairs: list[tuple[DescList, DescList]]) -> Any:
+        """Lay out several (memory, storage) pairs as one request (one `Transfer` per post).
+
+        Raises:
+            WeftError: a pair cannot be served by this backend.
+        """
+        ...
+
     def post(self, plan: Any, transfer: Transfer, notify: bytes | None) -> None:
         """Start moving bytes; end `transfer` with `Transfer.complete`. A notification is
         delivered to the agent's own inbox once the bytes are in place."""

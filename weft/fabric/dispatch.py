@@ -141,6 +141,12 @@ class Dispatcher:
     def _prepare_storage(
         self, op: Op, local: DescList, remote: DescList, notify: bytes | None
     ) -> PreparedTransfer:
+        backend = self.storage_for(self._check_storage_pair(op, local, remote))
+        plan = (backend, None, backend.plan(op, local, remote))
+        return PreparedTransfer(self.post, op, local, self._agent.name, remote, notify, plan)
+
+    def _check_storage_pair(self, op: Op, local: DescList, remote: DescList) -> MemoryKind:
+        """Check one (memory, own storage) pair; returns the storage's memory kind."""
         host = self._agent.backend_host
         if not isinstance(remote.owner, Registration):
             raise errors.InvalidDescriptorError(
@@ -162,9 +168,35 @@ class Dispatcher:
             raise errors.RegistrationError(f"{target.kind.value} region {target.label} is read-only")
         if op is Op.READ and region.readonly:
             raise errors.RegistrationError("cannot READ into a read-only local region")
-        backend = self.storage_for(target.kind)
-        plan = (backend, None, backend.plan(op, local, remote))
-        return PreparedTransfer(self.post, op, local, self._agent.name, remote, notify, plan)
+        return target.kind
+
+    def prepare_batch(
+        self, op: Op | str, pairs: Sequence[tuple[DescList, DescList]], notify: bytes | None
+    ) -> PreparedTransfer:
+        """`Agent.prepare_batch`: several (memory, storage) pairs as one request."""
+        try:
+            operation = Op.parse(op)
+        except ValueError as exc:
+            raise errors.InvalidDescriptorError(str(exc)) from None
+        if not pairs:
+            raise errors.InvalidDescriptorError("prepare_batch needs at least one (local, storage) pair")
+        self.check_notify(notify)
+        self._check_open()
+        kinds = set()
+        for local, remote in pairs:
+            if not isinstance(local, DescList) or not isinstance(remote, DescList):
+                raise errors.InvalidDescriptorError("pairs must be (DescList, DescList)")
+            kinds.add(self._check_storage_pair(operation, local, remote))
+        if len(kinds) != 1:
+            raise errors.InvalidDescriptorError(
+                "a batch moves to one kind of storage (FILE or OBJ), not both"
+            )
+        backend = self.storage_for(kinds.pop())
+        plan = (backend, None, backend.plan_batch(operation, list(pairs)))
+        first = pairs[0]
+        prepared = PreparedTransfer(self.post, operation, first[0], self._agent.name, first[1], notify, plan)
+        prepared.nbytes = sum(local.total for local, _ in pairs)
+        return prepared
 
     def query(
         self, specs: list[storage.FileRegion | storage.ObjectRegion]
@@ -251,7 +283,7 @@ class Dispatcher:
         limit = agent.config.transfer_timeout if timeout is None else timeout
         if limit <= 0:
             raise errors.ConfigError("timeout must be > 0")
-        t = Transfer(prepared.op, prepared.peer, prepared.local.total, limit, backend.kind)
+        t = Transfer(prepared.op, prepared.peer, prepared.nbytes, limit, backend.kind)
         self._posted.add(t)
         with self._lock:
             self._counts["transfers"] += 1

@@ -238,7 +238,7 @@ class Transfer:
 class PreparedTransfer:
     """A request validated and laid out once, posted many times (NIXL's prepared handle)."""
 
-    __slots__ = ("_plan", "_poster", "local", "notify", "op", "peer", "remote")
+    __slots__ = ("_plan", "_poster", "local", "nbytes", "notify", "op", "peer", "remote")
 
     def __init__(
         self,
@@ -253,6 +253,7 @@ class PreparedTransfer:
         self._poster = poster
         self.op = op
         self.local = local
+        self.nbytes = local.total  # a batch (`Agent.prepare_batch`) sets the sum of its pairs
         self.peer = peer
         self.remote = remote
         self.notify = notify
@@ -285,4 +286,4 @@ class PreparedTransfer:
         self.release()
 
     def __repr__(self) -> str:
-        return f"<PreparedTransfer {self.op.value} {self.local.total}B x{len(self.local)} -> {self.peer}>"
+        return f"<PreparedTransfer {self.op.value} {self.nbytes}B -> {self.peer}>"

@@ -303,8 +303,8 @@ class _Xfer:
         return self.state()
 
     def _part_done(self, t: fabric.Transfer, msg: bytes) -> None:
-        with self._lock:
-            if self.status != "PROC" or t not in self.posted:
+        with self._lock:  # only this post's parts call here: a post in progress is never reposted
+            if self.status != "PROC":
                 return
             if t.error is not None:
                 self.error = t.error
@@ -661,22 +661,20 @@ class nixl_agent(Memory, Metadata):
                 src, dst = (lh.addrs[li], rh.addrs[ri]) if op is Op.WRITE else (rh.addrs[ri], lh.addrs[li])
                 x.copies = list(zip(dst.tolist(), src.tolist(), lens.tolist(), strict=True))
             else:
-                single = len(order) == 1
+                pairs = []
                 for g in order:
                     sel = np.flatnonzero(key == g)
                     lreg = lh.regs[int(lh.reg_idx[li[sel[0]]])]
                     rreg = rh.regs[int(rh.reg_idx[ri[sel[0]]])]
                     lpairs = np.stack([lh.offsets[li[sel]], lens[sel]], axis=1)
                     rpairs = np.stack([rh.offsets[ri[sel]], lens[sel]], axis=1)
-                    x.parts.append(
-                        self.agent.prepare(
-                            op,
-                            lreg.descs(lpairs),
-                            rh.peer,
-                            rreg.descs(rpairs),
-                            (notif or None) if single else None,
-                        )
-                    )
+                    pairs.append((lreg.descs(lpairs), rreg.descs(rpairs)))
+                if len(pairs) == 1:
+                    x.parts.append(self.agent.prepare(op, pairs[0][0], rh.peer, pairs[0][1], notif or None))
+                elif rh.loopback:  # own files or objects: one weft request over every region
+                    x.parts.append(self.agent.prepare_batch(op, pairs, notif or None))
+                else:  # one weft request per region pair; the notification follows them all
+                    x.parts += [self.agent.prepare(op, lo, rh.peer, re, None) for lo, re in pairs]
         except fabric.WeftError as exc:
             x.release()
             raise _convert.nixl_error(exc) from exc

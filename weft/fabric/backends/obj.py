@@ -122,12 +122,20 @@ class ObjBackend:
             views = [views[i] for i in order]
         return ObjPlan(op, spec.key, views, starts, lengths, local.total, stage)
 
-    def post(self, plan: ObjPlan, transfer: Transfer, notify: bytes | None) -> None:
+    def plan_batch(self, op: Op, pairs: list[tuple[DescList, DescList]]) -> list[ObjPlan]:
+        return [self.plan(op, local, store) for local, store in pairs]
+
+    def post(self, plan: ObjPlan | list[ObjPlan], transfer: Transfer, notify: bytes | None) -> None:
+        """Queue each object's request on the pool; the transfer ends when all have."""
         if self._closed:
             raise errors.AgentClosedError(f"agent {self.host.name!r}: obj backend closed")
-        if plan.stage is not None and plan.op is Op.WRITE:
-            posix.stage_out(self.host, plan.stage)
-        self._pool.submit(functools.partial(self._run, plan, transfer, notify))
+        plans = plan if isinstance(plan, list) else [plan]
+        for p in plans:
+            if p.stage is not None and p.op is Op.WRITE:
+                posix.stage_out(self.host, [p.stage])
+        joint = posix.Joint(len(plans), functools.partial(self._end, transfer, notify))
+        for p in plans:
+            self._pool.submit(functools.partial(self._run, p, transfer, joint))
 
     def post_batch(self, items: list[tuple[ObjPlan, Transfer, bytes | None]]) -> None:
         for plan, transfer, notify in items:  # each request runs on the pool already
@@ -136,7 +144,7 @@ class ObjBackend:
             except errors.WeftError as exc:
                 transfer.complete(exc)
 
-    def _run(self, plan: ObjPlan, transfer: Transfer, notify: bytes | None) -> None:
+    def _run(self, plan: ObjPlan, transfer: Transfer, joint: posix.Joint) -> None:
         err: errors.WeftError | None = None
         try:
             if transfer.done():  # its deadline passed (or it was released) while it queued
@@ -147,9 +155,13 @@ class ObjBackend:
             else:
                 self._read(plan)
                 if plan.stage is not None:
-                    posix.stage_in(self.host, plan.stage)
+                    posix.stage_in(self.host, [plan.stage])
         except errors.WeftError as exc:
             err = exc
+        finally:
+            joint.done(err)
+
+    def _end(self, transfer: Transfer, notify: bytes | None, err: errors.WeftError | None) -> None:
         if transfer.complete(err) and err is None and notify is not None:
             self.host.deliver(self.host.name, notify)
 

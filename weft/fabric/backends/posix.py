@@ -51,9 +51,9 @@ IOV_MAX = 1024
 
 _NIXL_PARAMS = frozenset({"use_aio", "use_uring", "use_posix_aio", "kernel_queue_size", "ios_pool_size"})
 
-#: A run: where it starts in the file, the buffers it fills or drains in order, and whether
-#: O_DIRECT may carry it.
-Run = tuple[int, list[memoryview], bool]
+#: A run: its file, where it starts in the file, the buffers it fills or drains in order, and
+#: whether O_DIRECT may carry it.
+Run = tuple[storage.FileHandle, int, list[memoryview], bool]
 
 
 def flag(params: Mapping[str, Any], key: str, default: bool) -> bool:
@@ -88,11 +88,10 @@ def count(params: Mapping[str, Any], key: str, default: int, lo: int = 1) -> int
 @dataclass(slots=True)
 class PosixPlan:
     op: Op
-    handle: storage.FileHandle
     runs: list[Run]
     parts: list[list[Run]]  # the runs split for the lanes; empty: one part
     total: int
-    stage: Any  # VRAM requests: (host buffer, local region, local offsets, lengths)
+    stage: list[Any]  # VRAM pairs: (local region, local offsets, host views) each
 
 
 class PosixBackend:
@@ -113,6 +112,21 @@ class PosixBackend:
 
     # -- laying a request out -------------------------------------------------------------
     def plan(self, op: Op, local: DescList, store: DescList) -> PosixPlan:
+        return self.plan_batch(op, [(local, store)])
+
+    def plan_batch(self, op: Op, pairs: list[tuple[DescList, DescList]]) -> PosixPlan:
+        runs: list[Run] = []
+        stage: list[Any] = []
+        total = 0
+        for local, store in pairs:
+            runs += self._lay_out(local, store, stage)
+            total += local.total
+        split = total >= PARALLEL_BYTES and self._lanes.lanes > 1
+        parts = _split(runs, self._lanes.lanes) if split else []
+        return PosixPlan(op, runs, parts, total, stage)
+
+    def _lay_out(self, local: DescList, store: DescList, stage: list[Any]) -> list[Run]:
+        """One (memory, file) pair as runs; a VRAM pair adds its host staging to `stage`."""
         region = self.host.local_region(local)
         file_region = self.host.local_region(store)
         handle = file_region.keepalive
@@ -124,7 +138,6 @@ class PosixBackend:
             )
         starts = (store.offsets + np.uint64(handle.offset)).tolist()
         lengths = store.lengths.tolist()
-        stage = None
         if region.kind is MemoryKind.DRAM:
             base = region.view
             views = [base[o : o + n] for o, n in zip(local.offsets.tolist(), lengths, strict=True)]
@@ -139,13 +152,10 @@ class PosixBackend:
             for n in lengths:
                 views.append(buf[at : at + n])
                 at += n
-            stage = (region, local.offsets.tolist(), views)
+            stage.append((region, local.offsets.tolist(), views))
         else:
             raise errors.BackendUnavailableError(f"posix moves DRAM or VRAM to FILE, not {region.kind.value}")
-        runs = _runs(starts, views, self.direct)
-        split = local.total >= PARALLEL_BYTES and self._lanes.lanes > 1
-        parts = _split(runs, self._lanes.lanes) if split else []
-        return PosixPlan(op, handle, runs, parts, local.total, stage)
+        return _runs(handle, starts, views, self.direct)
 
     # -- moving ---------------------------------------------------------------------------
     def post(self, plan: PosixPlan, transfer: Transfer, notify: bytes | None) -> None:
@@ -159,12 +169,12 @@ class PosixBackend:
         """
         if self._closed:
             raise errors.AgentClosedError(f"agent {self.host.name!r}: posix backend closed")
-        if plan.stage is not None and plan.op is Op.WRITE:
+        if plan.stage and plan.op is Op.WRITE:
             stage_out(self.host, plan.stage)
         if not plan.parts:
             self._end(plan, transfer, notify, self._move(plan, plan.runs))
             return
-        joint = _Joint(len(plan.parts), functools.partial(self._end, plan, transfer, notify))
+        joint = Joint(len(plan.parts), functools.partial(self._end, plan, transfer, notify))
         for part in plan.parts[1:]:
             self._lanes.submit(functools.partial(self._part, plan, part, joint))
         self._part(plan, plan.parts[0], joint)
@@ -184,7 +194,7 @@ class PosixBackend:
                 self._post_one(plan, transfer, notify)
             return
         bounds = [len(items) * j // lanes for j in range(lanes + 1)]
-        joint = _Joint(lanes - 1, lambda _err: None)
+        joint = Joint(lanes - 1, lambda _err: None)
         for j in range(1, lanes):
             share = items[bounds[j] : bounds[j + 1]]
             self._lanes.submit(functools.partial(self._share, share, joint))
@@ -192,10 +202,10 @@ class PosixBackend:
         deadline = min(t.deadline for _, t, _ in items)
         joint.finished.wait(max(0.0, deadline - time.monotonic()))
 
-    def _share(self, share: list[tuple[PosixPlan, Transfer, bytes | None]], joint: _Joint | None) -> None:
+    def _share(self, share: list[tuple[PosixPlan, Transfer, bytes | None]], joint: Joint | None) -> None:
         try:
             for plan, transfer, notify in share:
-                if plan.stage is not None and plan.op is Op.WRITE:
+                if plan.stage and plan.op is Op.WRITE:
                     try:
                         stage_out(self.host, plan.stage)
                     except errors.WeftError as exc:
@@ -212,13 +222,13 @@ class PosixBackend:
         except errors.WeftError as exc:
             transfer.complete(exc)
 
-    def _part(self, plan: PosixPlan, part: list[Run], joint: _Joint) -> None:
+    def _part(self, plan: PosixPlan, part: list[Run], joint: Joint) -> None:
         joint.done(self._move(plan, part))
 
     def _end(
         self, plan: PosixPlan, transfer: Transfer, notify: bytes | None, err: errors.WeftError | None
     ) -> None:
-        if err is None and plan.stage is not None and plan.op is Op.READ:
+        if err is None and plan.stage and plan.op is Op.READ:
             try:
                 stage_in(self.host, plan.stage)
             except errors.WeftError as exc:
@@ -228,20 +238,19 @@ class PosixBackend:
 
     def _move(self, plan: PosixPlan, runs: list[Run]) -> errors.WeftError | None:
         """Move some runs of a request; returns the error instead of raising it."""
-        handle = plan.handle
-        try:
-            fd = handle.acquire()
-        except errors.WeftError as exc:
-            return exc
-        try:
-            write = plan.op is Op.WRITE
-            for off, views, direct in runs:
+        write = plan.op is Op.WRITE
+        for handle, off, views, direct in runs:
+            try:
+                fd = handle.acquire()
+            except errors.WeftError as exc:
+                return exc
+            try:
                 dfd = self._direct_fd(handle, fd) if direct else None
                 _io(fd if dfd is None else dfd, off, views, write, handle)
-        except errors.WeftError as exc:
-            return exc
-        finally:
-            handle.done()
+            except errors.WeftError as exc:
+                return exc
+            finally:
+                handle.done()
         return None
 
     def _direct_fd(self, handle: storage.FileHandle, fd: int) -> int | None:
@@ -288,7 +297,7 @@ class PosixBackend:
             os.close(dfd)
 
 
-class _Joint:
+class Joint:
     """Finishes once, after `n` parts, with the first error any part reported."""
 
     def __init__(self, n: int, finish: Callable[[errors.WeftError | None], None]) -> None:
@@ -331,7 +340,7 @@ def _io(fd: int, off: int, views: list[memoryview], write: bool, handle: storage
         )
 
 
-def _runs(starts: list[int], views: list[memoryview], direct: bool) -> list[Run]:
+def _runs(handle: storage.FileHandle, starts: list[int], views: list[memoryview], direct: bool) -> list[Run]:
     """Group descriptors whose file ranges follow each other into runs of <= IOV_MAX buffers."""
     grouped: list[tuple[int, list[memoryview]]] = []
     end = -1
@@ -341,17 +350,17 @@ def _runs(starts: list[int], views: list[memoryview], direct: bool) -> list[Run]
         else:
             grouped.append((off, [view]))
         end = off + view.nbytes
-    return [(off, vs, direct and _aligned(off, vs)) for off, vs in grouped]
+    return [(handle, off, vs, direct and _aligned(off, vs)) for off, vs in grouped]
 
 
 def _split(runs: list[Run], parts: int) -> list[list[Run]]:
     """Cut runs into `parts` lists of about equal bytes (a run may be cut inside a buffer)."""
-    total = sum(v.nbytes for _, vs, _ in runs for v in vs)
+    total = sum(v.nbytes for _, _, vs, _ in runs for v in vs)
     share = -(-total // parts)
     share = -(-share // files.ALIGN) * files.ALIGN  # cuts on page boundaries
     out: list[list[Run]] = [[]]
     room = share
-    for off, views, direct in runs:
+    for handle, off, views, direct in runs:
         current: list[memoryview] = []
         start = off
         for view in views:
@@ -362,13 +371,13 @@ def _split(runs: list[Run], parts: int) -> list[list[Run]]:
                 v = v[take:]
                 room -= take
                 if room == 0:
-                    out[-1].append((start, current, direct))
+                    out[-1].append((handle, start, current, direct))
                     start += sum(c.nbytes for c in current)
                     current = []
                     out.append([])
                     room = share
         if current:
-            out[-1].append((start, current, direct))
+            out[-1].append((handle, start, current, direct))
     return [p for p in out if p]
 
 
@@ -381,13 +390,15 @@ def _aligned(off: int, views: list[memoryview]) -> bool:
     )
 
 
-def stage_out(host: BackendHost, stage: Any) -> None:
-    region, offsets, views = stage
-    for off, view in zip(offsets, views, strict=True):
-        host.device_to_host(region, off, view)
+def stage_out(host: BackendHost, stage: list[Any]) -> None:
+    """Copy VRAM pairs into their host staging (before a WRITE)."""
+    for region, offsets, views in stage:
+        for off, view in zip(offsets, views, strict=True):
+            host.device_to_host(region, off, view)
 
 
-def stage_in(host: BackendHost, stage: Any) -> None:
-    region, offsets, views = stage
-    for off, view in zip(offsets, views, strict=True):
-        host.host_to_device(view, region, off)
+def stage_in(host: BackendHost, stage: list[Any]) -> None:
+    """Copy host staging back into VRAM pairs (after a READ)."""
+    for region, offsets, views in stage:
+        for off, view in zip(offsets, views, strict=True):
+            host.host_to_device(view, region, off)
