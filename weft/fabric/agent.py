@@ -12,13 +12,12 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from weft.api import metadata as md_api
-from weft.api.vocab import StorageBackend
 from weft.fabric import _cuda, backends, dispatch, errors, memory, peers, storage, wire
 from weft.fabric.config import AgentConfig
 from weft.fabric.host import AgentHost, LostHook
@@ -32,14 +31,11 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$")
 
-#: Parameters of a storage backend, as NIXL's clients pass them (strings, mostly).
-Params = Mapping[str, Any]
-
 #: One generation of a remote agent (defined in `weft.fabric.peers`).
 Peer = peers.Peer
 
 
-class Agent(Receiving):
+class Agent(Receiving, dispatch.Storing):
     """One process's endpoint of the fabric.
 
     Args:
@@ -89,28 +85,6 @@ class Agent(Receiving):
     def backends(self) -> list[Backend]:
         """The backends that loaded, in order of preference."""
         return [b.kind for b in self._backends]
-
-    def add_backend(
-        self, kind: StorageBackend | str, params: Mapping[str, Any] | None = None
-    ) -> StorageBackend:
-        """Create a storage backend, ``posix`` (FILE) or ``obj`` (OBJ: S3), by weft's or NIXL's
-        name, with parameters as NIXL's clients pass them (`weft.fabric.backends.posix`, `.obj`).
-        Raises:
-            BackendUnavailableError: GDS, GDS_MT, HF3FS (refused, the reason said), unknown names.
-            ConfigError: bad parameters; a backend for that memory kind exists. StorageError:
-            the obj backend's bucket does not answer.
-        """
-        return self._dispatch.add_storage(kind, dict(params or {}))
-
-    def query(
-        self, specs: Sequence[storage.FileRegion | storage.ObjectRegion]
-    ) -> list[storage.StorageInfo | None]:
-        """NIXL's ``query_memory``: per file or object, `StorageInfo(size)` or None if missing.
-
-        Raises:
-            BackendUnavailableError: no backend for that kind. StorageError: no answer.
-        """
-        return self._dispatch.query(list(specs))
 
     def _metadata_record(self) -> md_api.AgentMetadata:
         return self.backend_host.record(
@@ -269,25 +243,6 @@ class Agent(Receiving):
             InvalidDescriptorError, UnknownPeerError, StalePeerError, BackendUnavailableError.
         """
         return self._dispatch.prepare(op, local, peer, remote, notify)
-
-    def prepare_batch(
-        self, op: Op | str, pairs: Sequence[tuple[DescList, DescList]], notify: bytes | None = None
-    ) -> PreparedTransfer:
-        """Prepare (memory, own FILE or OBJ) descriptor pairs of several regions as one request:
-        one `Transfer` per post, its pieces spread over the storage backend's lanes (LMCache
-        moves 64 chunks, one file each, in one NIXL request). Raises what `prepare` raises."""
-        return self._dispatch.prepare_batch(op, pairs, notify)
-
-    def post_many(
-        self, prepared: Sequence[PreparedTransfer], *, timeout: float | None = None
-    ) -> list[Transfer]:
-        """Post several prepared transfers at once; storage ones of one backend move in
-        parallel (a batch of chunks to files, say). Returns their transfers, in order.
-
-        Raises:
-            the errors of `PreparedTransfer.post`, before anything is posted for that item.
-        """
-        return self._dispatch.post_many(prepared, timeout)
 
     def transfer(
         self,

@@ -313,3 +313,51 @@ class Dispatcher:
             stores, self.storage = list(self.storage.values()), {}
         for st in stores:
             st.close()
+
+
+class Storing:
+    """The agent's calls for its own storage and for batches (`weft.fabric.Agent` inherits
+    them): storage backends, existence queries, one request over many regions, many posts."""
+
+    _dispatch: Dispatcher
+
+    def add_backend(
+        self, kind: StorageBackend | str, params: Mapping[str, Any] | None = None
+    ) -> StorageBackend:
+        """Create a storage backend, ``posix`` (FILE) or ``obj`` (OBJ: S3), by weft's or NIXL's
+        name, with parameters as NIXL's clients pass them (`weft.fabric.backends.posix`, `.obj`).
+        Raises:
+            BackendUnavailableError: GDS, GDS_MT, HF3FS (refused, the reason said), unknown names.
+            ConfigError: bad parameters; a backend for that memory kind exists. StorageError:
+            the obj backend's bucket does not answer.
+        """
+        return self._dispatch.add_storage(kind, dict(params or {}))
+
+    def query(
+        self, specs: Sequence[storage.FileRegion | storage.ObjectRegion]
+    ) -> list[storage.StorageInfo | None]:
+        """NIXL's ``query_memory``: per file or object, `StorageInfo(size)` or None if missing.
+
+        Raises:
+            BackendUnavailableError: no backend for that kind. StorageError: no answer.
+        """
+        return self._dispatch.query(list(specs))
+
+    def prepare_batch(
+        self, op: Op | str, pairs: Sequence[tuple[DescList, DescList]], notify: bytes | None = None
+    ) -> PreparedTransfer:
+        """Prepare (memory, own FILE or OBJ) descriptor pairs of several regions as one request:
+        one `Transfer` per post, its pieces spread over the storage backend's lanes (LMCache
+        moves 64 chunks, one file each, in one NIXL request). Raises what `prepare` raises."""
+        return self._dispatch.prepare_batch(op, pairs, notify)
+
+    def post_many(
+        self, prepared: Sequence[PreparedTransfer], *, timeout: float | None = None
+    ) -> list[Transfer]:
+        """Post several prepared transfers at once; storage ones of one backend move in
+        parallel (a batch of chunks to files, say). Returns their transfers, in order.
+
+        Raises:
+            the errors of `PreparedTransfer.post`, before anything is posted for that item.
+        """
+        return self._dispatch.post_many(prepared, timeout)
