@@ -287,3 +287,26 @@ class PreparedTransfer:
 
     def __repr__(self) -> str:
         return f"<PreparedTransfer {self.op.value} {self.nbytes}B -> {self.peer}>"
+
+
+class Joint:
+    """Ends something once, after `n` pieces: `finish(first error or None)`, then `finished`
+    is set. Backends that split a request over threads count its pieces with it."""
+
+    def __init__(self, n: int, finish: Callable[[errors.WeftError | None], None]) -> None:
+        self._left = n
+        self._error: errors.WeftError | None = None
+        self._lock = threading.Lock()
+        self._end = finish
+        self.finished = threading.Event()
+
+    def done(self, error: errors.WeftError | None) -> None:
+        """One piece ended (with its error, or None)."""
+        with self._lock:
+            self._left -= 1
+            if error is not None and self._error is None:
+                self._error = error
+            last = self._left == 0
+        if last:
+            self._end(self._error)
+            self.finished.set()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from weft.fabric import _sys, errors, wire
+from weft.fabric.transfer import Joint
 from weft.fabric.types import Backend, MemoryKind, Op
 
 if TYPE_CHECKING:
@@ -37,25 +38,6 @@ log = logging.getLogger(__name__)
 
 #: Requests at least this large are split over the worker threads (one copy per core).
 PARALLEL_BYTES = 4 << 20
-
-
-class _Joint:
-    """Finishes once, after `n` pieces, with the first error any piece reported."""
-
-    def __init__(self, n: int, finish: Callable[[errors.WeftError | None], None]) -> None:
-        self._left = n
-        self._error: errors.WeftError | None = None
-        self._lock = threading.Lock()
-        self._end = finish
-
-    def done(self, error: errors.WeftError | None) -> None:
-        with self._lock:
-            self._left -= 1
-            if error is not None and self._error is None:
-                self._error = error
-            last = self._left == 0
-        if last:
-            self._end(self._error)
 
 
 class _Pending:
@@ -120,14 +102,14 @@ class LocalBackend:
         if not plan.pieces:
             jobs: list[Callable[[], None]] = [lambda: self._run(plan, transfer, notify)]
         else:
-            joint = _Joint(len(plan.pieces), lambda err: self._end(plan, transfer, notify, err))
+            joint = Joint(len(plan.pieces), lambda err: self._end(plan, transfer, notify, err))
             jobs = [functools.partial(self._piece, joint, plan, liov, riov) for liov, riov in plan.pieces]
         pending = _Pending(jobs)
         transfer.on_assist(pending.run_one)  # a caller polling or waiting takes pieces too
         for _ in jobs:
             self._jobs.put(pending.run_one)
 
-    def _piece(self, joint: _Joint, plan: LocalPlan, liov: _sys.IovecArray, riov: _sys.IovecArray) -> None:
+    def _piece(self, joint: Joint, plan: LocalPlan, liov: _sys.IovecArray, riov: _sys.IovecArray) -> None:
         joint.done(self._copy(plan, liov, riov))
 
     def _copy(self, plan: LocalPlan, liov: _sys.IovecArray, riov: _sys.IovecArray) -> errors.WeftError | None:

@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pydantic
 
 from weft.api.storage import ObjParams
@@ -32,6 +31,7 @@ from weft.api.vocab import StorageBackend
 from weft.fabric import errors, storage
 from weft.fabric.backends import posix
 from weft.fabric.objstore import S3Client
+from weft.fabric.transfer import Joint
 from weft.fabric.types import MemoryKind, Op
 
 if TYPE_CHECKING:
@@ -90,24 +90,9 @@ class ObjBackend:
                 f"local and object descriptors must match one to one ({len(local)} and {len(store)})"
             )
         starts, lengths = store.offsets.tolist(), store.lengths.tolist()
-        stage = None
-        if region.kind is MemoryKind.DRAM:
-            base = region.view
-            views = [base[o : o + n] for o, n in zip(local.offsets.tolist(), lengths, strict=True)]
-        elif region.kind is MemoryKind.VRAM:
-            if local.total > self.staging_bytes:
-                raise errors.InvalidDescriptorError(
-                    f"a VRAM request of {local.total} bytes exceeds the staging limit "
-                    f"(staging_bytes={self.staging_bytes})"
-                )
-            buf = np.empty(local.total, np.uint8).data
-            views, at = [], 0
-            for n in lengths:
-                views.append(buf[at : at + n])
-                at += n
-            stage = (region, local.offsets.tolist(), views)
-        else:
-            raise errors.BackendUnavailableError(f"obj moves DRAM or VRAM to OBJ, not {region.kind.value}")
+        staged: list[Any] = []
+        views = posix.host_views(region, local, lengths, self.staging_bytes, staged, "obj", "OBJ")
+        stage = staged[0] if staged else None
         if op is Op.WRITE:
             order = sorted(range(len(starts)), key=starts.__getitem__)
             at = 0
@@ -133,7 +118,7 @@ class ObjBackend:
         for p in plans:
             if p.stage is not None and p.op is Op.WRITE:
                 posix.stage_out(self.host, [p.stage])
-        joint = posix.Joint(len(plans), functools.partial(self._end, transfer, notify))
+        joint = Joint(len(plans), functools.partial(self._end, transfer, notify))
         for p in plans:
             self._pool.submit(functools.partial(self._run, p, transfer, joint))
 
@@ -144,7 +129,7 @@ class ObjBackend:
             except errors.WeftError as exc:
                 transfer.complete(exc)
 
-    def _run(self, plan: ObjPlan, transfer: Transfer, joint: posix.Joint) -> None:
+    def _run(self, plan: ObjPlan, transfer: Transfer, joint: Joint) -> None:
         err: errors.WeftError | None = None
         try:
             if transfer.done():  # its deadline passed (or it was released) while it queued

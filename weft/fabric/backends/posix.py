@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,11 +33,12 @@ import numpy as np
 
 from weft.api.vocab import StorageBackend
 from weft.fabric import errors, files, storage
+from weft.fabric.transfer import Joint
 from weft.fabric.types import MemoryKind, Op
 
 if TYPE_CHECKING:
     from weft.fabric.backend import BackendHost
-    from weft.fabric.memory import DescList
+    from weft.fabric.memory import DescList, Region
     from weft.fabric.transfer import Transfer
 
 log = logging.getLogger(__name__)
@@ -138,23 +139,7 @@ class PosixBackend:
             )
         starts = (store.offsets + np.uint64(handle.offset)).tolist()
         lengths = store.lengths.tolist()
-        if region.kind is MemoryKind.DRAM:
-            base = region.view
-            views = [base[o : o + n] for o, n in zip(local.offsets.tolist(), lengths, strict=True)]
-        elif region.kind is MemoryKind.VRAM:
-            if local.total > self.staging_bytes:
-                raise errors.InvalidDescriptorError(
-                    f"a VRAM request of {local.total} bytes exceeds the staging limit "
-                    f"(staging_bytes={self.staging_bytes})"
-                )
-            buf = np.empty(local.total, np.uint8).data
-            views, at = [], 0
-            for n in lengths:
-                views.append(buf[at : at + n])
-                at += n
-            stage.append((region, local.offsets.tolist(), views))
-        else:
-            raise errors.BackendUnavailableError(f"posix moves DRAM or VRAM to FILE, not {region.kind.value}")
+        views = host_views(region, local, lengths, self.staging_bytes, stage, "posix", "FILE")
         return _runs(handle, starts, views, self.direct)
 
     # -- moving ---------------------------------------------------------------------------
@@ -297,27 +282,6 @@ class PosixBackend:
             os.close(dfd)
 
 
-class Joint:
-    """Finishes once, after `n` parts, with the first error any part reported."""
-
-    def __init__(self, n: int, finish: Callable[[errors.WeftError | None], None]) -> None:
-        self._left = n
-        self._error: errors.WeftError | None = None
-        self._lock = threading.Lock()
-        self._end = finish
-        self.finished = threading.Event()
-
-    def done(self, error: errors.WeftError | None) -> None:
-        with self._lock:
-            self._left -= 1
-            if error is not None and self._error is None:
-                self._error = error
-            last = self._left == 0
-        if last:
-            self._end(self._error)
-            self.finished.set()
-
-
 def _io(fd: int, off: int, views: list[memoryview], write: bool, handle: storage.FileHandle) -> None:
     total = sum(v.nbytes for v in views)
     try:
@@ -388,6 +352,29 @@ def _aligned(off: int, views: list[memoryview]) -> bool:
         v.nbytes % files.ALIGN == 0 and np.frombuffer(v, np.uint8).ctypes.data % files.ALIGN == 0
         for v in views
     )
+
+
+def host_views(
+    region: Region, local: DescList, lengths: list[int], limit: int, stage: list[Any], name: str, to: str
+) -> list[memoryview]:
+    """The host buffers a request moves: slices of a DRAM region, or for VRAM a staging
+    buffer (at most `limit` bytes) whose pieces `stage_out`/`stage_in` copy (added to `stage`)."""
+    if region.kind is MemoryKind.DRAM:
+        base = region.view
+        return [base[o : o + n] for o, n in zip(local.offsets.tolist(), lengths, strict=True)]
+    if region.kind is not MemoryKind.VRAM:
+        raise errors.BackendUnavailableError(f"{name} moves DRAM or VRAM to {to}, not {region.kind.value}")
+    if local.total > limit:
+        raise errors.InvalidDescriptorError(
+            f"a VRAM request of {local.total} bytes exceeds the staging limit (staging_bytes={limit})"
+        )
+    buf = np.empty(local.total, np.uint8).data
+    views, at = [], 0
+    for n in lengths:
+        views.append(buf[at : at + n])
+        at += n
+    stage.append((region, local.offsets.tolist(), views))
+    return views
 
 
 def stage_out(host: BackendHost, stage: list[Any]) -> None:
