@@ -392,7 +392,11 @@ def test_operator_replicas_elect_one_and_the_next_takes_over(
             lambda: "statefulset.apps/first" in plane.kubectl("-n", ns, "get", "statefulsets", "-o", "name"),
             30,
         )
-        assert "Handler 'reconcile' succeeded" in leader.tail() and "Handler 'reconcile'" not in second.tail()
+        # the StatefulSet exists before the handler that made it logs its success: wait for that
+        wait_for(
+            "the leader's reconcile to finish", lambda: "Handler 'reconcile' succeeded" in leader.tail(), 30
+        )
+        assert "Handler 'reconcile'" not in second.tail()
         leader.stop()
         killed = time.monotonic()
         apply_tg(plane, "second", etcd.endpoint, namespace=ns, secret="j", replicas=1)
