@@ -130,7 +130,7 @@ class Central:
                     self._forget(agent)
 
     def close(self) -> None:
-        """Revoke this agent's lease (its records go at once) and stop the thread."""
+        """Revoke this agent's lease (its records go at once), stop the thread, close the loop."""
         self._watcher.cancel()
         try:
             self._wait(self._directory.close())
@@ -138,3 +138,5 @@ class Central:
             log.warning("nixl agent %s: closing the etcd directory: %s", self.name, exc)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()  # its self-pipe sockets too
