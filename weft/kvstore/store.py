@@ -264,7 +264,9 @@ class KVStore:
         """Remove the chunk; True if it was there."""
         return self._tier.delete(key_of(key))
 
-    def put_many(self, items: Mapping[Key, Any] | Sequence[tuple[Key, Any]]) -> None:
+    def put_many(
+        self, items: Mapping[str, Any] | Mapping[int, Any] | Mapping[bytes, Any] | Sequence[tuple[Key, Any]]
+    ) -> None:
         """Many puts at once (parallel I/O). Device buffers go one by one through the stage.
 
         Raises:
