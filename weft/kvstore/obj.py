@@ -69,9 +69,8 @@ class ObjTier:
     def get(self, key: str, into: memoryview | None) -> bytes | int | None:
         """Read a chunk: into `into` (returns its length) or as bytes; None on a miss.
 
-        On a miss `into` holds no byte of the object: a whole object is checked before it is
-        copied (`into` untouched); a large one read as ranges into `into` is zeroed there
-        when it fails a check.
+        On a miss `into` holds no byte of the object: untouched when there is none, zeroed
+        when it failed a check.
 
         Raises:
             InvalidBufferError: `into` is smaller than the chunk (the key is named).
@@ -92,6 +91,8 @@ class ObjTier:
             into[: data.nbytes] = data
             return data.nbytes
         except Corrupt as exc:
+            if into is not None:
+                into[:] = bytes(into.nbytes)  # no unchecked byte stays in the caller's buffer
             with self._count_lock:  # pool threads may find two at once
                 self.corrupt += 1
             log.warning("kvstore: object %s for chunk %r is corrupt (%s): a miss", name, key, exc)
@@ -110,12 +111,8 @@ class ObjTier:
         for p in pieces:
             target[at : at + p.nbytes] = p
             at += p.nbytes
-        try:
-            chunk.check_segments(target, foot)
-            chunk.check_digests(head, kb, foot)
-        except Corrupt:
-            target[:] = bytes(dlen)  # no unchecked byte stays in the caller's buffer
-            raise
+        chunk.check_segments(target, foot)
+        chunk.check_digests(head, kb, foot)
         return dlen
 
     def _get_ranges(
