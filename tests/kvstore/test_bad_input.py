@@ -81,6 +81,12 @@ def test_a_single_str_where_keys_are_expected_is_refused(tmp_path: Path) -> None
         with pytest.raises(InvalidKeyError, match="takes a sequence of keys"):
             kv.get_many(7)  # type: ignore[arg-type]
         assert kv.get_many(["abc"]) == [b"4"]
+        with pytest.raises(InvalidBufferError, match="sequence of buffers"):
+            kv.get_many(["a"], into=(np.zeros(4, np.uint8) for _ in range(1)))  # type: ignore[arg-type]
+        for not_pairs in ("ab", ["abc"], [("a", b"1", "extra")], 5):
+            with pytest.raises(InvalidKeyError, match="put_many takes"):
+                kv.put_many(not_pairs)  # type: ignore[arg-type]
+        assert kv.get_many(["a", "b", "c"]) == [b"1", b"2", b"3"]  # nothing above stored a byte
 
 
 def test_read_only_and_short_buffers_are_typed_and_name_the_key(tmp_path: Path) -> None:

@@ -98,6 +98,22 @@ def _keys(keys: object, call: str) -> list[str]:
     return [key_of(k) for k in listed]
 
 
+def _pairs(items: object) -> list[tuple[Any, Any]]:
+    if isinstance(items, Mapping):
+        return list(items.items())
+    if isinstance(items, (str, bytes, bytearray, memoryview)):
+        raise errors.InvalidKeyError(
+            f"put_many takes (key, buffer) pairs, got the single {type(items).__name__}"
+        )
+    try:
+        pairs = [(k, d) for k, d in items]  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        raise errors.InvalidKeyError(
+            "put_many takes a mapping or a sequence of (key, buffer) pairs"
+        ) from None
+    return pairs
+
+
 def _view(data: Any, what: str, key: str, *, writable: bool = False) -> memoryview:
     try:
         view = memoryview(data)
@@ -274,7 +290,7 @@ class KVStore:
             BatchError: some chunks failed (each key's error in ``errors``); the others were
                 stored.
         """
-        pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+        pairs = _pairs(items)
         keys = [key_of(k) for k, _ in pairs]
         got: list[errors.WeftError | None] = [None] * len(pairs)
         host = [i for i, (_, d) in enumerate(pairs) if not _is_device(d)]
@@ -307,7 +323,11 @@ class KVStore:
                 [g if isinstance(g, (bytes, errors.WeftError)) else None for g in got],
                 None,
             )
-        if isinstance(into, (str, bytes, bytearray, memoryview)) or len(into) != len(names):
+        if isinstance(into, (str, bytes, bytearray, memoryview)) or not isinstance(into, Sequence):
+            raise InvalidBufferError(
+                f"get_many takes a sequence of buffers as into, got {type(into).__name__}"
+            )
+        if len(into) != len(names):
             raise InvalidBufferError(f"{len(names)} keys but {len(into)} buffers")
         device = {i for i, b in enumerate(into) if _is_device(b)}
         host_idx = [i for i in range(len(names)) if i not in device]
