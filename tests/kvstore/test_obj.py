@@ -16,10 +16,10 @@ import pytest
 
 from tests.kvstore.contract import check_round_trip, pattern
 from tests.s3_fixtures import S3Server, s3_client
-from weft.fabric.errors import ConfigError, StorageError
+from weft.fabric.errors import ConfigError, InvalidBufferError, StorageError
 from weft.fabric.objstore import S3Client
-from weft.kvstore import KVStore
-from weft.kvstore.obj import object_name
+from weft.kvstore import BatchError, KVStore
+from weft.kvstore.obj import ObjTier, object_name
 
 pytestmark = pytest.mark.integration
 SEEDS = Path(__file__).parent / "seeds"
@@ -48,8 +48,8 @@ def config(server: S3Server, bucket: str, **params: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize("size", [0, 1, 4096, 256 << 10, (5 << 20) + 1, (40 << 20) + 7])
 def test_round_trips_of_many_sizes(s3_server: S3Server, s3_bucket: str, size: int) -> None:
-    """40 MiB goes up in three parts (multipart) and, read into a buffer that large, comes
-    back as parallel ranges; the rest are one PUT and one GET."""
+    """Every chunk goes up as one PUT; 40 MiB, read into a buffer that large, comes back as
+    parallel ranges; the rest are one GET."""
     with KVStore.from_lmcache_config(config(s3_server, s3_bucket)) as kv:
         check_round_trip(kv, size)
 
@@ -147,8 +147,14 @@ for i in range(10**6):
 """
 
 
+def _uploads(server: S3Server, bucket: str) -> list[Any]:
+    """Multipart uploads begun and never completed nor aborted."""
+    return list(s3_client(server).list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+
 def test_a_writer_killed_mid_upload_leaves_the_old_chunk_or_none(s3_server: S3Server, s3_bucket: str) -> None:
-    """Multipart uploads appear whole or not at all: a kill leaves nothing half-written."""
+    """A chunk appears whole or not at all: a kill leaves nothing half-written, and no
+    incomplete multipart upload (a chunk goes up as one PUT)."""
     cfg = config(s3_server, s3_bucket)
     reference = pattern(48 << 20, 5).tobytes()
     for delay in (0.2, 0.7):
@@ -165,3 +171,53 @@ def test_a_writer_killed_mid_upload_leaves_the_old_chunk_or_none(s3_server: S3Se
             got = kv.get("big")
             assert got is None or got[8:] == reference[8:]
             assert kv.corrupt_chunks == 0
+        assert _uploads(s3_server, s3_bucket) == []
+
+
+def test_a_put_failing_mid_body_leaves_the_old_copy_and_no_upload(
+    s3_server: S3Server, s3_bucket: str
+) -> None:
+    """An injected failure: a deadline far too short for 48 MiB ends the request mid-body."""
+    with KVStore.from_lmcache_config(config(s3_server, s3_bucket)) as kv:
+        kv.put("chunk", b"the old copy")
+    hasty = S3Client(
+        s3_bucket,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        endpoint=s3_server.endpoint,
+        timeout_s=0.05,
+        retries=0,
+    )
+    tier = ObjTier(hasty, workers=2)
+    try:
+        with pytest.raises(StorageError, match=r"S3 put of s3://.*\.kv \(key 'chunk'\)") as failed:
+            tier.put("chunk", memoryview(pattern(48 << 20, 1)))
+        assert failed.value.key == "chunk"
+        assert tier.put_many([("chunk", memoryview(pattern(48 << 20, 2))), ("small", memoryview(b"s"))])[0]
+    finally:
+        tier.close()
+    assert _uploads(s3_server, s3_bucket) == []
+    with KVStore.from_lmcache_config(config(s3_server, s3_bucket)) as kv:
+        assert kv.get("chunk") == b"the old copy"
+
+
+def test_typed_errors_per_key_and_a_corrupt_read_zeroes_into(s3_server: S3Server, s3_bucket: str) -> None:
+    s3 = s3_client(s3_server)
+    with KVStore.from_lmcache_config(config(s3_server, s3_bucket)) as kv:
+        kv.put_many({0xABC: pattern(5000, 1), "ok": pattern(100, 2)})
+        assert kv.get("abc") == pattern(5000, 1).tobytes()  # the int key in LMCache's hex form
+        short, fine = np.full(10, 7, np.uint8), np.zeros(100, np.uint8)
+        with pytest.raises(BatchError) as batch:
+            kv.get_many([0xABC, "ok"], into=[short, fine])
+        assert list(batch.value.errors) == ["abc"] and batch.value.results == [False, True]
+        assert isinstance(batch.value.errors["abc"], InvalidBufferError) and (short == 7).all()
+        assert np.array_equal(fine, pattern(100, 2))
+        with pytest.raises(InvalidBufferError, match="read-only"):
+            kv.get("ok", into=bytes(100))
+        body = bytearray(s3.get_object(Bucket=s3_bucket, Key=object_name("ok"))["Body"].read())
+        body[4096 + 50] ^= 1
+        s3.put_object(Bucket=s3_bucket, Key=object_name("ok"), Body=bytes(body))
+        into = np.full(100, 0x55, np.uint8)
+        assert kv.get("ok", into=into) is False and not into.any()  # corrupt: zeroed
+        into[:] = 0x55
+        assert kv.get("absent", into=into) is False and (into == 0x55).all()  # no chunk: untouched

@@ -52,7 +52,7 @@ def test_batches_and_overwrite(tmp_path: Path) -> None:
         assert kv.get_many([*items, "nope"][:64], into=intos) == [True] * 64
         kv.put("k0", b"new")
         assert kv.get("k0") == b"new"
-        with pytest.raises(ValueError, match="smaller than the chunk"):
+        with pytest.raises(InvalidBufferError, match="smaller than the chunk"):
             kv.get("k1", into=np.zeros(10, np.uint8))
 
 
@@ -262,9 +262,9 @@ def test_fsync_always_and_bad_input_is_refused_typed_losing_nothing(tmp_path: Pa
             kv.put("text", "not bytes")
         with pytest.raises(ValueError, match="longer than 4096"):
             kv.put("k" * 5000, b"x")
-        with pytest.raises(ValueError, match="smaller than the chunk"):
+        with pytest.raises(InvalidBufferError, match="smaller than the chunk"):
             kv.get("durable", into=np.empty(10, np.uint8))
-        with pytest.raises(ValueError, match="2 keys but 1 buffers"):
+        with pytest.raises(InvalidBufferError, match="2 keys but 1 buffers"):
             kv.get_many(["durable", "x"], into=[np.empty(10, np.uint8)])
         assert kv.get("durable") == pattern(300_000, 4).tobytes()  # nothing above touched it
         assert not kv.contains("strided") and not kv.contains("text")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 
-from weft.api.errors import AuthenticationError, ConfigError, MetadataError, WeftError
+from weft.api.errors import AuthenticationError, ConfigError, MetadataError, StorageError, WeftError
 
 __all__ = [
     "AgentClosedError",
@@ -77,11 +77,6 @@ class ProtocolError(WeftError):
 
 class BackendUnavailableError(WeftError):
     """No configured backend can move data between these two memory kinds for this peer."""
-
-
-class StorageError(WeftError):
-    """A storage tier (KV store) failed an operation after its retries; nothing was stored
-    half-way and nothing wrong was returned."""
 
 
 class AgentClosedError(WeftError):

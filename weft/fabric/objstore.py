@@ -114,12 +114,14 @@ class S3Client:
     def _name(self, name: str) -> str:
         return self.prefix + name
 
-    def _fail(self, op: str, name: str, exc: Exception) -> StorageError:
+    def _fail(self, op: str, name: str, exc: Exception, key: str | None = None) -> StorageError:
         text = " ".join(str(exc).split()) or type(exc).__name__
         code = re.search(r"<Code>([^<]{1,64})</Code>", text)  # S3's own word for it, if it said one
         text = re.sub(r"<\?xml.*", "", text).strip()
         why = f"{code.group(1)}: {text[:300]}" if code else text[:300]
-        return StorageError(f"S3 {op} of s3://{self.bucket}/{self._name(name)}: {why}")
+        url = f"s3://{self.bucket}/{self._name(name)}"
+        of = f" (key {key!r})" if key is not None else ""
+        return StorageError(f"S3 {op} of {url}{of}: {why}", key=key, path=url)
 
     def check_bucket(self) -> None:
         """Fail now, not at the first put, when the bucket is missing or refuses us."""
@@ -128,9 +130,11 @@ class S3Client:
         except Exception as exc:
             raise self._fail("listing", "", exc) from None
 
-    def put(self, name: str, body: Any) -> None:
-        """Store `body` (a buffer) whole: a single PUT, or multipart above `part_size`.
-        Either way the object appears complete or not at all."""
+    def put(self, name: str, body: Any, *, multipart: bool = True, key: str | None = None) -> None:
+        """Store `body` (a buffer) whole: a single PUT, or multipart above `part_size` when
+        `multipart`. Either way the object appears complete or not at all; a multipart
+        upload that fails part-way may leave its parts behind (obstore cannot abort it),
+        which a single PUT never does. `key` is named in errors."""
         try:
             obstore.put(
                 self._store,
@@ -138,26 +142,27 @@ class S3Client:
                 body,
                 chunk_size=self.part_size,
                 max_concurrency=self.concurrency,
+                use_multipart=None if multipart else False,
             )
         except Exception as exc:
-            raise self._fail("put", name, exc) from None
+            raise self._fail("put", name, exc, key) from None
 
-    def get(self, name: str) -> Any:
+    def get(self, name: str, *, key: str | None = None) -> Any:
         """The object's bytes (a buffer, zero-copy from the client), or None if absent."""
         try:
             return obstore.get(self._store, self._name(name)).bytes()
         except FileNotFoundError:
             return None
         except Exception as exc:
-            raise self._fail("get", name, exc) from None
+            raise self._fail("get", name, exc, key) from None
 
-    def size(self, name: str) -> int | None:
+    def size(self, name: str, *, key: str | None = None) -> int | None:
         try:
             return int(obstore.head(self._store, self._name(name))["size"])
         except FileNotFoundError:
             return None
         except Exception as exc:
-            raise self._fail("head", name, exc) from None
+            raise self._fail("head", name, exc, key) from None
 
     def get_range(self, name: str, start: int, length: int) -> Any:
         """One byte range of an object (a buffer), or None if it is gone."""
@@ -168,7 +173,9 @@ class S3Client:
         except Exception as exc:
             raise self._fail("ranged get", name, exc) from None
 
-    def get_ranges(self, name: str, starts: Sequence[int], lengths: Sequence[int]) -> list[Any] | None:
+    def get_ranges(
+        self, name: str, starts: Sequence[int], lengths: Sequence[int], *, key: str | None = None
+    ) -> list[Any] | None:
         """Several byte ranges of one object, fetched in parallel; None if it is gone."""
         try:
             return list(
@@ -177,12 +184,12 @@ class S3Client:
         except FileNotFoundError:
             return None
         except Exception as exc:
-            raise self._fail("ranged get", name, exc) from None
+            raise self._fail("ranged get", name, exc, key) from None
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, *, key: str | None = None) -> None:
         try:
             obstore.delete(self._store, self._name(name))
         except FileNotFoundError:
             pass
         except Exception as exc:
-            raise self._fail("delete", name, exc) from None
+            raise self._fail("delete", name, exc, key) from None

@@ -18,6 +18,7 @@ import hashlib
 import struct
 from typing import Any
 
+from weft.api import errors
 from weft.kvstore import _hash
 
 MAGIC = b"WEFTKV"
@@ -30,14 +31,19 @@ DIGEST = _hash.DIGEST_BYTES
 MAX_KEY_BYTES = 4096
 
 
-class Corrupt(Exception):
+class Corrupt(errors.WeftError):
     """A chunk failed a check (the reason is the message); callers turn it into a miss."""
 
 
 def key_bytes(key: str) -> bytes:
+    """The key as stored inside its chunk (UTF-8, lone surrogates kept).
+
+    Raises:
+        InvalidKeyError: the key is longer than `MAX_KEY_BYTES` encoded.
+    """
     kb = key.encode("utf-8", "surrogatepass")
     if len(kb) > MAX_KEY_BYTES:
-        raise ValueError(f"key of {len(kb)} bytes is longer than {MAX_KEY_BYTES}")
+        raise errors.InvalidKeyError(f"key {key[:64]!r}... of {len(kb)} bytes is longer than {MAX_KEY_BYTES}")
     return kb
 
 
@@ -81,6 +87,10 @@ def final_digest(head_: Any, key_len: int, seg_digests: Any) -> bytes:
 
 
 def check_head(head_: Any, kb: bytes, dlen: int) -> None:
+    """Raise `Corrupt` unless `head_` starts with this format's header for key `kb` and a
+    data length of `dlen`."""
+    if len(head_) < HEADER.size + len(kb):
+        raise Corrupt("truncated header")
     magic, fmt, shift, klen, hlen = HEADER.unpack_from(head_)
     if magic != MAGIC or fmt != FORMAT or shift != SEGMENT_SHIFT:
         raise Corrupt("not a weft chunk of this format")
@@ -92,6 +102,58 @@ def check_head(head_: Any, kb: bytes, dlen: int) -> None:
 
 def check_digests(head_: Any, kb: bytes, foot: Any) -> None:
     """The final digest over header, key and the segment digests in `foot`."""
+    if len(foot) < DIGEST or len(foot) % DIGEST:
+        raise Corrupt("truncated digests")
     nseg = (len(foot) // DIGEST) - 1
     if final_digest(head_, len(kb), memoryview(foot)[: DIGEST * nseg]) != foot[DIGEST * nseg :]:
         raise Corrupt("checksum mismatch")
+
+
+def encode(key: str, data: Any) -> bytearray:
+    """One whole chunk of `data` (a byte buffer) under `key`, as every tier stores it."""
+    kb = key_bytes(key)
+    view = memoryview(data).cast("B")
+    dlen = view.nbytes
+    head_ = head(kb, dlen)
+    off, nseg = len(head_), segments(dlen)
+    body = bytearray(total_size(len(kb), dlen))
+    body[:off] = head_
+    body[off : off + dlen] = view
+    seg = b"".join(_hash.digest(view[i * SEGMENT : (i + 1) * SEGMENT]) for i in range(nseg))
+    body[off + dlen : off + dlen + len(seg)] = seg
+    body[off + dlen + len(seg) :] = final_digest(head_, len(kb), seg)
+    return body
+
+
+def check_segments(data: Any, foot: Any) -> None:
+    """Each 4 MiB segment of `data` against its digest in `foot`."""
+    view = memoryview(data)
+    for i in range(segments(view.nbytes)):
+        if _hash.digest(view[i * SEGMENT : (i + 1) * SEGMENT]) != bytes(foot[DIGEST * i : DIGEST * (i + 1)]):
+            raise Corrupt(f"checksum mismatch in segment {i}")
+
+
+def decode(blob: Any, key: str) -> memoryview:
+    """The data of a whole chunk `blob` stored under `key`, every check passed.
+
+    Returns:
+        A view of `blob` holding exactly the bytes that were stored.
+
+    Raises:
+        Corrupt: the blob is not a chunk of this format for this key, or fails a length,
+            header or digest check (it is never returned in part).
+        InvalidKeyError: the key is too long.
+    """
+    kb = key_bytes(key)
+    view = memoryview(blob).cast("B")
+    dlen = data_len(view.nbytes, len(kb))
+    if dlen is None:
+        raise Corrupt("truncated: no chunk has this length")
+    off = data_offset(len(kb))
+    check_head(view[:off], kb, dlen)
+    data, foot = view[off : off + dlen], view[off + dlen :]
+    if len(foot) != DIGEST * (segments(dlen) + 1):
+        raise Corrupt("truncated digests")
+    check_segments(data, foot)
+    check_digests(view[:off], kb, foot)
+    return data

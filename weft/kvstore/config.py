@@ -174,9 +174,13 @@ def _read_yaml(path: Path) -> Any:
     from weft.api import agent_settings  # the one YAML reader (adapter for pyyaml)
 
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read LMCache config {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not YAML: not UTF-8 text (byte {exc.start})") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not YAML: it holds NUL bytes (a binary file?)")
     try:
         return agent_settings.parse_yaml(text)
     except ValueError as exc:

@@ -1,8 +1,9 @@
 """The OBJ tier: one S3 object per KV chunk, in the chunk format of every tier (`chunk`).
 
 An object is named by the SHA-256 of its key (``<prefix>/<sha256>.kv``; the key is stored
-inside and compared). S3 makes a PUT atomic (multipart too: the object appears when the
-upload completes), so a writer killed mid-put leaves nothing; the digests still guard every
+inside and compared). A chunk goes up as one PUT, never multipart: S3 makes a PUT atomic, so a writer
+killed or failing mid-put leaves nothing behind, neither a torn object nor an incomplete
+multipart upload (obstore has no call to abort or list one); the digests still guard every
 read against bytes flipped at rest or in flight, and a chunk that fails them is a miss with
 a warning.
 
@@ -20,12 +21,15 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from weft.api import errors
+from weft.fabric.errors import InvalidBufferError
 from weft.fabric.objstore import S3Client
-from weft.kvstore import _hash, chunk
-from weft.kvstore.chunk import DIGEST, SEGMENT, Corrupt
+from weft.kvstore import chunk
+from weft.kvstore.chunk import Corrupt
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_PUT_BYTES = 5 << 30  # S3's limit for one PUT
 
 
 def object_name(key: str) -> str:
@@ -50,67 +54,72 @@ class ObjTier:
         self._pool.shutdown(wait=True)
 
     def put(self, key: str, data: memoryview) -> None:
-        kb = chunk.key_bytes(key)
-        dlen = data.nbytes
-        head = chunk.head(kb, dlen)
-        off, nseg = len(head), chunk.segments(dlen)
-        body = bytearray(chunk.total_size(len(kb), dlen))
-        body[:off] = head
-        body[off : off + dlen] = data  # one copy: S3 wants the object as one body
-        seg = b"".join(_hash.digest(data[i * SEGMENT : (i + 1) * SEGMENT]) for i in range(nseg))
-        body[off + dlen : off + dlen + len(seg)] = seg
-        body[off + dlen + len(seg) :] = chunk.final_digest(head, len(kb), seg)
-        self.client.put(object_name(key), body)
+        """Store the chunk as one PUT (never multipart: nothing is left behind to abort).
+
+        Raises:
+            InvalidBufferError: the chunk is larger than one PUT may carry (5 GiB).
+            StorageError: the request failed (the key and the object are named).
+        """
+        if data.nbytes > MAX_PUT_BYTES:
+            raise InvalidBufferError(
+                f"chunk {key!r} of {data.nbytes} bytes is larger than one S3 PUT ({MAX_PUT_BYTES})"
+            )
+        self.client.put(object_name(key), chunk.encode(key, data), multipart=False, key=key)
 
     def get(self, key: str, into: memoryview | None) -> bytes | int | None:
-        """Read a chunk: into `into` (returns its length) or as bytes; None on a miss."""
+        """Read a chunk: into `into` (returns its length) or as bytes; None on a miss.
+
+        On a miss `into` holds no byte of the object: untouched when there is none, zeroed
+        when it failed a check.
+
+        Raises:
+            InvalidBufferError: `into` is smaller than the chunk (the key is named).
+            StorageError: the request failed.
+        """
         kb = chunk.key_bytes(key)
         name = object_name(key)
-        off = chunk.data_offset(len(kb))
         try:
             if into is not None and into.nbytes > 2 * self.client.part_size:
-                parts = self._get_ranges(name, len(kb), into.nbytes)
-                if parts is None:
-                    return None
-                head, pieces, foot = parts
-            else:
-                body = self.client.get(name)
-                if body is None:
-                    return None
-                view = memoryview(body)
-                dlen = chunk.data_len(view.nbytes, len(kb))
-                if dlen is None:
-                    raise Corrupt("no chunk has this object's length")
-                head, pieces, foot = view[:off], [view[off : off + dlen]], view[off + dlen :]
-            dlen = sum(p.nbytes for p in pieces)
-            chunk.check_head(head, kb, dlen)
+                return self._get_large(key, kb, name, into)
+            body = self.client.get(name, key=key)
+            if body is None:
+                return None
+            data = chunk.decode(body, key)
             if into is None:
-                target = memoryview(bytearray(dlen))
-            elif into.nbytes < dlen:
-                raise ValueError(f"buffer of {into.nbytes} bytes is smaller than the chunk ({dlen})")
-            else:
-                target = into[:dlen]
-            at = 0
-            for p in pieces:
-                target[at : at + p.nbytes] = p
-                at += p.nbytes
-            for i in range(chunk.segments(dlen)):
-                if (
-                    _hash.digest(target[i * SEGMENT : (i + 1) * SEGMENT])
-                    != foot[DIGEST * i : DIGEST * (i + 1)]
-                ):
-                    raise Corrupt(f"checksum mismatch in segment {i}")
-            chunk.check_digests(head, kb, foot)
-            return dlen if into is not None else bytes(target)
+                return bytes(data)
+            _fits(key, name, into, data.nbytes)
+            into[: data.nbytes] = data
+            return data.nbytes
         except Corrupt as exc:
+            if into is not None:
+                into[:] = bytes(into.nbytes)  # no unchecked byte stays in the caller's buffer
             with self._count_lock:  # pool threads may find two at once
                 self.corrupt += 1
             log.warning("kvstore: object %s for chunk %r is corrupt (%s): a miss", name, key, exc)
             return None
 
-    def _get_ranges(self, name: str, klen: int, hint: int) -> tuple[Any, list[memoryview], Any] | None:
+    def _get_large(self, key: str, kb: bytes, name: str, into: memoryview) -> int | None:
+        parts = self._get_ranges(name, len(kb), into.nbytes, key)
+        if parts is None:
+            return None
+        head, pieces, foot = parts
+        dlen = sum(p.nbytes for p in pieces)
+        chunk.check_head(head, kb, dlen)
+        _fits(key, name, into, dlen)
+        target = into[:dlen]
+        at = 0
+        for p in pieces:
+            target[at : at + p.nbytes] = p
+            at += p.nbytes
+        chunk.check_segments(target, foot)
+        chunk.check_digests(head, kb, foot)
+        return dlen
+
+    def _get_ranges(
+        self, name: str, klen: int, hint: int, key: str
+    ) -> tuple[Any, list[memoryview], Any] | None:
         """A large chunk as parallel ranges of `part_size`: head, data pieces, digests."""
-        size = self.client.size(name)
+        size = self.client.size(name, key=key)
         if size is None:
             return None
         dlen = chunk.data_len(size, klen)
@@ -119,7 +128,7 @@ class ObjTier:
         off, part = chunk.data_offset(klen), self.client.part_size
         starts = [0] + [off + p for p in range(0, dlen, part)] + [off + dlen]
         lengths = [off] + [min(part, dlen - p) for p in range(0, dlen, part)] + [size - off - dlen]
-        got = self.client.get_ranges(name, starts, lengths)
+        got = self.client.get_ranges(name, starts, lengths, key=key)
         if got is None:
             return None
         views = [memoryview(g) for g in got]
@@ -128,28 +137,41 @@ class ObjTier:
         return views[0], views[1:-1], views[-1]
 
     def contains(self, key: str) -> bool:
-        return self.client.size(object_name(key)) is not None
+        return self.client.size(object_name(key), key=key) is not None
 
     def delete(self, key: str) -> bool:
         name = object_name(key)
-        existed = self.client.size(name) is not None
-        self.client.delete(name)
+        existed = self.client.size(name, key=key) is not None
+        self.client.delete(name, key=key)
         return existed
 
-    def _all(self, calls: Sequence[Callable[[], T]]) -> list[T]:
-        """Run every call on the pool; wait for all of them before raising the first error
-        (no request may still fill a caller's buffer after we return)."""
+    def _each(self, calls: Sequence[Callable[[], T]]) -> list[T | errors.WeftError]:
+        """Run every call on the pool and wait for all of them (no request may still fill a
+        caller's buffer after we return); a call that failed typed gives its error in its
+        place, so one bad chunk fails only its own key."""
         futures = [self._pool.submit(c) for c in calls]
-        errors = [f.exception() for f in futures]
-        for e in errors:
-            if e is not None:
-                raise e
-        return [f.result() for f in futures]
+        out: list[T | errors.WeftError] = []
+        for f in futures:
+            exc = f.exception()
+            if exc is None:
+                out.append(f.result())
+            elif isinstance(exc, errors.WeftError):
+                out.append(exc)
+            else:
+                raise exc
+        return out
 
-    def put_many(self, items: Sequence[tuple[str, memoryview]]) -> None:
-        self._all([lambda k=k, d=d: self.put(k, d) for k, d in items])  # type: ignore[misc]
+    def put_many(self, items: Sequence[tuple[str, memoryview]]) -> list[errors.WeftError | None]:
+        done = self._each([lambda k=k, d=d: self.put(k, d) for k, d in items])  # type: ignore[misc]
+        return [d if isinstance(d, errors.WeftError) else None for d in done]
 
     def get_many(self, keys: Sequence[str], intos: Sequence[memoryview | None]) -> list[Any]:
-        if len(keys) != len(intos):
-            raise ValueError(f"{len(keys)} keys but {len(intos)} buffers")
-        return self._all([lambda k=k, b=b: self.get(k, b) for k, b in zip(keys, intos, strict=True)])  # type: ignore[misc]
+        """Per key: bytes, a length, None (a miss), or the key's typed error."""
+        return self._each([lambda k=k, b=b: self.get(k, b) for k, b in zip(keys, intos, strict=True)])  # type: ignore[misc]
+
+
+def _fits(key: str, name: str, into: memoryview, dlen: int) -> None:
+    if into.nbytes < dlen:
+        raise InvalidBufferError(
+            f"buffer of {into.nbytes} bytes for chunk {key!r} ({name}) is smaller than the chunk ({dlen})"
+        )

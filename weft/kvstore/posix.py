@@ -10,6 +10,13 @@ check. Such a chunk reads as a miss with a warning, never as data, and stays unt
 overwritten (a writer may be filling it right now). Writing in place keeps the page cache's
 pages: truncating or renaming first cost 3-6x per chunk here (`bench/kvstore.py`).
 
+A full disk cannot cost the old copy: before a write makes a file longer, its new length is
+reserved (``posix_fallocate``). When that fails (``ENOSPC``) nothing was written, the file
+keeps its old length and bytes, and the put raises `StorageFullError` (a new chunk's empty
+file is removed). An overwrite no longer than the old chunk needs no new space. Every other
+failure of the filesystem is a `StorageError` naming the key and the file; in a batch it
+fails that key alone.
+
 Files are spread over 256 sub-directories by the first byte of the key's SHA-256 (the key is
 stored inside and compared). The 256 directories are opened once, at init, and every file is
 opened relative to its directory's handle; up to ``nixl_pool_size`` chunk files stay open for
@@ -21,6 +28,7 @@ at most ``lanes`` parts (default: the CPU count), one of them in the calling thr
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -28,7 +36,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
+from weft.api import errors
 from weft.fabric import files
+from weft.fabric.errors import InvalidBufferError
 from weft.kvstore import _hash, chunk
 from weft.kvstore.chunk import ALIGN, DIGEST, SEGMENT, Corrupt
 
@@ -49,6 +61,25 @@ def _path(root: Path, key: str) -> Path:
     """Where `key`'s chunk lives (tests and tools)."""
     shard, name = _name(key)
     return Path(root) / f"{shard:02x}" / name
+
+
+def _failed(root: Path, key: str, op: str, exc: OSError) -> errors.StorageError:
+    """The typed error of a failed system call on `key`'s chunk file."""
+    path = str(_path(root, key))
+    why = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return errors.StorageFullError(
+            f"no space left to {op} chunk {key!r} at {path} ({why}): not stored",
+            key=key,
+            path=path,
+        )
+    return errors.StorageError(f"cannot {op} chunk {key!r} at {path}: {why}", key=key, path=path)
+
+
+def _zero(into: memoryview | None) -> None:
+    """A read that failed its checks leaves no byte of it in the caller's buffer."""
+    if into is not None and into.nbytes:
+        np.frombuffer(into, dtype=np.uint8).fill(0)
 
 
 class PosixTier:
@@ -78,7 +109,6 @@ class PosixTier:
         if fsync not in ("always", "never"):
             raise ValueError(f"fsync must be 'always' or 'never', got {fsync!r}")
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
         self.direct = direct
         self._lanes = files.Lanes(lanes, "weft-kv-posix")
@@ -86,10 +116,18 @@ class PosixTier:
         self._handles = files.Handles(handles)
         self._dirs: list[int] = []
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
             for shard in range(SHARDS):
                 d = self.root / f"{shard:02x}"
                 d.mkdir(exist_ok=True)
                 self._dirs.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY))
+        except OSError as exc:
+            self.close()
+            raise errors.StorageError(
+                f"nixl_path {str(self.root)!r} cannot hold the KV store: "
+                f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}",
+                path=str(self.root),
+            ) from None
         except BaseException:
             self.close()
             raise
@@ -122,14 +160,26 @@ class PosixTier:
     # little Python around it: with two lanes, the Python a lane runs holding the GIL is
     # what bounds throughput (about 10 us per chunk costs a third of it here).
     def put(self, key: str, data: memoryview, lanes: int | None = None) -> None:
+        """Store a chunk, in place.
+
+        Raises:
+            StorageFullError: no space for it; the copy the key held before is intact.
+            StorageError: the file could not be opened or written (key and file named).
+        """
         kb = chunk.key_bytes(key)
         klen = len(kb)
         dlen = data.nbytes
         head = chunk.head(kb, dlen)
         off = len(head)
         nseg = chunk.segments(dlen)
-        fd = self._acquire(key, create=True)
         try:
+            fd = self._acquire(key, create=True)
+        except OSError as exc:
+            raise _failed(self.root, key, "open", exc) from None
+        try:
+            old = os.fstat(fd).st_size
+            if old < chunk.total_size(klen, dlen):
+                self._reserve(key, fd, old, chunk.total_size(klen, dlen))
             if nseg <= 1 and not self.direct:
                 # one system call: the kernel fills the pages in order, the digests last
                 seg = _hash.digest(data) if nseg else b""
@@ -139,13 +189,35 @@ class PosixTier:
             else:
                 seg = self._put_segments(key, fd, head, klen, data, lanes)
             end = off + dlen + len(seg) + DIGEST
-            if os.fstat(fd).st_size > end:
+            if old > end:
                 os.ftruncate(fd, end)  # the old chunk was longer
             self._handles.remember(key, end)
             if self.fsync == "always":
                 os.fsync(fd)
+        except OSError as exc:  # past the reservation: the chunk reads as a miss, never torn
+            raise _failed(self.root, key, "write", exc) from None
         finally:
             self._handles.release(key, fd)
+
+    def _reserve(self, key: str, fd: int, old: int, end: int) -> None:
+        """Allocate the file's new length before any byte of the old chunk is overwritten."""
+        try:
+            os.posix_fallocate(fd, old, end - old)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return  # this filesystem cannot reserve: write and see
+            try:
+                os.ftruncate(fd, old)  # give back what it allocated; the old bytes stay
+                if old == 0:  # a new chunk: leave no empty file behind
+                    self._handles.drop(key)
+                    shard, name = _name(key)
+                    os.unlink(name, dir_fd=self._dirs[shard])
+            except OSError:
+                pass
+            err = _failed(self.root, key, "reserve", exc)
+            if old:
+                err.args = (f"{err.args[0]}; the copy it held before is intact",)
+            raise err from None
 
     def _put_segments(
         self, key: str, fd: int, head: bytes, klen: int, data: memoryview, lanes: int | None
@@ -193,6 +265,8 @@ class PosixTier:
             fd = self._acquire(key, create=False)
         except FileNotFoundError:
             return None
+        except OSError as exc:  # a directory where the chunk should be, no permission, EIO
+            raise _failed(self.root, key, "open", exc) from None
         try:
             hint = self._handles.size_of(key)
             try:
@@ -203,8 +277,12 @@ class PosixTier:
                 log.debug("kvstore: %r changed under its kept handle (%s); reading again", key, exc)
                 return self._read(fd, kb, into, lanes, -1)
         except Corrupt as exc:
+            _zero(into)
             self._bad(key, str(exc))
             return None
+        except OSError as exc:
+            _zero(into)
+            raise _failed(self.root, key, "read", exc) from None
         finally:
             self._handles.release(key, fd)
 
@@ -218,10 +296,15 @@ class PosixTier:
         dlen = chunk.data_len(size, klen)
         if dlen is None:
             raise Corrupt("truncated: no chunk has this file's length")
+        if (into is None and dlen > SEGMENT) or (into is not None and into.nbytes < dlen):
+            self._claim(fd, kb, dlen)  # the file's length is the one its header says
         if into is None:
             target = memoryview(bytearray(dlen))
         elif into.nbytes < dlen:
-            raise ValueError(f"buffer of {into.nbytes} bytes is smaller than the chunk ({dlen})")
+            raise InvalidBufferError(
+                f"buffer of {into.nbytes} bytes for chunk {key!r} at {_path(self.root, key)} "
+                f"is smaller than the chunk ({dlen})"
+            )
         else:
             target = into[:dlen]
         nseg = chunk.segments(dlen)
@@ -240,6 +323,15 @@ class PosixTier:
         if fresh:
             self._handles.remember(key, size)
         return dlen if into is not None else bytes(target)
+
+    @staticmethod
+    def _claim(fd: int, kb: bytes, dlen: int) -> None:
+        """Check the header before trusting the file's length: an extended or cut file is
+        corrupt, not a chunk too large for the buffer or for memory."""
+        head = bytearray(chunk.data_offset(len(kb)))
+        if files.preadv_all(fd, [head], 0) < len(head):
+            raise Corrupt("truncated header")
+        chunk.check_head(head, kb, dlen)
 
     def _get_segments(
         self,
@@ -305,6 +397,8 @@ class PosixTier:
             return stat.S_ISREG(os.stat(name, dir_fd=self._dirs[shard]).st_mode)
         except FileNotFoundError:
             return False
+        except OSError as exc:
+            raise _failed(self.root, key, "look up", exc) from None
 
     def delete(self, key: str) -> bool:
         self._handles.drop(key)
@@ -314,6 +408,8 @@ class PosixTier:
             return True
         except FileNotFoundError:
             return False
+        except OSError as exc:
+            raise _failed(self.root, key, "delete", exc) from None
 
     # -- parallel parts --------------------------------------------------------------------
     def _spread(self, count: int, fn: Callable[[int], None], lanes: int | None) -> None:
@@ -335,83 +431,106 @@ class PosixTier:
             return 1
         return min(self.lanes, len(sizes))
 
-    def put_many(self, items: Sequence[tuple[str, memoryview]]) -> None:
+    def put_many(self, items: Sequence[tuple[str, memoryview]]) -> list[errors.WeftError | None]:
+        """Store every chunk; per key, None or its typed error (the others are stored)."""
+        out: list[errors.WeftError | None] = [None] * len(items)
         lanes = self._batch_lanes([d.nbytes for _, d in items])
         if lanes == 1:
-            for k, d in items:
-                self.put(k, d)
-            return
-        self._lanes.spread(len(items), lambda lo, hi: self._put_range(items, lo, hi), lanes)
+            _put_range(self, items, out, 0, len(items))
+        else:
+            self._lanes.spread(len(items), lambda lo, hi: _put_range(self, items, out, lo, hi), lanes)
+        return out
 
     def get_many(self, keys: Sequence[str], intos: Sequence[memoryview | None]) -> list[Any]:
+        """Per key: bytes, a length, None (a miss), or the key's typed error."""
         if len(keys) != len(intos):
-            raise ValueError(f"{len(keys)} keys but {len(intos)} buffers")
+            raise InvalidBufferError(f"{len(keys)} keys but {len(intos)} buffers")
         out: list[Any] = [None] * len(keys)
         sized = [b.nbytes for b in intos if b is not None]
         lanes = self._batch_lanes(sized) if len(sized) == len(intos) else min(self.lanes, len(keys))
         if lanes == 1:
-            for i, k in enumerate(keys):
-                out[i] = self.get(k, intos[i])
+            _get_range(self, keys, intos, out, 0, len(keys))
         else:
-            self._lanes.spread(len(keys), lambda lo, hi: self._get_range(keys, intos, out, lo, hi), lanes)
+            self._lanes.spread(len(keys), lambda lo, hi: _get_range(self, keys, intos, out, lo, hi), lanes)
         return out
 
-    # The lanes of a batch of small chunks run these loops: the common case (a kept handle of
-    # known size, one segment, page cache) inline, with no call it can spare, because the
-    # Python a lane runs holding the GIL is what bounds two lanes; anything else goes the
-    # general way (`put`, `get`), which also counts and reports corrupt chunks.
-    def _put_range(self, items: Sequence[tuple[str, memoryview]], lo: int, hi: int) -> None:
-        handles, lock = self._handles._open, self._handles._lock
-        digest, pack, header_size = _hash.digest, chunk.HEADER.pack, chunk.HEADER.size
-        for i in range(lo, hi):
-            key, data = items[i]
+
+# The lanes of a batch of small chunks run these loops: the common case (a kept handle of
+# known size, one segment, page cache, an overwrite that needs no new space) inline, with no
+# call it can spare, because the Python a lane runs holding the GIL is what bounds two lanes;
+# anything else goes the general way (`put`, `get`), which also counts and reports corrupt
+# chunks. A key that fails gets its typed error in `out`; the loop goes on with the next.
+def _put_range(
+    tier: PosixTier, items: Sequence[tuple[str, memoryview]], out: list[Any], lo: int, hi: int
+) -> None:
+    handles, lock = tier._handles._open, tier._handles._lock
+    digest, pack, header_size = _hash.digest, chunk.HEADER.pack, chunk.HEADER.size
+    for i in range(lo, hi):
+        key, data = items[i]
+        try:
             dlen = data.nbytes
             with lock:
                 entry = handles.get(key)
                 if entry is not None:
                     entry[1] += 1
-            if entry is None or not 0 < dlen <= SEGMENT or self.direct:
+            if entry is None or not 0 < dlen <= SEGMENT or tier.direct:
                 if entry is not None:
-                    self._handles.release(key, entry[0])
-                self.put(key, data, lanes=1)
+                    tier._handles.release(key, entry[0])
+                tier.put(key, data, lanes=1)
                 continue
-            fd = entry[0]
+            fd, grows = entry[0], False
             try:
                 kb = key.encode("utf-8", "surrogatepass")
                 klen = len(kb)
                 if klen > chunk.MAX_KEY_BYTES:
-                    raise ValueError(f"key of {klen} bytes is longer than {chunk.MAX_KEY_BYTES}")
+                    raise errors.InvalidKeyError(f"key of {klen} bytes is longer than {chunk.MAX_KEY_BYTES}")
                 lead = pack(chunk.MAGIC, chunk.FORMAT, chunk.SEGMENT_SHIFT, klen, dlen) + kb
                 off = -(-(header_size + klen) // ALIGN) * ALIGN
-                seg = digest(data)
-                parts: list[Any] = [lead, _zeros(off - len(lead)), data, seg, digest(lead + seg)]
                 end = off + dlen + 2 * DIGEST
-                if os.pwritev(fd, parts, 0) != end:
-                    files.write_all(fd, parts, 0)
-                if os.fstat(fd).st_size > end:
-                    os.ftruncate(fd, end)
-                entry[2] = end
-                if self.fsync == "always":
-                    os.fsync(fd)
+                old = os.fstat(fd).st_size
+                grows = old < end
+                if not grows:  # no new space needed: a full disk cannot fail it
+                    seg = digest(data)
+                    parts: list[Any] = [lead, _zeros(off - len(lead)), data, seg, digest(lead + seg)]
+                    if os.pwritev(fd, parts, 0) != end:
+                        files.write_all(fd, parts, 0)
+                    if old > end:
+                        os.ftruncate(fd, end)
+                    entry[2] = end
+                    if tier.fsync == "always":
+                        os.fsync(fd)
+            except OSError as exc:
+                raise _failed(tier.root, key, "write", exc) from None
             finally:
-                self._handles.release(key, fd)
+                tier._handles.release(key, fd)
+            if grows:
+                tier.put(key, data, lanes=1)  # the general way reserves the space first
+        except errors.WeftError as exc:
+            out[i] = exc
 
-    def _get_range(
-        self, keys: Sequence[str], intos: Sequence[memoryview | None], out: list[Any], lo: int, hi: int
-    ) -> None:
-        handles, lock = self._handles._open, self._handles._lock
-        digest, unpack, header_size = _hash.digest, chunk.HEADER.unpack_from, chunk.HEADER.size
-        expect = (chunk.MAGIC, chunk.FORMAT, chunk.SEGMENT_SHIFT)
-        for i in range(lo, hi):
-            key, into = keys[i], intos[i]
+
+def _get_range(
+    tier: PosixTier,
+    keys: Sequence[str],
+    intos: Sequence[memoryview | None],
+    out: list[Any],
+    lo: int,
+    hi: int,
+) -> None:
+    handles, lock = tier._handles._open, tier._handles._lock
+    digest, unpack, header_size = _hash.digest, chunk.HEADER.unpack_from, chunk.HEADER.size
+    expect = (chunk.MAGIC, chunk.FORMAT, chunk.SEGMENT_SHIFT)
+    for i in range(lo, hi):
+        key, into = keys[i], intos[i]
+        try:
             with lock:
                 entry = handles.get(key)
                 if entry is not None:
                     entry[1] += 1
-            if entry is None or entry[2] < 0 or into is None or self.direct:
+            if entry is None or entry[2] < 0 or into is None or tier.direct:
                 if entry is not None:
-                    self._handles.release(key, entry[0])
-                out[i] = self.get(key, into, lanes=1)
+                    tier._handles.release(key, entry[0])
+                out[i] = tier.get(key, into, lanes=1)
                 continue
             fd, size = entry[0], entry[2]
             try:
@@ -435,9 +554,13 @@ class PosixTier:
                         ):
                             out[i] = dlen
                             continue
+            except OSError:
+                pass  # the general way below reports it, typed
             finally:
-                self._handles.release(key, fd)
-            out[i] = self.get(key, into, lanes=1)  # anything unusual: the general way
+                tier._handles.release(key, fd)
+            out[i] = tier.get(key, into, lanes=1)  # anything unusual: the general way
+        except errors.WeftError as exc:
+            out[i] = exc
 
 
 _ZEROS: dict[int, bytes] = {}
