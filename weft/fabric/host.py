@@ -49,7 +49,12 @@ class AgentHost:
         self.peers: dict[str, peers.Peer] = {}
         self.regions = RegionTable(agent.name, on_region_drop)
         cfg = agent.config
-        self.inbox = Inbox(cfg.max_pending_notifications, cfg.max_pending_notification_bytes, agent.name)
+        self.inbox = Inbox(
+            cfg.max_pending_notifications,
+            cfg.max_pending_notification_bytes,
+            agent.name,
+            cfg.max_notification_bytes,
+        )
         self.limits = limits.Counters()
         self.staging = limits.Staging(cfg.max_staging_bytes)
         self.machine = _sys.host_identity()

@@ -43,11 +43,14 @@ class Inbox:
         capacity: notifications held at most.
         max_bytes: bytes of notifications held at most.
         name: the agent's name (for the log).
+        largest: the largest notification accepted; the inbox counts as full while one that
+            large would not fit.
     """
 
-    def __init__(self, capacity: int, max_bytes: int = 1 << 62, name: str = "") -> None:
+    def __init__(self, capacity: int, max_bytes: int = 1 << 62, name: str = "", largest: int = 1) -> None:
         self._capacity = capacity
         self._max_bytes = max_bytes
+        self._largest = largest
         self._name = name
         self._items: collections.deque[Notification] = collections.deque()
         self._bytes = 0
@@ -109,13 +112,13 @@ class Inbox:
     def trouble(self) -> str | None:
         """Why the inbox takes nothing now ("notification inbox full: ..."), or None."""
         with self._cond:
-            full = self._waiting > 0 or not self._fits(1)
+            full = self._waiting > 0 or not self._fits(self._largest)
             return self._describe() if full else None
 
     def _removed(self, items: list[Notification]) -> None:
         """With the lock held: account for notifications taken out."""
         self._bytes -= sum(len(n.message) for n in items)
-        if self._full_logged and self._fits(1) and not self._waiting:
+        if self._full_logged and self._fits(self._largest) and not self._waiting:
             self._full_logged = False
             log.warning("agent %s: notification inbox has room again", self._name)
         self._cond.notify_all()
