@@ -5,6 +5,10 @@ itself when the socket is idle and a sender thread writes the backlog otherwise 
 never blocks on the socket); a reader thread completes pending requests and delivers
 notifications. `Inbound` serves a peer that connected to us: handshake first, then
 READ/WRITE against registered regions only, bounds checked before any byte is touched.
+Device memory moves through host staging of one bounded chunk per request, taken from the
+agent's budget (`weft.fabric.limits.Staging`) before the payload is read or the answer is
+sent, never sized by what a header claims; a request that gets none in time is refused with
+`LimitError` and the stream serves on.
 
 Either side seeing the stream end fails every pending request on it at once with
 `PeerLostError`: a killed process's sockets are closed by its kernel, so this is the fast

@@ -82,6 +82,7 @@ class Listener:
             except TimeoutError:  # only during an episode: is the cause gone?
                 if _probe():
                     self._recovered()
+                    delay = BACKOFF_MIN
                 continue
             except OSError as exc:
                 if self._closed:
