@@ -22,6 +22,14 @@ def test_backends_parse_and_dedupe() -> None:
         ({"transfer_timeout": 0}, "transfer_timeout"),
         ({"listen_port": 70000}, "listen_port"),
         ({"local_workers": 0}, "local_workers"),
+        ({"max_unauthenticated": 0}, "max_unauthenticated"),
+        ({"max_staging_bytes": 0}, "max_staging_bytes"),
+        ({"staging_timeout": -1.0}, "staging_timeout"),
+        ({"inbox_full_timeout": 0}, "inbox_full_timeout"),
+        (
+            {"max_pending_notification_bytes": 100, "max_notification_bytes": 200},
+            "max_pending_notification_bytes",
+        ),
     ],
 )
 def test_bad_config_is_typed(kwargs: dict[str, object], match: str) -> None:

@@ -14,8 +14,10 @@ from weft.fabric.errors import (
     ConfigError,
     DeviceUnavailableError,
     FencedError,
+    InboxFullError,
     InvalidBufferError,
     InvalidDescriptorError,
+    LimitError,
     MetadataError,
     NotificationTimeoutError,
     PeerFencedError,
@@ -32,6 +34,7 @@ from weft.fabric.errors import (
     UnknownRegionError,
     WeftError,
 )
+from weft.fabric.limits import LimitsHit
 from weft.fabric.memory import DescList, Registration, RemoteRegion
 from weft.fabric.notify import Notification
 from weft.fabric.storage import FileRegion, ObjectRegion, StorageInfo
@@ -50,8 +53,11 @@ __all__ = [
     "DeviceUnavailableError",
     "FencedError",
     "FileRegion",
+    "InboxFullError",
     "InvalidBufferError",
     "InvalidDescriptorError",
+    "LimitError",
+    "LimitsHit",
     "MemoryKind",
     "MetadataError",
     "Notification",

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from weft.api import metadata as md_api
-from weft.fabric import _cuda, backends, dispatch, errors, memory, peers, storage, wire
+from weft.fabric import _cuda, backends, dispatch, errors, limits, memory, peers, storage, wire
 from weft.fabric.config import AgentConfig
 from weft.fabric.host import AgentHost, LostHook
 from weft.fabric.listener import Listener
@@ -35,7 +35,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$")
 Peer = peers.Peer
 
 
-class Agent(Receiving, dispatch.Storing):
+class Agent(Receiving, dispatch.Storing, limits.Guarded):
     """One process's endpoint of the fabric.
 
     Args:
@@ -60,12 +60,14 @@ class Agent(Receiving, dispatch.Storing):
         self._lock = self.backend_host.lock
         self._peers = self.backend_host.peers
         self._inbox = self.backend_host.inbox
+        self._limits = self.backend_host.limits
         self._dispatch = dispatch.Dispatcher(
             self, backends.load_backends(self.config.backends, self.backend_host)
         )
         self._backends = self._dispatch.backends
         self._listener = Listener(self.backend_host)
         self.port = self._listener.port
+        self._troubled = (self._listener, self._inbox)
         if self.config.secret is None:
             log.warning(
                 "agent %s: NO GROUP SECRET: the data path on %s:%d is OPEN to anyone who can reach it; "

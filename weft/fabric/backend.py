@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from weft.fabric import errors
     from weft.fabric.config import AgentConfig
     from weft.fabric.handshake import Identity
+    from weft.fabric.limits import Staging
     from weft.fabric.memory import DescList, Region
     from weft.fabric.peers import Peer
     from weft.fabric.regions import Resolved
@@ -115,8 +116,28 @@ class BackendHost(Protocol):
         """Check a peer's descriptor table (`wire.DESC_DTYPE`) against the registered regions."""
         ...
 
-    def deliver(self, peer: str, message: bytes) -> None:
-        """Hand a notification from `peer` to the agent's inbox (blocks while the inbox is full)."""
+    def deliver(self, peer: str, message: bytes, *, reserved: bool = False) -> bool:
+        """Hand a notification from `peer` to the agent's inbox.
+
+        Waits at most `AgentConfig.inbox_full_timeout` for room in a full inbox. `reserved`:
+        room was made sure of with `notify_room` before the bytes moved; add it regardless.
+
+        Returns:
+            False when the inbox stayed full (the notification is dropped and counted).
+        """
+        ...
+
+    def notify_room(self, nbytes: int) -> bool:
+        """Wait (as `deliver` does) until a notification of `nbytes` fits; False if it never did."""
+        ...
+
+    @property
+    def staging(self) -> Staging:
+        """The agent's host memory for device copies, shared by its connections."""
+        ...
+
+    def limit_hit(self, name: str) -> None:
+        """Count a hit of one of the agent's bounds (a `weft.fabric.limits.LimitsHit` field)."""
         ...
 
     def peer(self, name: str) -> Peer:

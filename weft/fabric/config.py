@@ -46,6 +46,17 @@ class AgentConfig:
         max_descriptors: most descriptors one request may carry.
         max_notification_bytes: largest notification accepted.
         max_pending_notifications: notifications held per agent before back-pressure.
+        max_pending_notification_bytes: bytes of notifications held per agent before
+            back-pressure (at least max_notification_bytes).
+        inbox_full_timeout: how long a stream waits for room in a full inbox before it
+            refuses the notification (`InboxFullError` to the initiator) and moves on.
+        max_unauthenticated: inbound connections that have not finished the handshake at
+            once; more are closed on accept (and counted), so strangers cannot use up the
+            agent's file descriptors and threads.
+        max_staging_bytes: host memory this agent's inbound connections hold at once for
+            copies to and from device memory; a request that cannot get its share within
+            staging_timeout is refused (`LimitError`).
+        staging_timeout: how long a request waits for staging memory before it is refused.
     """
 
     backends: tuple[Backend, ...] = DEFAULT_BACKENDS
@@ -63,6 +74,11 @@ class AgentConfig:
     max_descriptors: int = 1 << 16
     max_notification_bytes: int = 1 << 20
     max_pending_notifications: int = 1 << 16
+    max_pending_notification_bytes: int = 64 << 20
+    inbox_full_timeout: float = 5.0
+    max_unauthenticated: int = 256
+    max_staging_bytes: int = 256 << 20
+    staging_timeout: float = 5.0
 
     def __init__(
         self,
@@ -82,6 +98,11 @@ class AgentConfig:
         max_descriptors: int = 1 << 16,
         max_notification_bytes: int = 1 << 20,
         max_pending_notifications: int = 1 << 16,
+        max_pending_notification_bytes: int = 64 << 20,
+        inbox_full_timeout: float = 5.0,
+        max_unauthenticated: int = 256,
+        max_staging_bytes: int = 256 << 20,
+        staging_timeout: float = 5.0,
     ) -> None:
         parsed = _parse_backends(backends)
         if isinstance(secret, str):
@@ -104,6 +125,11 @@ class AgentConfig:
             "max_descriptors": max_descriptors,
             "max_notification_bytes": max_notification_bytes,
             "max_pending_notifications": max_pending_notifications,
+            "max_pending_notification_bytes": max_pending_notification_bytes,
+            "inbox_full_timeout": inbox_full_timeout,
+            "max_unauthenticated": max_unauthenticated,
+            "max_staging_bytes": max_staging_bytes,
+            "staging_timeout": staging_timeout,
         }
         for key, value in values.items():
             object.__setattr__(self, key, value)
@@ -118,6 +144,10 @@ class AgentConfig:
             "max_descriptors": self.max_descriptors,
             "max_notification_bytes": self.max_notification_bytes,
             "max_pending_notifications": self.max_pending_notifications,
+            "inbox_full_timeout": self.inbox_full_timeout,
+            "max_unauthenticated": self.max_unauthenticated,
+            "max_staging_bytes": self.max_staging_bytes,
+            "staging_timeout": self.staging_timeout,
         }
         for key, value in positive.items():
             if not value > 0:
@@ -126,6 +156,8 @@ class AgentConfig:
             raise errors.ConfigError(f"listen_port out of range: {self.listen_port}")
         if self.inline_bytes < 0 or self.socket_buffer_bytes < 0:
             raise errors.ConfigError("inline_bytes and socket_buffer_bytes must be >= 0")
+        if self.max_pending_notification_bytes < self.max_notification_bytes:
+            raise errors.ConfigError("max_pending_notification_bytes must be >= max_notification_bytes")
         if self.generation is not None and self.generation < 0:
             raise errors.ConfigError("generation must be >= 0")
 

@@ -5,6 +5,10 @@ itself when the socket is idle and a sender thread writes the backlog otherwise 
 never blocks on the socket); a reader thread completes pending requests and delivers
 notifications. `Inbound` serves a peer that connected to us: handshake first, then
 READ/WRITE against registered regions only, bounds checked before any byte is touched.
+Device memory moves through host staging of one bounded chunk per request, taken from the
+agent's budget (`weft.fabric.limits.Staging`) before the payload is read or the answer is
+sent, never sized by what a header claims; a request that gets none in time is refused with
+`LimitError` and the stream serves on.
 
 Either side seeing the stream end fails every pending request on it at once with
 `PeerLostError`: a killed process's sockets are closed by its kernel, so this is the fast
@@ -385,6 +389,8 @@ class Inbound:
             ftype, flags, count, req_id, length = wire.parse_header(hdr)
             if ftype in (wire.WRITE, wire.READ):
                 if count == 0 or count > max_desc:
+                    if count:
+                        host.limit_hit("descriptors")
                     raise errors.ProtocolError(f"descriptor count {count} out of range")
                 used = 0
                 notify = None
@@ -440,8 +446,28 @@ class Inbound:
         body = message.encode()[: wire.MAX_ERROR_BYTES]
         self.send([wire.header(wire.ERROR, req_id, len(body), count=code), body])
 
+    def _staging(self, spans: list[Span]) -> tuple[bytearray | None, str]:
+        """Host staging for a request's device spans (None, "" when it has none), or (None, why)
+        when the agent's staging budget had nothing free within `staging_timeout`."""
+        device = max((span.length for span in spans if span.view is None), default=0)
+        if not device:
+            return None, ""
+        staging = self.host.staging.acquire(device, self.host.config.staging_timeout)
+        if staging is None:
+            self.host.limit_hit("staging")
+            return None, (
+                f"{self.host.name!r} has no staging memory free for device copies "
+                f"(max_staging_bytes={self.host.config.max_staging_bytes}); try again later"
+            )
+        return staging, ""
+
     def _serve_write(self, req_id: int, table: Any, notify: bytes | None, payload: int) -> None:
         spans, code, message = self.host.resolve(table, write=True)
+        staging: bytearray | None = None
+        if spans is not None:
+            staging, why = self._staging(spans)
+            if why:
+                spans, code, message = None, errors.ErrorCode.LIMIT, why
         if spans is None:
             wire.drain(self.sock, payload)
             self.refused += 1  # before the answer: the initiator may read stats right after it
@@ -449,38 +475,83 @@ class Inbound:
             return
         self.served += 1
         self.served_bytes += payload
+        try:
+            self._land(spans, staging)
+        finally:
+            if staging is not None:
+                self.host.staging.release(len(staging))
+        if notify is not None and not self.host.deliver(self.peer_name or "?", notify):
+            self._error(
+                req_id,
+                errors.ErrorCode.INBOX_FULL,
+                f"the bytes are in place, but {self.host.name!r}'s notification inbox stayed full",
+            )
+            return
+        self.send([wire.header(wire.DONE, req_id)])
+
+    def _land(self, spans: list[Span], staging: bytearray | None) -> None:
+        """Receive a WRITE's payload into its spans; device spans stream through `staging`."""
         views: list[memoryview] = []
-        device_copies: list[tuple[memoryview, Span]] = []
         for span in spans:
             if span.view is not None:
                 views.append(span.view)
-            else:  # VRAM: land in host staging, then copy to the device
-                staging = memoryview(bytearray(span.length))
-                views.append(staging)
-                device_copies.append((staging, span))
-        wire.recv_scatter(self.sock, views)
-        for staging, span in device_copies:
-            self.host.host_to_device(staging, span.region, span.offset)
-        if notify is not None:
-            self.host.deliver(self.peer_name or "?", notify)
-        self.send([wire.header(wire.DONE, req_id)])
+                continue
+            if views:
+                wire.recv_scatter(self.sock, views)
+                views = []
+            assert staging is not None
+            buf = memoryview(staging)
+            done = 0
+            while done < span.length:
+                n = min(len(buf), span.length - done)
+                wire.recv_into_exact(self.sock, buf[:n])
+                self.host.host_to_device(buf[:n], span.region, span.offset + done)
+                done += n
+        if views:
+            wire.recv_scatter(self.sock, views)
 
     def _serve_read(self, req_id: int, table: Any, notify: bytes | None, total: int) -> None:
         spans, code, message = self.host.resolve(table, write=False)
+        if spans is not None and notify is not None and not self.host.notify_room(len(notify)):
+            spans, code = None, errors.ErrorCode.INBOX_FULL
+            message = f"{self.host.name!r}'s notification inbox stayed full; nothing was sent"
+        staging: bytearray | None = None
+        if spans is not None:
+            staging, why = self._staging(spans)
+            if why:
+                spans, code, message = None, errors.ErrorCode.LIMIT, why
         if spans is None:
             self.refused += 1
             self._error(req_id, code, message)
             return
         self.served += 1
         self.served_bytes += total
-        views: list[memoryview] = []
-        for span in spans:
-            if span.view is not None:
-                views.append(span.view)
-            else:
-                staging = memoryview(bytearray(span.length))
-                self.host.device_to_host(span.region, span.offset, staging)
-                views.append(staging)
-        self.send([wire.header(wire.READ_DATA, req_id, total), *views])
+        try:
+            self._ship(req_id, spans, total, staging)
+        finally:
+            if staging is not None:
+                self.host.staging.release(len(staging))
         if notify is not None:
-            self.host.deliver(self.peer_name or "?", notify)
+            self.host.deliver(self.peer_name or "?", notify, reserved=True)
+
+    def _ship(self, req_id: int, spans: list[Span], total: int, staging: bytearray | None) -> None:
+        """Send a READ's answer; device spans stream through `staging` (one frame, one lock)."""
+        with self._send_lock:
+            parts: list[bytes | memoryview] = [wire.header(wire.READ_DATA, req_id, total)]
+            for span in spans:
+                if span.view is not None:
+                    parts.append(span.view)
+                    continue
+                assert staging is not None
+                buf = memoryview(staging)
+                done = 0
+                while done < span.length:
+                    if parts:  # what came before goes out before the staging is reused
+                        wire.send_gather(self.sock, parts)
+                        parts = []
+                    n = min(len(buf), span.length - done)
+                    self.host.device_to_host(span.region, span.offset + done, buf[:n])
+                    wire.send_gather(self.sock, [buf[:n]])
+                    done += n
+            if parts:
+                wire.send_gather(self.sock, parts)

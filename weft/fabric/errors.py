@@ -20,8 +20,10 @@ __all__ = [
     "DeviceUnavailableError",
     "ErrorCode",
     "FencedError",
+    "InboxFullError",
     "InvalidBufferError",
     "InvalidDescriptorError",
+    "LimitError",
     "MetadataError",
     "NotificationTimeoutError",
     "PeerFencedError",
@@ -119,6 +121,16 @@ class RemoteError(TransferError):
         self.code = code
 
 
+class LimitError(TransferError):
+    """The target refused a request over one of its bounds (staging memory for device
+    copies, a full notification inbox); the connection stays usable and a retry later may pass."""
+
+
+class InboxFullError(LimitError):
+    """The target's notification inbox stayed full: the request's bytes are in place (WRITE)
+    or were not sent (READ), but its notification was not delivered."""
+
+
 class NotificationTimeoutError(WeftError, TimeoutError):
     """No matching notification arrived before the deadline."""
 
@@ -133,6 +145,8 @@ class ErrorCode(enum.IntEnum):
     STALE_TARGET = 5
     BACKEND = 6
     FENCED = 7
+    LIMIT = 8
+    INBOX_FULL = 9
 
 
 _CODE_TO_CLASS: dict[ErrorCode, type[WeftError]] = {
@@ -141,6 +155,8 @@ _CODE_TO_CLASS: dict[ErrorCode, type[WeftError]] = {
     ErrorCode.READ_ONLY: RegistrationError,
     ErrorCode.STALE_TARGET: StalePeerError,
     ErrorCode.FENCED: PeerFencedError,
+    ErrorCode.LIMIT: LimitError,
+    ErrorCode.INBOX_FULL: InboxFullError,
 }
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from weft.api import metadata as md_api
-from weft.fabric import _cuda, _sys, errors, handshake, peers
+from weft.fabric import _cuda, _sys, errors, handshake, limits, peers
 from weft.fabric.notify import Inbox
 from weft.fabric.regions import RegionTable, Resolved
 from weft.fabric.types import Backend, MemoryKind
@@ -48,7 +48,15 @@ class AgentHost:
         self.lock = threading.RLock()
         self.peers: dict[str, peers.Peer] = {}
         self.regions = RegionTable(agent.name, on_region_drop)
-        self.inbox = Inbox(agent.config.max_pending_notifications)
+        cfg = agent.config
+        self.inbox = Inbox(
+            cfg.max_pending_notifications,
+            cfg.max_pending_notification_bytes,
+            agent.name,
+            cfg.max_notification_bytes,
+        )
+        self.limits = limits.Counters()
+        self.staging = limits.Staging(cfg.max_staging_bytes)
         self.machine = _sys.host_identity()
         # a same-host peer proves it may read our memory by reading these bytes (cross_memory_ok)
         self.probe = bytearray(secrets.token_bytes(16))
@@ -125,8 +133,20 @@ class AgentHost:
         _cuda.device_to_host(region.addr + offset, dst)
 
     # -- notifications -------------------------------------------------------------------
-    def deliver(self, peer: str, message: bytes) -> None:
-        self.inbox.put(peer, message)
+    def deliver(self, peer: str, message: bytes, *, reserved: bool = False) -> bool:
+        if self.inbox.put(peer, message, self.config.inbox_full_timeout, force=reserved):
+            return True
+        self.limits.hit("inbox_full")
+        return False
+
+    def notify_room(self, nbytes: int) -> bool:
+        if self.inbox.room(nbytes, self.config.inbox_full_timeout):
+            return True
+        self.limits.hit("inbox_full")
+        return False
+
+    def limit_hit(self, name: str) -> None:
+        self.limits.hit(name)
 
     # -- peers ---------------------------------------------------------------------------
     def peer(self, name: str) -> peers.Peer:

@@ -51,6 +51,8 @@ class Target:
         """
         cfg = self._host.config
         if count == 0 or count > cfg.max_descriptors or count >= proto.MAX_INDEX:
+            if count:
+                self._host.limit_hit("descriptors")
             raise errors.ProtocolError(f"descriptor count {count} out of range")
         notify = None
         pos = 0
