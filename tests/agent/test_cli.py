@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -269,20 +270,75 @@ def test_status_help_documents_the_json(capsys: pytest.CaptureFixture[str]) -> N
 
 
 @integration
-def test_readiness_follows_etcd_while_health_stays(
+def test_losing_etcd_is_a_condition_not_unreadiness(
     etcd: EtcdServer, start_agent: Callable[..., AgentProcess]
 ) -> None:
+    """While etcd restarts the agent still serves its known peers: /readyz stays 200 (so a
+    PodDisruptionBudget does not see the whole group down), and the loss is reported apart:
+    /status ``conditions.etcd`` and the ``weft_etcd_connected`` metric; one log line each way."""
     a = start_agent("a")
     etcd.stop()
 
-    def not_ready() -> bytes | None:
-        code, _, body = get(a.http_port, "/readyz")
-        return body if code == 503 else None
+    def lost() -> dict[str, Any] | None:
+        doc = a.status()
+        return doc if doc["conditions"]["etcd"].startswith("lost since ") else None
 
-    reason = wait_for("/readyz to fail without etcd", not_ready, 10.0)
-    assert reason.startswith(b"not ready: ")
+    doc = wait_for("/status to report etcd lost", lost, 10.0)
+    assert doc["ready"] is True and doc["not_ready"] is None
+    assert doc["conditions"]["etcd_lost_since"] > 0
+    assert get(a.http_port, "/readyz")[::2] == (200, b"ready\n")
     assert get(a.http_port, "/healthz")[0] == 200
-    assert b"\nweft_ready 0.0\n" in get(a.http_port, "/metrics")[2]
+    metrics = get(a.http_port, "/metrics")[2]
+    assert b"\nweft_ready 1.0\n" in metrics and b"\nweft_etcd_connected 0.0\n" in metrics
     etcd.start()
-    wait_for("/readyz to pass again", lambda: get(a.http_port, "/readyz")[0] == 200, 20.0)
+    wait_for("etcd to be connected again", lambda: a.status()["conditions"]["etcd"] == "connected", 20.0)
+    assert get(a.http_port, "/readyz")[0] == 200
     assert a.status()["state"] == "active"
+    assert a.log().count("etcd lost (") == 1 and a.log().count("etcd back after ") == 1
+
+
+def _rss(pid: int) -> int:
+    """Resident bytes of process `pid` (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _metric(port: int, name: str) -> float | None:
+    for line in get(port, "/metrics")[2].decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+@integration
+def test_the_daemon_drops_notifications_instead_of_keeping_them(
+    etcd: EtcdServer, start_agent: Callable[..., AgentProcess], make_agent: Any
+) -> None:
+    """Nobody in the daemon's process takes notifications: 512 one-MiB messages are counted
+    and dropped as they come (resident memory stays bounded), logged once for the episode."""
+    from weft.api import records
+
+    a = start_agent("a")
+    key = "/weft/v1/default/g/members/a"
+    raw = base64.b64decode(json.loads(etcd.etcdctl("get", key, "-w", "json"))["kvs"][0]["value"])
+    record = records.unseal(records.MemberRecord, raw, key, TOKEN.encode())
+    peer = make_agent("sender", "tcp", secret=TOKEN.encode())
+    peer.add_peer(record.fabric_metadata())
+    before = _rss(a.proc.pid)
+    message = b"n" * ((1 << 20) - 1024)
+    count = 512
+    for _ in range(count):
+        peer.send_notification("a", message)
+    wait_for(
+        "every notification to be dropped",
+        lambda: _metric(a.http_port, "weft_notifications_dropped_total") == count,
+        60.0,
+        interval=0.1,
+    )
+    assert _metric(a.http_port, "weft_notification_bytes_dropped_total") == count * len(message)
+    grown = _rss(a.proc.pid) - before
+    assert grown < 128 << 20, f"the daemon grew by {grown >> 20} MiB for {count} MiB of notifications"
+    assert a.log().count("dropping notifications") == 1
+    assert get(a.http_port, "/readyz")[0] == 200

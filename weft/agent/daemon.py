@@ -27,10 +27,11 @@ import mmap
 import os
 import signal
 from collections.abc import Coroutine, Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weft.agent import inbox
 from weft.agent.sidecar import Sidecar
 from weft.api.agent_settings import AgentSettings
 from weft.engine import Engine, load_settings
@@ -86,6 +87,7 @@ class _Running:
 
     engine: Engine | None = None
     left: bool = False
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 async def run_agent(
@@ -129,6 +131,10 @@ async def run_agent(
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+        for task in running.background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if running.engine is not None and not running.left:
             await running.engine.close()
         if ready_file is not None:
@@ -147,6 +153,9 @@ async def _serve(
     if settings.kv_pool_bytes:
         _kv_pool(engine.agent, settings)
     sidecar = Sidecar(engine, settings.engine_metrics_url, settings.engine_hook_url)
+    dropper = inbox.Dropper(engine.agent)
+    dropping = asyncio.get_running_loop().create_task(dropper.run(), name="weft-inbox")
+    running.background.append(dropping)
     alog.info(
         "starting: fabric on %s:%d (%s), etcd %s",
         settings.fabric_host,
@@ -159,6 +168,15 @@ async def _serve(
         return EXIT_OK
     membership = engine.membership
     assert membership is not None
+    if engine.metrics is not None:
+        engine.metrics.add_counter(
+            "notifications_dropped",
+            "Notifications peers sent this daemon, dropped (no engine in its process takes them).",
+            lambda: dropper.dropped,
+        )
+        engine.metrics.add_counter(
+            "notification_bytes_dropped", "Bytes of the notifications dropped.", lambda: dropper.dropped_bytes
+        )
     alog.info(
         "active as generation %d, http on %s:%d", membership.generation, settings.http_host, engine.http_port
     )

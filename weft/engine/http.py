@@ -11,12 +11,17 @@ known path gets 405, an unknown path 404.
 
     {"name": str, "namespace": str, "group": str, "generation": int, "incarnation": int,
      "phase": "starting|joined|fenced|leaving|left", "state": "joining|active|draining",
-     "ready": bool, "fenced": bool, "leader": str | null, "is_leader": bool,
+     "ready": bool, "not_ready": null | {"reason": str, "message": str},
+     "conditions": {"etcd": "connected" | "lost since <UTC time> (<s> s ago): <what fails>",
+                    "etcd_lost_since": float | null},
+     "fenced": bool, "leader": str | null, "is_leader": bool,
      "lease_ttl": int, "etcd_reachable": bool,
      "members": [{"name": str, "generation": int, "state": str, "node": str}],   # by name
      "events": [{"kind": str, "name": str, "generation": int, "reason": str, "at": float}]}
 
 ``events`` are the last 200 `MembershipEvent`, oldest first (``at`` is Unix time).
+``ready`` means "can serve transfers" (`weft.engine.readiness`): /readyz answers 503 with the
+same reason as ``not_ready.message``; etcd being away is reported in ``conditions`` only.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from weft.api.vocab import MemberState
 from weft.engine import metrics as agent_metrics
+from weft.engine import readiness
 from weft.membership.member import Membership, Phase
 
 log = logging.getLogger(__name__)
@@ -156,25 +161,17 @@ class HttpServer:
 
 
 def not_ready_reason(m: Membership) -> str | None:
-    """Why the member is not ready (None when it is)."""
-    if m.ready:
-        return None
-    if m.phase is not Phase.JOINED:
-        return f"phase {m.phase.value}"
-    if m.agent is not None and m.agent.fenced:
-        return "the fabric is fenced (lease not confirmed in time)"
-    if not m.etcd_reachable:
-        return "etcd does not confirm the lease"
-    if not m.synced:
-        return "the view of the group is not in sync with etcd"
-    if m.state is not MemberState.ACTIVE:
-        return f"state {m.state}"
-    return "not ready"
+    """Why the member cannot serve (None when it can), by the built-in checks alone."""
+    return readiness.Readiness(m).reason()
 
 
-def status(m: Membership) -> dict[str, Any]:
-    """The /status object (see the module docstring)."""
+def status(m: Membership, ready: readiness.Readiness | None = None) -> dict[str, Any]:
+    """The /status object (see the module docstring); `ready` judges readiness (default: the
+    built-in checks alone)."""
     events = list(m.events)[-STATUS_EVENTS:]
+    ready = ready if ready is not None else readiness.Readiness(m)
+    verdict = ready.verdict()
+    etcd = ready.etcd()
     return {
         "name": m.config.name,
         "namespace": m.config.group.namespace,
@@ -183,7 +180,9 @@ def status(m: Membership) -> dict[str, Any]:
         "incarnation": m.incarnation,
         "phase": m.phase.value,
         "state": m.state,
-        "ready": m.ready,
+        "ready": verdict is None,
+        "not_ready": None if verdict is None else {"reason": verdict.kind, "message": verdict.text},
+        "conditions": {"etcd": etcd.describe(), "etcd_lost_since": etcd.lost_since},
         "fenced": m.phase is Phase.FENCED or (m.agent is not None and m.agent.fenced),
         "leader": m.leader,
         "is_leader": m.is_leader,
@@ -206,23 +205,24 @@ def agent_routes(
     m: Membership,
     metrics: agent_metrics.AgentMetrics,
     extra: Callable[[], dict[str, Any]] | None = None,
-    not_ready: Callable[[], str | None] | None = None,
+    ready: readiness.Readiness | None = None,
 ) -> dict[str, Route]:
     """The routes of a node agent; `extra` adds fields to /status (the plan applied, experts
-    held); `not_ready` adds a reason for /readyz to answer 503 (an engine overdue or draining)."""
+    held); `ready` judges /readyz (default: the membership's built-in checks alone)."""
+    ready = ready if ready is not None else readiness.Readiness(m)
 
     def healthz() -> Response:
         return Response(200, b"ok\n")
 
     def readyz() -> Response:
-        why = not_ready_reason(m) or (not_ready() if not_ready is not None else None)
+        why = ready.reason()
         return Response(200, b"ready\n") if why is None else Response(503, f"not ready: {why}\n".encode())
 
     def metrics_route() -> Response:
         return Response(200, metrics.render(), agent_metrics.CONTENT_TYPE)
 
     def status_route() -> Response:
-        doc = status(m)
+        doc = status(m, ready)
         if extra is not None:
             doc |= extra()
         body = json.dumps(doc, separators=(",", ":")).encode()
