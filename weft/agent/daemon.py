@@ -34,7 +34,7 @@ from typing import Any
 from weft.agent import inbox
 from weft.agent.sidecar import Sidecar
 from weft.api.agent_settings import AgentSettings
-from weft.engine import Engine, load_settings
+from weft.engine import Engine, ExpertSource, load_settings
 from weft.fabric.agent import Agent
 from weft.fabric.errors import ConfigError, WeftError
 from weft.membership import errors as membership_errors
@@ -44,13 +44,16 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 """Drained and left (or stopped before joining)."""
 EXIT_FAILED = 1
-"""Could not start or join: bad settings, a name held by a live member, etcd refused us."""
+"""Could not start or join: bad settings or command line, a kv-pool larger than the memory
+available, a missing expert source, a name held by a live member, etcd refused us."""
 EXIT_ETCD_UNREACHABLE = 2
 """No etcd endpoint answered within the join deadline (an `EtcdUnavailableError` from the join,
 or a `MembershipError` caused by one)."""
 
 
 KV_POOL_REGION = "kv-pool"  # the region `AgentSettings.kv_pool_bytes` registers
+MEMINFO = Path("/proc/meminfo")
+CGROUP = Path("/sys/fs/cgroup")
 
 
 class _AgentLog(logging.LoggerAdapter[logging.Logger]):
@@ -204,6 +207,68 @@ async def _serve(
     return EXIT_OK
 
 
+def preflight(settings: AgentSettings, meminfo: Path = MEMINFO, cgroup: Path = CGROUP) -> None:
+    """Check what the settings ask of this machine before anything starts: the ``kv-pool``
+    fits in the memory available (or the free space of its file's filesystem), and the expert
+    source exists.
+
+    Args:
+        settings: the agent's settings.
+        meminfo: ``/proc/meminfo`` (tests pass another).
+        cgroup: the cgroup v2 directory whose ``memory.max`` limits this process.
+    Raises:
+        ConfigError: naming the setting, what it asks and what there is.
+    """
+    need = settings.kv_pool_bytes
+    if need:
+        if settings.kv_pool_file is None:
+            have, where = available_memory(meminfo, cgroup)
+            what = "kv_pool_bytes"
+        else:
+            have, where = _free_space(settings.kv_pool_file)
+            what = f"kv_pool_bytes (in kv_pool_file {settings.kv_pool_file})"
+        if have is not None and need > have:
+            raise ConfigError(f"{what}: {_size(need)} does not fit: {_size(have)} available ({where})")
+    if settings.planning.experts and settings.planning.expert_source:
+        ExpertSource.parse(settings.planning.expert_source).check()
+
+
+def available_memory(meminfo: Path = MEMINFO, cgroup: Path = CGROUP) -> tuple[int | None, str]:
+    """Bytes this process may still allocate: the smaller of ``MemAvailable`` and what its
+    cgroup's ``memory.max`` leaves above ``memory.current``; (None, "") when neither is known.
+    Returns (bytes, where the figure came from)."""
+    best: tuple[int | None, str] = (None, "")
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                best = (int(line.split()[1]) * 1024, f"MemAvailable in {meminfo}")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int((cgroup / "memory.current").read_text().strip())
+            if best[0] is None or left < best[0]:
+                best = (max(left, 0), f"the cgroup limit {cgroup}/memory.max")
+    except (OSError, ValueError):
+        pass
+    return best
+
+
+def _free_space(path: Path) -> tuple[int | None, str]:
+    """Free bytes of the filesystem `path` (or its directory) lies on, counting the file itself."""
+    try:
+        existing = path.stat().st_blocks * 512 if path.exists() else 0
+        st = os.statvfs(path.parent)
+    except OSError:
+        return None, ""  # `_kv_pool` names the path when it fails
+    return st.f_bavail * st.f_frsize + existing, f"free space of the filesystem of {path.parent}"
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes ({n / (1 << 30):.1f} GiB)"
+
+
 def _kv_pool(agent: Agent, settings: AgentSettings) -> None:
     """Register the ``kv-pool`` region: anonymous memory, or (``kv_pool_file``) a file mapped
     shared, which an engine in the same pod maps too (sidecar mode).
@@ -213,7 +278,10 @@ def _kv_pool(agent: Agent, settings: AgentSettings) -> None:
     """
     path = settings.kv_pool_file
     if path is None:
-        agent.alloc(settings.kv_pool_bytes, KV_POOL_REGION)
+        try:
+            agent.alloc(settings.kv_pool_bytes, KV_POOL_REGION)
+        except MemoryError:
+            raise ConfigError(f"kv_pool_bytes: cannot allocate {_size(settings.kv_pool_bytes)}") from None
         return
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)

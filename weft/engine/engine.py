@@ -139,6 +139,7 @@ class Engine:
         source = expert_source
         if source is None and settings.planning.experts and settings.planning.expert_source:
             source = ExpertSource.parse(settings.planning.expert_source)
+            source.check()
         self.experts = ExpertHolder(self.agent, source) if source is not None else None
         self.drain_request: DrainRequest | None = None
         """Set once the engine was asked to drain (scale-down, SIGTERM, stop)."""
@@ -255,6 +256,12 @@ class Engine:
                 m, self.load, lambda: (c.applied_epoch, c.role, c.overdue), ready
             )
             self.server.routes.update(engine_http.agent_routes(m, metrics, self.coordinator.status, ready))
+            server = self.server
+            metrics.add_counter(
+                "http_accept_errors",
+                "Times the HTTP port failed to accept a connection (descriptors or memory ran out).",
+                lambda: server.accept_errors,
+            )
         m.subscribe(self._on_event)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_readiness(), name="weft-readiness"))

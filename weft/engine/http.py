@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,9 @@ from weft.membership.member import Membership, Phase
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 8192
+ACCEPT_BACKOFF = 0.05
+"""Seconds to wait after the first failed accept; doubled for each failure in a row."""
+ACCEPT_BACKOFF_MAX = 1.0
 READ_TIMEOUT = 5.0
 STATUS_EVENTS = 200
 
@@ -82,9 +86,12 @@ class HttpServer:
         self.routes: dict[str, Route] = dict(routes or {})
         self.max_request_bytes = max_request_bytes
         self.read_timeout = read_timeout
-        self._server: asyncio.Server | None = None
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
         self._clients: set[asyncio.Task[None]] = set()
         self.port = 0
+        self.accept_errors = 0
+        """Times accepting a connection failed (descriptors or memory ran out)."""
 
     async def start(self, host: str, port: int) -> int:
         """Listen on `host`:`port` (0: any free port) and serve. Returns the bound port.
@@ -92,22 +99,77 @@ class HttpServer:
         Raises:
             OSError: the address cannot be bound.
         """
-        self._server = await asyncio.start_server(self._handle, host, port, limit=self.max_request_bytes)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self.port = int(sock.getsockname()[1])
+        self._accepting = loop.create_task(self._accept_loop(sock), name="weft-http-accept")
         return self.port
 
     async def close(self) -> None:
         """Stop listening and drop the connections being served."""
-        server, self._server = self._server, None
-        if server is None:
+        accepting, self._accepting = self._accepting, None
+        if accepting is None:
             return
-        server.close()
+        accepting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await accepting
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         for task in list(self._clients):
             task.cancel()
         for task in list(self._clients):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await server.wait_closed()
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        """Accept and serve connections. When accepting fails (descriptors or memory run out)
+        wait, doubling from `ACCEPT_BACKOFF` up to `ACCEPT_BACKOFF_MAX` s, and say so once
+        per episode (the count is in `accept_errors`)."""
+        loop = asyncio.get_running_loop()
+        backoff = 0.0
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                self.accept_errors += 1
+                if backoff == 0.0:
+                    log.error("HTTP port %d cannot accept connections, backing off: %s", self.port, exc)
+                backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX) if backoff else ACCEPT_BACKOFF
+                await asyncio.sleep(backoff)
+                continue
+            if backoff:
+                log.info("HTTP port %d accepts connections again", self.port)
+                backoff = 0.0
+            self._serve(loop, conn)
+
+    def _serve(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+        """Serve one accepted connection in a task of its own."""
+
+        async def serve() -> None:
+            try:
+                reader = asyncio.StreamReader(limit=self.max_request_bytes)
+                protocol = asyncio.StreamReaderProtocol(reader)
+                transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
+            except OSError:
+                conn.close()
+                return
+            await self._handle(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
+
+        task = loop.create_task(serve())
+        self._clients.add(task)
+        task.add_done_callback(self._clients.discard)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
