@@ -53,7 +53,8 @@ STATUS_JSON_HELP = """\
    "invalid": [{"key": str, "error": str}]}                   records that do not decode
 
 Without the join token (--secret-file or WEFT_SECRET) records are read unchecked and shown
-with verified false. Exit status: 0, 1 on other errors, 2 when etcd is unreachable.
+with verified false. Exit status: 0; 1 on bad input (usage, settings) or other errors; 2 when
+etcd is unreachable.
 """
 
 

@@ -80,7 +80,6 @@ class Readiness:
     def __init__(self, membership: Membership, checks: list[tuple[str, Check]] | None = None) -> None:
         self.membership = membership
         self.checks: list[tuple[str, Check]] = list(checks or [])
-        self._synced_generation = 0
         self._last: Verdict | None = Verdict("not-joined", "not joined yet")
         self._etcd = EtcdCondition(True)
 
@@ -112,7 +111,7 @@ class Readiness:
         if m.phase is Phase.JOINED or m.phase is Phase.FENCED:
             if not m.etcd_reachable or m.session.keepalive_failing:
                 failing.append("lease keep-alives fail")
-            if not m.synced and self._synced_generation == m.generation and m.phase is Phase.JOINED:
+            if not m.synced and m.phase is Phase.JOINED and _read_back(m):
                 failing.append("the watch is re-reading the group")
         before = self._etcd
         if failing and before.connected:
@@ -128,16 +127,14 @@ class Readiness:
 
     def _evaluate(self) -> Verdict | None:
         m = self.membership
-        if m.synced and m.phase is Phase.JOINED:
-            self._synced_generation = m.generation
         if m.phase is Phase.STARTING:
             return Verdict("not-joined", "not joined yet")
         if m.phase is Phase.FENCED or (m.agent is not None and m.agent.fenced and m.phase is Phase.JOINED):
             return Verdict("fenced", "fenced: our lease ended; rejoining as a new generation")
         if m.phase is not Phase.JOINED:
             return Verdict("leaving", f"phase {m.phase.value}")
-        if self._synced_generation != m.generation:
-            return Verdict("not-joined", "rejoined; reading the group back")
+        if not _read_back(m):
+            return Verdict("not-joined", "joined; reading the group")
         if m.state == MemberState.JOINING:
             return Verdict("not-joined", "joined, not active yet")
         if m.state == MemberState.DRAINING:
@@ -147,3 +144,10 @@ class Readiness:
             if why:
                 return Verdict(kind, why)
         return None
+
+
+def _read_back(m: Membership) -> bool:
+    """The view holds this member's own current record: the group was read since the (re)join
+    (a fence empties the view; a broken watch leaves it as it was)."""
+    me = m.members.get(m.config.name)
+    return me is not None and me.generation == m.generation
