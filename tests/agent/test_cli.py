@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pytest
 
 from weft import cli
@@ -342,3 +343,37 @@ def test_the_daemon_drops_notifications_instead_of_keeping_them(
     assert grown < 128 << 20, f"the daemon grew by {grown >> 20} MiB for {count} MiB of notifications"
     assert a.log().count("dropping notifications") == 1
     assert get(a.http_port, "/readyz")[0] == 200
+
+
+@integration
+def test_an_expert_source_that_fails_later_is_retried_with_backoff_and_said_once(
+    start_agent: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    """The store exists but nobody published the experts yet: the agent serves, retries with
+    backoff (one warning for the episode, not one per retry) and takes them once published."""
+    from weft.engine import publish_experts
+    from weft.kvstore import KVStore
+
+    store = tmp_path / "store"
+    store.mkdir()
+    config = tmp_path / "lmcache-config.yaml"
+    config.write_text(
+        "chunk_size: 256\nnixl_buffer_size: 1048576\nnixl_buffer_device: cpu\n"
+        "extra_config:\n  enable_nixl_storage: true\n  nixl_backend: POSIX\n  nixl_pool_size: 8\n"
+        f"  nixl_path: {store}\n"
+    )
+    a = start_agent("a", "--experts", "2", "--replication", "1", "--expert-source", f"kv:{config}")
+
+    def failures() -> int:
+        return int(a.status()["planning_failures"].get("apply", 0))
+
+    wait_for("the planning step to fail 4 times in a row", lambda: failures() >= 4, 30.0, interval=0.1)
+    assert a.log().count("failed, retrying with backoff") == 1
+    assert get(a.http_port, "/readyz")[0] == 200  # it serves transfers all the same
+    weights = {e: np.full(4096, e, np.uint8) for e in range(2)}
+    with KVStore.from_lmcache_config(config) as kv:
+        published = publish_experts(kv, weights)
+    wait_for("the experts to be taken", lambda: len(a.status().get("experts", {})) == 2, 30.0, interval=0.1)
+    assert a.status()["experts"] == {str(e): d for e, d in published.items()}
+    assert a.status()["planning_failures"] == {}
+    assert a.log().count("works again after") == 1

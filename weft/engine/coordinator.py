@@ -157,6 +157,7 @@ class Coordinator:
     def status(self) -> dict[str, object]:
         """For /status: the plan applied, this member's role, the experts it holds and pulled."""
         out: dict[str, object] = {"applied_epoch": self.applied_epoch, "role": self.role}
+        out["planning_failures"] = dict(self._failures)  # step -> failures in a row, now
         plan = self.applied
         out["members_planned"] = list(plan.members) if plan is not None else []
         out["plan"] = (
