@@ -291,6 +291,8 @@ def test_losing_etcd_is_a_condition_not_unreadiness(
     assert get(a.http_port, "/healthz")[0] == 200
     metrics = get(a.http_port, "/metrics")[2]
     assert b"\nweft_ready 1.0\n" in metrics and b"\nweft_etcd_connected 0.0\n" in metrics
+    assert b'\nweft_not_ready{reason="fenced"} 0.0\n' in metrics
+    assert (_metric(a.http_port, "weft_etcd_lost_seconds") or 0.0) > 0.0
     etcd.start()
     wait_for("etcd to be connected again", lambda: a.status()["conditions"]["etcd"] == "connected", 20.0)
     assert get(a.http_port, "/readyz")[0] == 200
