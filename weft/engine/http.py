@@ -3,9 +3,10 @@
 Why not a web framework: four read-only GET routes for kubelet probes, Prometheus and people
 do not justify a dependency, and the answers must come from the same event loop that runs
 the membership (a loop that is stuck stops answering /healthz, which is the point). So this
-is HTTP/1.1 on `asyncio.start_server`, one request per connection (``Connection: close``),
+is HTTP/1.1 on asyncio streams, one request per connection (``Connection: close``),
 the request head bounded in size and read under a deadline; anything but GET or HEAD on a
-known path gets 405, an unknown path 404.
+known path gets 405, an unknown path 404. The accept loop is its own (not
+`asyncio.start_server`'s): when descriptors run out it backs off and logs once per episode.
 
 ``/status`` answers JSON::
 
@@ -101,7 +102,8 @@ class HttpServer:
         """
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
+        # one socket: for a name with both families ("localhost"), the IPv4 address first
+        family, kind, proto, _, address = min(infos, key=lambda i: i[0] != socket.AF_INET)
         sock = socket.socket(family, kind, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
