@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from weft.membership import read_group_status
 
@@ -22,7 +22,19 @@ if TYPE_CHECKING:
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+"""Bad input (a usage error, a bad setting, a resource the settings ask for that this machine
+does not have) or another failure to start."""
 EXIT_ETCD_UNREACHABLE = 2
+"""No etcd endpoint answered (only ever this: argparse's own usage-error status 2 is not used)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line and exit status `EXIT_FAILED`: argparse's own
+    status 2 is documented here as "etcd unreachable"."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_FAILED, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
 
 STATUS_JSON_HELP = """\
 --json prints one object (keys in this order; members sorted by name):
@@ -41,7 +53,8 @@ STATUS_JSON_HELP = """\
    "invalid": [{"key": str, "error": str}]}                   records that do not decode
 
 Without the join token (--secret-file or WEFT_SECRET) records are read unchecked and shown
-with verified false. Exit status: 0, 1 on other errors, 2 when etcd is unreachable.
+with verified false. Exit status: 0; 1 on bad input (usage, settings) or other errors; 2 when
+etcd is unreachable.
 """
 
 
@@ -141,7 +154,7 @@ def _logging(level: str, fmt: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="weft", description="weft: a resilient transfer fabric")
+    parser = _Parser(prog="weft", description="weft: a resilient transfer fabric")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run the local demo")
@@ -182,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _agent_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     agent = sub.add_parser(
         "agent",
         help="run the node agent: fabric, group membership, /healthz /readyz /metrics /status",
@@ -238,7 +251,7 @@ def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     agent.add_argument("--log-level", metavar="L", help="DEBUG, INFO (default), WARNING, ERROR")
 
 
-def _status_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _status_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     status = sub.add_parser(
         "status",
         help="show a group's members as etcd has them",
@@ -315,6 +328,7 @@ def _agent(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     }
     try:
         settings = daemon.load_agent_settings(args.config, env, overrides)
+        daemon.preflight(settings)
     except ConfigError as exc:
         print(f"weft agent: {exc}", file=sys.stderr)
         return EXIT_FAILED

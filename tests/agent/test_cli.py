@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pytest
 
 from weft import cli
@@ -269,20 +271,111 @@ def test_status_help_documents_the_json(capsys: pytest.CaptureFixture[str]) -> N
 
 
 @integration
-def test_readiness_follows_etcd_while_health_stays(
+def test_losing_etcd_is_a_condition_not_unreadiness(
     etcd: EtcdServer, start_agent: Callable[..., AgentProcess]
 ) -> None:
+    """While etcd restarts the agent still serves its known peers: /readyz stays 200 (so a
+    PodDisruptionBudget does not see the whole group down), and the loss is reported apart:
+    /status ``conditions.etcd`` and the ``weft_etcd_connected`` metric; one log line each way."""
     a = start_agent("a")
     etcd.stop()
 
-    def not_ready() -> bytes | None:
-        code, _, body = get(a.http_port, "/readyz")
-        return body if code == 503 else None
+    def lost() -> dict[str, Any] | None:
+        doc = a.status()
+        return doc if doc["conditions"]["etcd"].startswith("lost since ") else None
 
-    reason = wait_for("/readyz to fail without etcd", not_ready, 10.0)
-    assert reason.startswith(b"not ready: ")
+    doc = wait_for("/status to report etcd lost", lost, 10.0)
+    assert doc["ready"] is True and doc["not_ready"] is None
+    assert doc["conditions"]["etcd_lost_since"] > 0
+    assert get(a.http_port, "/readyz")[::2] == (200, b"ready\n")
     assert get(a.http_port, "/healthz")[0] == 200
-    assert b"\nweft_ready 0.0\n" in get(a.http_port, "/metrics")[2]
+    metrics = get(a.http_port, "/metrics")[2]
+    assert b"\nweft_ready 1.0\n" in metrics and b"\nweft_etcd_connected 0.0\n" in metrics
+    assert b'\nweft_not_ready{reason="fenced"} 0.0\n' in metrics
+    assert (_metric(a.http_port, "weft_etcd_lost_seconds") or 0.0) > 0.0
     etcd.start()
-    wait_for("/readyz to pass again", lambda: get(a.http_port, "/readyz")[0] == 200, 20.0)
+    wait_for("etcd to be connected again", lambda: a.status()["conditions"]["etcd"] == "connected", 20.0)
+    assert get(a.http_port, "/readyz")[0] == 200
     assert a.status()["state"] == "active"
+    assert a.log().count("etcd lost (") == 1 and a.log().count("etcd back after ") == 1
+
+
+def _rss(pid: int) -> int:
+    """Resident bytes of process `pid` (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _metric(port: int, name: str) -> float | None:
+    for line in get(port, "/metrics")[2].decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+@integration
+def test_the_daemon_drops_notifications_instead_of_keeping_them(
+    etcd: EtcdServer, start_agent: Callable[..., AgentProcess], make_agent: Any
+) -> None:
+    """Nobody in the daemon's process takes notifications: 512 one-MiB messages are counted
+    and dropped as they come (resident memory stays bounded), logged once for the episode."""
+    from weft.api import records
+
+    a = start_agent("a")
+    key = "/weft/v1/default/g/members/a"
+    raw = base64.b64decode(json.loads(etcd.etcdctl("get", key, "-w", "json"))["kvs"][0]["value"])
+    record = records.unseal(records.MemberRecord, raw, key, TOKEN.encode())
+    peer = make_agent("sender", "tcp", secret=TOKEN.encode())
+    peer.add_peer(record.fabric_metadata())
+    before = _rss(a.proc.pid)
+    message = b"n" * ((1 << 20) - 1024)
+    count = 512
+    for _ in range(count):
+        peer.send_notification("a", message)
+    wait_for(
+        "every notification to be dropped",
+        lambda: _metric(a.http_port, "weft_notifications_dropped_total") == count,
+        60.0,
+        interval=0.1,
+    )
+    assert _metric(a.http_port, "weft_notification_bytes_dropped_total") == count * len(message)
+    grown = _rss(a.proc.pid) - before
+    assert grown < 128 << 20, f"the daemon grew by {grown >> 20} MiB for {count} MiB of notifications"
+    assert a.log().count("dropping notifications") == 1
+    assert get(a.http_port, "/readyz")[0] == 200
+
+
+@integration
+def test_an_expert_source_that_fails_later_is_retried_with_backoff_and_said_once(
+    start_agent: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    """The store exists but nobody published the experts yet: the agent serves, retries with
+    backoff (one warning for the episode, not one per retry) and takes them once published."""
+    from weft.engine import publish_experts
+    from weft.kvstore import KVStore
+
+    store = tmp_path / "store"
+    store.mkdir()
+    config = tmp_path / "lmcache-config.yaml"
+    config.write_text(
+        "chunk_size: 256\nnixl_buffer_size: 1048576\nnixl_buffer_device: cpu\n"
+        "extra_config:\n  enable_nixl_storage: true\n  nixl_backend: POSIX\n  nixl_pool_size: 8\n"
+        f"  nixl_path: {store}\n"
+    )
+    a = start_agent("a", "--experts", "2", "--replication", "1", "--expert-source", f"kv:{config}")
+
+    def failures() -> int:
+        return int(a.status()["planning_failures"].get("apply", 0))
+
+    wait_for("the planning step to fail 4 times in a row", lambda: failures() >= 4, 30.0, interval=0.1)
+    assert a.log().count("failed, retrying with backoff") == 1
+    assert get(a.http_port, "/readyz")[0] == 200  # it serves transfers all the same
+    weights = {e: np.full(4096, e, np.uint8) for e in range(2)}
+    with KVStore.from_lmcache_config(config) as kv:
+        published = publish_experts(kv, weights)
+    wait_for("the experts to be taken", lambda: len(a.status().get("experts", {})) == 2, 30.0, interval=0.1)
+    assert a.status()["experts"] == {str(e): d for e, d in published.items()}
+    assert a.status()["planning_failures"] == {}
+    assert a.log().count("works again after") == 1

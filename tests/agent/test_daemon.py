@@ -438,7 +438,7 @@ def test_detections_are_observed_once_each() -> None:
 
 def test_status_and_readiness_of_a_member_not_yet_joined() -> None:
     m = membership()
-    assert agent_http.not_ready_reason(m) == "phase starting"
+    assert agent_http.not_ready_reason(m) == "not joined yet"
     doc = agent_http.status(m)
     assert doc["name"] == "m" and doc["phase"] == "starting" and doc["state"] == "joining"
     assert (doc["ready"], doc["fenced"], doc["leader"], doc["members"], doc["events"]) == (

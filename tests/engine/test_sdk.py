@@ -263,7 +263,9 @@ def test_a_scale_down_drain_record_asks_the_engine_to_drain_before_its_role_goes
             await asyncio.wait_for(
                 _until(lambda: leaving.role is None and leaving.drain_request is not None), 30
             )
-            assert leaving._not_ready() == "draining (scale-down)"
+            assert leaving.readiness is not None
+            assert leaving.readiness.reason() == "draining (scale-down)"
+            assert not leaving.ready
             m = engines[0].membership
             assert m is not None
             await asyncio.wait_for(_until(lambda: m.plan is not None and "d2" not in m.plan.roles), 30)
@@ -271,7 +273,7 @@ def test_a_scale_down_drain_record_asks_the_engine_to_drain_before_its_role_goes
                 await client.cancel_drain("d2")  # scaled back up before the pod went
             back = lambda: leaving.drain_request is None and leaving.role is not None  # noqa: E731
             await asyncio.wait_for(_until(back), 30)
-            assert leaving._not_ready() is None
+            assert leaving.readiness.reason() is None and leaving.ready
         finally:
             for e in engines:
                 await e.stop()

@@ -27,13 +27,14 @@ import mmap
 import os
 import signal
 from collections.abc import Coroutine, Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weft.agent import inbox
 from weft.agent.sidecar import Sidecar
 from weft.api.agent_settings import AgentSettings
-from weft.engine import Engine, load_settings
+from weft.engine import Engine, ExpertSource, load_settings
 from weft.fabric.agent import Agent
 from weft.fabric.errors import ConfigError, WeftError
 from weft.membership import errors as membership_errors
@@ -43,13 +44,16 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 """Drained and left (or stopped before joining)."""
 EXIT_FAILED = 1
-"""Could not start or join: bad settings, a name held by a live member, etcd refused us."""
+"""Could not start or join: bad settings or command line, a kv-pool larger than the memory
+available, a missing expert source, a name held by a live member, etcd refused us."""
 EXIT_ETCD_UNREACHABLE = 2
 """No etcd endpoint answered within the join deadline (an `EtcdUnavailableError` from the join,
 or a `MembershipError` caused by one)."""
 
 
 KV_POOL_REGION = "kv-pool"  # the region `AgentSettings.kv_pool_bytes` registers
+MEMINFO = Path("/proc/meminfo")
+CGROUP = Path("/sys/fs/cgroup")
 
 
 class _AgentLog(logging.LoggerAdapter[logging.Logger]):
@@ -86,6 +90,7 @@ class _Running:
 
     engine: Engine | None = None
     left: bool = False
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 async def run_agent(
@@ -129,6 +134,10 @@ async def run_agent(
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+        for task in running.background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if running.engine is not None and not running.left:
             await running.engine.close()
         if ready_file is not None:
@@ -147,6 +156,9 @@ async def _serve(
     if settings.kv_pool_bytes:
         _kv_pool(engine.agent, settings)
     sidecar = Sidecar(engine, settings.engine_metrics_url, settings.engine_hook_url)
+    dropper = inbox.Dropper(engine.agent)
+    dropping = asyncio.get_running_loop().create_task(dropper.run(), name="weft-inbox")
+    running.background.append(dropping)
     alog.info(
         "starting: fabric on %s:%d (%s), etcd %s",
         settings.fabric_host,
@@ -159,6 +171,15 @@ async def _serve(
         return EXIT_OK
     membership = engine.membership
     assert membership is not None
+    if engine.metrics is not None:
+        engine.metrics.add_counter(
+            "notifications_dropped",
+            "Notifications peers sent this daemon, dropped (no engine in its process takes them).",
+            lambda: dropper.dropped,
+        )
+        engine.metrics.add_counter(
+            "notification_bytes_dropped", "Bytes of the notifications dropped.", lambda: dropper.dropped_bytes
+        )
     alog.info(
         "active as generation %d, http on %s:%d", membership.generation, settings.http_host, engine.http_port
     )
@@ -186,6 +207,68 @@ async def _serve(
     return EXIT_OK
 
 
+def preflight(settings: AgentSettings, meminfo: Path = MEMINFO, cgroup: Path = CGROUP) -> None:
+    """Check what the settings ask of this machine before anything starts: the ``kv-pool``
+    fits in the memory available (or the free space of its file's filesystem), and the expert
+    source exists.
+
+    Args:
+        settings: the agent's settings.
+        meminfo: ``/proc/meminfo`` (tests pass another).
+        cgroup: the cgroup v2 directory whose ``memory.max`` limits this process.
+    Raises:
+        ConfigError: naming the setting, what it asks and what there is.
+    """
+    need = settings.kv_pool_bytes
+    if need:
+        if settings.kv_pool_file is None:
+            have, where = available_memory(meminfo, cgroup)
+            what = "kv_pool_bytes"
+        else:
+            have, where = _free_space(settings.kv_pool_file)
+            what = f"kv_pool_bytes (in kv_pool_file {settings.kv_pool_file})"
+        if have is not None and need > have:
+            raise ConfigError(f"{what}: {_size(need)} does not fit: {_size(have)} available ({where})")
+    if settings.planning.experts and settings.planning.expert_source:
+        ExpertSource.parse(settings.planning.expert_source).check()
+
+
+def available_memory(meminfo: Path = MEMINFO, cgroup: Path = CGROUP) -> tuple[int | None, str]:
+    """Bytes this process may still allocate: the smaller of ``MemAvailable`` and what its
+    cgroup's ``memory.max`` leaves above ``memory.current``; (None, "") when neither is known.
+    Returns (bytes, where the figure came from)."""
+    best: tuple[int | None, str] = (None, "")
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                best = (int(line.split()[1]) * 1024, f"MemAvailable in {meminfo}")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int((cgroup / "memory.current").read_text().strip())
+            if best[0] is None or left < best[0]:
+                best = (max(left, 0), f"the cgroup limit {cgroup}/memory.max")
+    except (OSError, ValueError):
+        pass
+    return best
+
+
+def _free_space(path: Path) -> tuple[int | None, str]:
+    """Free bytes of the filesystem `path` (or its directory) lies on, counting the file itself."""
+    try:
+        existing = path.stat().st_blocks * 512 if path.exists() else 0
+        st = os.statvfs(path.parent)
+    except OSError:
+        return None, ""  # `_kv_pool` names the path when it fails
+    return st.f_bavail * st.f_frsize + existing, f"free space of the filesystem of {path.parent}"
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes ({n / (1 << 30):.1f} GiB)"
+
+
 def _kv_pool(agent: Agent, settings: AgentSettings) -> None:
     """Register the ``kv-pool`` region: anonymous memory, or (``kv_pool_file``) a file mapped
     shared, which an engine in the same pod maps too (sidecar mode).
@@ -195,7 +278,10 @@ def _kv_pool(agent: Agent, settings: AgentSettings) -> None:
     """
     path = settings.kv_pool_file
     if path is None:
-        agent.alloc(settings.kv_pool_bytes, KV_POOL_REGION)
+        try:
+            agent.alloc(settings.kv_pool_bytes, KV_POOL_REGION)
+        except MemoryError:
+            raise ConfigError(f"kv_pool_bytes: cannot allocate {_size(settings.kv_pool_bytes)}") from None
         return
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)

@@ -53,6 +53,7 @@ the field and its source.
 from __future__ import annotations
 
 import json
+import reprlib
 import secrets
 import socket
 from collections.abc import Mapping
@@ -392,18 +393,63 @@ def resolve_settings(
         raise _explain(exc, merged, origin) from None
 
 
-def parse_yaml(text: str) -> Any:
+MAX_YAML_NODES = 10_000
+"""Most nodes a YAML document may expand to, aliases counted each time they are used: a few
+hundred bytes of nested aliases (a "billion laughs") would otherwise expand to a structure
+that takes minutes to walk, print or validate."""
+
+
+def parse_yaml(text: str, max_nodes: int = MAX_YAML_NODES) -> Any:
     """YAML -> Python data, safely (no tags that build objects). The one place PyYAML is used.
 
+    Aliases (``*name``) are allowed as long as the document, expanded, has at most
+    `max_nodes` nodes; an alias inside the node it names is refused.
+
     Raises:
-        ImportError: PyYAML is not installed. ValueError: not valid YAML.
+        ImportError: PyYAML is not installed. ValueError: not valid YAML, too large once
+            expanded, or nested too deeply.
     """
     import yaml
 
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, max_nodes, {}, set())
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
-        raise ValueError(str(exc)) from None
+        raise ValueError(_clip(str(exc), 400)) from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: Any, limit: int, sizes: dict[int, int], open_: set[int]) -> int:
+    """Nodes under `node` (itself included), every alias expanded; memoised by node, so a
+    document is walked once however often its anchors are used.
+
+    Raises:
+        ValueError: over `limit`, or a node that contains itself.
+    """
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise ValueError("a YAML alias refers to a node that contains it")
+    open_.add(key)
+    total = 1
+    value = node.value
+    if isinstance(value, list):
+        for item in value:
+            for child in item if isinstance(item, tuple) else (item,):
+                total += _expanded_size(child, limit, sizes, open_)
+                if total > limit:
+                    raise ValueError(f"the document expands to more than {limit} nodes (aliases counted)")
+    open_.discard(key)
+    sizes[key] = total
+    return total
 
 
 def dump_yaml(data: Any) -> str:
@@ -428,9 +474,10 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise SettingsError(
             "config", f"config file {path}: PyYAML is not installed; use a .json file"
         ) from None
-    except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
-        raise SettingsError("config", f"config file {path}: not valid {kind}: {exc}") from None
+        why = "nested too deeply" if isinstance(exc, RecursionError) else _clip(str(exc), 400)
+        raise SettingsError("config", f"config file {path}: not valid {kind}: {why}") from None
     if data is None:
         return {}
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
@@ -503,5 +550,14 @@ def _explain(
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    """A short repr of `value`, built from a bounded walk (never the whole of a large value)."""
+    return _clip(_REPR.repr(value), 80)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 6, 6, 6, 6
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40

@@ -40,6 +40,10 @@ from weft.planner import ExpertSpec, LoadPolicy, MemberInfo, Plan, RatioPolicy, 
 log = logging.getLogger(__name__)
 
 # the events after which the plan may need to change (or be applied again)
+RETRY_FIRST = 0.2
+"""Seconds before a failed planning step is tried again; doubled per failure in a row."""
+RETRY_MAX = 2.0
+"""The longest wait between two tries of a failing planning step."""
 _REPLAN_ON = frozenset(
     {
         EventKind.ADDED,
@@ -147,11 +151,13 @@ class Coordinator:
         self._apply_wake = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._failures: dict[str, int] = {}  # planning step -> failures in a row
         membership.subscribe(self._on_event)
 
     def status(self) -> dict[str, object]:
         """For /status: the plan applied, this member's role, the experts it holds and pulled."""
         out: dict[str, object] = {"applied_epoch": self.applied_epoch, "role": self.role}
+        out["planning_failures"] = dict(self._failures)  # step -> failures in a row, now
         plan = self.applied
         out["members_planned"] = list(plan.members) if plan is not None else []
         out["plan"] = (
@@ -233,16 +239,32 @@ class Coordinator:
             await self._step(self.apply, self._apply_wake)
 
     async def _step(self, work: Callable[[], Awaitable[object]], again: asyncio.Event) -> None:
+        """Run one planning step; a failure is retried with backoff (`RETRY_FIRST` doubling up
+        to `RETRY_MAX` s) and said once per episode, not on every retry."""
+        what = getattr(work, "__name__", "step")
+        failures = self._failures.get(what, 0)
         try:
             await work()
-        except WeftError as exc:  # etcd away, a pull that failed everywhere: try again
-            log.warning("%s: planning step failed, retrying: %s", self.membership.config.name, exc)
-            await asyncio.sleep(0.2)
+        except Exception as exc:  # WeftError: etcd away, a pull that failed everywhere; else a bug
+            name = self.membership.config.name
+            if failures == 0 and isinstance(exc, WeftError):
+                log.warning("%s: planning step (%s) failed, retrying with backoff: %s", name, what, exc)
+            elif failures == 0:
+                log.exception("%s: planning step (%s) crashed; retrying with backoff", name, what)
+            else:
+                log.debug("%s: planning step (%s) failed again: %r", name, what, exc)
+            self._failures[what] = failures + 1
+            await asyncio.sleep(min(RETRY_FIRST * 2 ** min(failures, 8), RETRY_MAX))
             again.set()
-        except Exception:  # a bug: say so loudly, keep the loop alive
-            log.exception("%s: planning step crashed; retrying", self.membership.config.name)
-            await asyncio.sleep(1.0)
-            again.set()
+            return
+        if failures:
+            del self._failures[what]
+            log.info(
+                "%s: planning step (%s) works again after %d failures",
+                self.membership.config.name,
+                what,
+                failures,
+            )
 
     def _live_members(self) -> list[MemberInfo]:
         m = self.membership

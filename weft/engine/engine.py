@@ -35,6 +35,7 @@ from weft.api.agent_settings import AgentSettings
 from weft.api.vocab import MemberState, Role
 from weft.engine import http as engine_http
 from weft.engine import metrics as engine_metrics
+from weft.engine import readiness as engine_readiness
 from weft.engine.changes import Change, ChangeState, DrainRequest, ExpertChange, RoleChange
 from weft.engine.coordinator import Coordinator, PlanningConfig, fabric_drain
 from weft.engine.experts import ExpertHolder, ExpertSource
@@ -55,6 +56,8 @@ LOAD_INTERVAL = 1.0
 LOAD_REFRESH = 10.0
 """A load record is re-published at least this often, changed or not: the role policy only
 acts on load reported after its previous step."""
+READINESS_POLL = 0.25
+"""Seconds between two looks at readiness (for the transition log lines)."""
 _SELF_ECHO_TIMEOUT = 5.0
 
 C = TypeVar("C", bound=Change)
@@ -136,9 +139,19 @@ class Engine:
         source = expert_source
         if source is None and settings.planning.experts and settings.planning.expert_source:
             source = ExpertSource.parse(settings.planning.expert_source)
+            source.check()
         self.experts = ExpertHolder(self.agent, source) if source is not None else None
         self.drain_request: DrainRequest | None = None
         """Set once the engine was asked to drain (scale-down, SIGTERM, stop)."""
+        self.ready_checks: list[tuple[str, engine_readiness.Check]] = [
+            ("draining", self._draining),
+            ("engine", self._overdue),
+        ]
+        """(kind, check) pairs that make /readyz 503 while a check returns a reason; add to it
+        before `start` (the fabric's health, an engine's own condition)."""
+        self.readiness: engine_readiness.Readiness | None = None
+        self.metrics: engine_metrics.AgentMetrics | None = None
+        """The Prometheus metrics served on /metrics (set by `start` when serving HTTP)."""
         self._handlers: dict[type[Change], Handler[Any]] = {}
         self._streams: list[Callable[[Change], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -181,8 +194,8 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        m = self.membership
-        return m is not None and m.ready and not (self.coordinator is not None and self.coordinator.overdue)
+        """Can serve transfers (what /readyz says; etcd being away does not count)."""
+        return self.readiness is not None and self.readiness.verdict() is None
 
     # -- how the engine answers ---------------------------------------------------------------
     def on_role_change(self, handler: Handler[RoleChange]) -> None:
@@ -236,16 +249,24 @@ class Engine:
         )
         m = self.membership = Membership(s.etcd, config, self.agent)
         self.coordinator = Coordinator(m, planning_config(s.planning), self.experts, self._handshake)
+        ready = self.readiness = engine_readiness.Readiness(m, self.ready_checks)
         if self.server is not None:
             c = self.coordinator
-            metrics = engine_metrics.AgentMetrics(m, self.load, lambda: (c.applied_epoch, c.role, c.overdue))
-            self.server.routes.update(
-                engine_http.agent_routes(m, metrics, self.coordinator.status, self._not_ready)
+            metrics = self.metrics = engine_metrics.AgentMetrics(
+                m, self.load, lambda: (c.applied_epoch, c.role, c.overdue), ready
+            )
+            self.server.routes.update(engine_http.agent_routes(m, metrics, self.coordinator.status, ready))
+            server = self.server
+            metrics.add_counter(
+                "http_accept_errors",
+                "Times the HTTP port failed to accept a connection (descriptors or memory ran out).",
+                lambda: server.accept_errors,
             )
         m.subscribe(self._on_event)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._watch_readiness(), name="weft-readiness"))
         await _join(m)
         await self.coordinator.start()
-        loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._publish_load(), name="weft-load"))
 
     async def republish(self) -> None:
@@ -299,13 +320,21 @@ class Engine:
         await self.stop()
 
     # -- inside -------------------------------------------------------------------------------
-    def _not_ready(self) -> str | None:
+    def _overdue(self) -> str | None:
         c = self.coordinator
         if c is not None and c.overdue and c.pending is not None:
             return f"the engine has not answered: {c.pending}"
-        if self.drain_request is not None:
-            return f"draining ({self.drain_request.why})"
         return None
+
+    def _draining(self) -> str | None:
+        return f"draining ({self.drain_request.why})" if self.drain_request is not None else None
+
+    async def _watch_readiness(self) -> None:
+        """Look at readiness every `READINESS_POLL` s, so each transition is logged (once)
+        when it happens, whether or not anything probes."""
+        while self.readiness is not None:
+            self.readiness.verdict()
+            await asyncio.sleep(READINESS_POLL)
 
     def _on_event(self, ev: MembershipEvent) -> None:
         m = self.membership

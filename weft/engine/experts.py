@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from weft import kvstore
 from weft.fabric import errors as fabric_errors
 from weft.fabric.agent import Agent
 from weft.fabric.memory import Registration, RemoteRegion
@@ -61,6 +62,14 @@ class ExpertSource:
 
     def load(self, expert: int) -> np.ndarray:
         raise NotImplementedError
+
+    def check(self) -> None:
+        """Fail now if the source cannot work at all (a missing directory or config file),
+        rather than at the first expert it is asked for.
+
+        Raises:
+            ConfigError: naming the source and what is wrong with it.
+        """
 
     @staticmethod
     def parse(spec: str) -> ExpertSource:
@@ -109,6 +118,11 @@ class DirectoryExperts(ExpertSource):
             self._manifest = {str(k): str(v) for k, v in data.items()}
         return self._manifest
 
+    def check(self) -> None:
+        if not self.path.is_dir():
+            raise fabric_errors.ConfigError(f"expert source dir:{self.path}: not a directory")
+        self._digests()
+
     def size(self, expert: int) -> int:
         return (self.path / f"expert-{expert}.bin").stat().st_size
 
@@ -145,6 +159,12 @@ class KVStoreExperts(ExpertSource):
         self.config = config
         self._store: KVStore | None = None
         self._manifest: dict[str, dict[str, Any]] | None = None
+
+    def check(self) -> None:
+        try:
+            kvstore.load_lmcache_config(self.config)
+        except fabric_errors.ConfigError as exc:
+            raise fabric_errors.ConfigError(f"expert source kv:{self.config}: {exc}") from None
 
     def _open(self) -> KVStore:
         if self._store is None:

@@ -3,20 +3,26 @@
 Why not a web framework: four read-only GET routes for kubelet probes, Prometheus and people
 do not justify a dependency, and the answers must come from the same event loop that runs
 the membership (a loop that is stuck stops answering /healthz, which is the point). So this
-is HTTP/1.1 on `asyncio.start_server`, one request per connection (``Connection: close``),
+is HTTP/1.1 on asyncio streams, one request per connection (``Connection: close``),
 the request head bounded in size and read under a deadline; anything but GET or HEAD on a
-known path gets 405, an unknown path 404.
+known path gets 405, an unknown path 404. The accept loop is its own (not
+`asyncio.start_server`'s): when descriptors run out it backs off and logs once per episode.
 
 ``/status`` answers JSON::
 
     {"name": str, "namespace": str, "group": str, "generation": int, "incarnation": int,
      "phase": "starting|joined|fenced|leaving|left", "state": "joining|active|draining",
-     "ready": bool, "fenced": bool, "leader": str | null, "is_leader": bool,
+     "ready": bool, "not_ready": null | {"reason": str, "message": str},
+     "conditions": {"etcd": "connected" | "lost since <UTC time> (<s> s ago): <what fails>",
+                    "etcd_lost_since": float | null},
+     "fenced": bool, "leader": str | null, "is_leader": bool,
      "lease_ttl": int, "etcd_reachable": bool,
      "members": [{"name": str, "generation": int, "state": str, "node": str}],   # by name
      "events": [{"kind": str, "name": str, "generation": int, "reason": str, "at": float}]}
 
 ``events`` are the last 200 `MembershipEvent`, oldest first (``at`` is Unix time).
+``ready`` means "can serve transfers" (`weft.engine.readiness`): /readyz answers 503 with the
+same reason as ``not_ready.message``; etcd being away is reported in ``conditions`` only.
 """
 
 from __future__ import annotations
@@ -26,17 +32,21 @@ import contextlib
 import dataclasses
 import json
 import logging
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from weft.api.vocab import MemberState
 from weft.engine import metrics as agent_metrics
+from weft.engine import readiness
 from weft.membership.member import Membership, Phase
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 8192
+ACCEPT_BACKOFF = 0.05
+"""Seconds to wait after the first failed accept; doubled for each failure in a row."""
+ACCEPT_BACKOFF_MAX = 1.0
 READ_TIMEOUT = 5.0
 STATUS_EVENTS = 200
 
@@ -77,9 +87,12 @@ class HttpServer:
         self.routes: dict[str, Route] = dict(routes or {})
         self.max_request_bytes = max_request_bytes
         self.read_timeout = read_timeout
-        self._server: asyncio.Server | None = None
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
         self._clients: set[asyncio.Task[None]] = set()
         self.port = 0
+        self.accept_errors = 0
+        """Times accepting a connection failed (descriptors or memory ran out)."""
 
     async def start(self, host: str, port: int) -> int:
         """Listen on `host`:`port` (0: any free port) and serve. Returns the bound port.
@@ -87,22 +100,78 @@ class HttpServer:
         Raises:
             OSError: the address cannot be bound.
         """
-        self._server = await asyncio.start_server(self._handle, host, port, limit=self.max_request_bytes)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        # one socket: for a name with both families ("localhost"), the IPv4 address first
+        family, kind, proto, _, address = min(infos, key=lambda i: i[0] != socket.AF_INET)
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self.port = int(sock.getsockname()[1])
+        self._accepting = loop.create_task(self._accept_loop(sock), name="weft-http-accept")
         return self.port
 
     async def close(self) -> None:
         """Stop listening and drop the connections being served."""
-        server, self._server = self._server, None
-        if server is None:
+        accepting, self._accepting = self._accepting, None
+        if accepting is None:
             return
-        server.close()
+        accepting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await accepting
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         for task in list(self._clients):
             task.cancel()
         for task in list(self._clients):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await server.wait_closed()
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        """Accept and serve connections. When accepting fails (descriptors or memory run out)
+        wait, doubling from `ACCEPT_BACKOFF` up to `ACCEPT_BACKOFF_MAX` s, and say so once
+        per episode (the count is in `accept_errors`)."""
+        loop = asyncio.get_running_loop()
+        backoff = 0.0
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                self.accept_errors += 1
+                if backoff == 0.0:
+                    log.error("HTTP port %d cannot accept connections, backing off: %s", self.port, exc)
+                backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX) if backoff else ACCEPT_BACKOFF
+                await asyncio.sleep(backoff)
+                continue
+            if backoff:
+                log.info("HTTP port %d accepts connections again", self.port)
+                backoff = 0.0
+            self._serve(loop, conn)
+
+    def _serve(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+        """Serve one accepted connection in a task of its own."""
+
+        async def serve() -> None:
+            try:
+                reader = asyncio.StreamReader(limit=self.max_request_bytes)
+                protocol = asyncio.StreamReaderProtocol(reader)
+                transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
+            except OSError:
+                conn.close()
+                return
+            await self._handle(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
+
+        task = loop.create_task(serve())
+        self._clients.add(task)
+        task.add_done_callback(self._clients.discard)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -156,25 +225,17 @@ class HttpServer:
 
 
 def not_ready_reason(m: Membership) -> str | None:
-    """Why the member is not ready (None when it is)."""
-    if m.ready:
-        return None
-    if m.phase is not Phase.JOINED:
-        return f"phase {m.phase.value}"
-    if m.agent is not None and m.agent.fenced:
-        return "the fabric is fenced (lease not confirmed in time)"
-    if not m.etcd_reachable:
-        return "etcd does not confirm the lease"
-    if not m.synced:
-        return "the view of the group is not in sync with etcd"
-    if m.state is not MemberState.ACTIVE:
-        return f"state {m.state}"
-    return "not ready"
+    """Why the member cannot serve (None when it can), by the built-in checks alone."""
+    return readiness.Readiness(m).reason()
 
 
-def status(m: Membership) -> dict[str, Any]:
-    """The /status object (see the module docstring)."""
+def status(m: Membership, ready: readiness.Readiness | None = None) -> dict[str, Any]:
+    """The /status object (see the module docstring); `ready` judges readiness (default: the
+    built-in checks alone)."""
     events = list(m.events)[-STATUS_EVENTS:]
+    ready = ready if ready is not None else readiness.Readiness(m)
+    verdict = ready.verdict()
+    etcd = ready.etcd()
     return {
         "name": m.config.name,
         "namespace": m.config.group.namespace,
@@ -183,7 +244,9 @@ def status(m: Membership) -> dict[str, Any]:
         "incarnation": m.incarnation,
         "phase": m.phase.value,
         "state": m.state,
-        "ready": m.ready,
+        "ready": verdict is None,
+        "not_ready": None if verdict is None else {"reason": verdict.kind, "message": verdict.text},
+        "conditions": {"etcd": etcd.describe(), "etcd_lost_since": etcd.lost_since},
         "fenced": m.phase is Phase.FENCED or (m.agent is not None and m.agent.fenced),
         "leader": m.leader,
         "is_leader": m.is_leader,
@@ -206,23 +269,24 @@ def agent_routes(
     m: Membership,
     metrics: agent_metrics.AgentMetrics,
     extra: Callable[[], dict[str, Any]] | None = None,
-    not_ready: Callable[[], str | None] | None = None,
+    ready: readiness.Readiness | None = None,
 ) -> dict[str, Route]:
     """The routes of a node agent; `extra` adds fields to /status (the plan applied, experts
-    held); `not_ready` adds a reason for /readyz to answer 503 (an engine overdue or draining)."""
+    held); `ready` judges /readyz (default: the membership's built-in checks alone)."""
+    ready = ready if ready is not None else readiness.Readiness(m)
 
     def healthz() -> Response:
         return Response(200, b"ok\n")
 
     def readyz() -> Response:
-        why = not_ready_reason(m) or (not_ready() if not_ready is not None else None)
+        why = ready.reason()
         return Response(200, b"ready\n") if why is None else Response(503, f"not ready: {why}\n".encode())
 
     def metrics_route() -> Response:
         return Response(200, metrics.render(), agent_metrics.CONTENT_TYPE)
 
     def status_route() -> Response:
-        doc = status(m)
+        doc = status(m, ready)
         if extra is not None:
             doc |= extra()
         body = json.dumps(doc, separators=(",", ":")).encode()

@@ -7,9 +7,14 @@ integers it already keeps), so nothing in the membership code knows about Promet
 
 Exposed (all prefixed ``weft_``):
 
-* gauges ``members`` (members in this agent's view, itself included), ``ready``, ``fenced``,
-  ``leader`` (1 while this agent leads), ``lease_ttl_seconds`` (the TTL etcd granted),
-  ``etcd_reachable``, and ``info`` (1, labelled with name, namespace, group and generation);
+* gauges ``members`` (members in this agent's view, itself included), ``ready`` (can serve
+  transfers, `weft.engine.readiness`), ``not_ready{reason}`` (1 for the reason it cannot),
+  ``fenced``, ``leader`` (1 while this agent leads), ``lease_ttl_seconds`` (the TTL etcd
+  granted), ``etcd_reachable``, ``etcd_connected`` and ``etcd_lost_seconds`` (the etcd
+  condition, apart from readiness), and ``info`` (1, labelled with name, namespace, group and
+  generation);
+* counters a user of the SDK adds (`AgentMetrics.add_counter`), such as the daemon's
+  ``notifications_dropped_total``;
 * counters ``peer_adds_total``, ``peer_removes_total``, ``fences_total``, ``rejoins_total``,
   ``ignored_records_total``, ``watch_restarts_total`` (from ``Membership.counters``);
 * counters ``transfers_total``, ``transfer_bytes_total``, ``transfer_errors_total``: what
@@ -28,6 +33,7 @@ Exposed (all prefixed ``weft_``):
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,6 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from weft.api.records import Percentiles
+from weft.engine import readiness
 from weft.engine.load import LoadTracker
 from weft.membership.member import Membership, Phase
 
@@ -92,10 +99,13 @@ class AgentMetrics(Collector):
         membership: Membership,
         load: LoadTracker | None = None,
         plan: Callable[[], tuple[int, str | None, bool]] | None = None,
+        ready: readiness.Readiness | None = None,
     ) -> None:
         self.membership = membership
         self.load = load
         self.plan = plan
+        self.readiness = ready if ready is not None else readiness.Readiness(membership)
+        self._counters: dict[str, tuple[str, Callable[[], float]]] = {}
         self.transfers = 0
         self.transfer_bytes = 0
         self.transfer_errors = 0
@@ -103,6 +113,16 @@ class AgentMetrics(Collector):
         self._last_detection: tuple[str, float] | None = None
         self.registry = prometheus_client.CollectorRegistry(auto_describe=False)
         self.registry.register(self)
+
+    def add_counter(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """Export ``weft_<name>_total``, its value read by `read()` on every scrape.
+
+        Raises:
+            ValueError: `name` is exported already.
+        """
+        if name in self._counters or name in _COUNTERS:
+            raise ValueError(f"the counter {name!r} is exported already")
+        self._counters[name] = (doc, read)
 
     def count_transfer(self, nbytes: int, ok: bool) -> None:
         """Count one transfer the daemon made that has ended."""
@@ -140,9 +160,14 @@ class AgentMetrics(Collector):
         """For the registry: every metric, read now."""
         m = self.membership
         fenced = m.phase is Phase.FENCED or (m.agent is not None and m.agent.fenced)
+        verdict = self.readiness.verdict()
+        etcd = self.readiness.etcd()
+        lost = 0.0 if etcd.lost_since is None else max(time.time() - etcd.lost_since, 0.0)
         gauges = (
             ("members", "Members in this agent's view of the group, itself included.", len(m.members)),
-            ("ready", "1 while this agent is fit to take new work (/readyz answers 200).", m.ready),
+            ("ready", "1 while this agent can serve transfers (/readyz answers 200).", verdict is None),
+            ("etcd_connected", "1 while etcd confirms the lease and feeds the view.", etcd.connected),
+            ("etcd_lost_seconds", "Seconds since etcd was lost (0 while connected).", lost),
             ("fenced", "1 while this agent is fenced (serves nothing, waits to rejoin).", fenced),
             ("leader", "1 while this agent is the group's leader.", m.is_leader),
             ("lease_ttl_seconds", "TTL of this agent's member lease, as etcd granted it.", m.lease_ttl),
@@ -150,6 +175,13 @@ class AgentMetrics(Collector):
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(f"weft_{name}", doc, value=float(value))
+        why = GaugeMetricFamily(
+            "weft_not_ready", "1 for the reason this agent is not ready (none: ready).", labels=["reason"]
+        )
+        kinds = list(readiness.REASONS) + [k for k, _ in self.readiness.checks if k not in readiness.REASONS]
+        for kind in kinds:
+            why.add_metric([kind], float(verdict is not None and verdict.kind == kind))
+        yield why
         info = GaugeMetricFamily(
             "weft_info", "This agent: 1, labelled.", labels=["name", "namespace", "group", "generation"]
         )
@@ -158,6 +190,8 @@ class AgentMetrics(Collector):
         yield info
         for key, doc in _COUNTERS.items():
             yield CounterMetricFamily(f"weft_{key}", doc, value=float(m.counters.get(key, 0)))
+        for key, (doc, read) in self._counters.items():
+            yield CounterMetricFamily(f"weft_{key}", doc, value=float(read()))
         fabric = m.agent.stats() if m.agent is not None else {}
         transfers = (
             ("transfers", "Transfers this agent posted.", self.transfers + fabric.get("transfers", 0)),
