@@ -6,6 +6,7 @@ import asyncio
 import mmap
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -292,3 +293,36 @@ async def _until(check: Any) -> None:
         if check():
             return
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.integration
+def test_a_full_inbox_makes_the_engine_unready_until_drained(etcd: EtcdServer, make_agent: Any) -> None:
+    """The fabric's health reaches /readyz: a peer fills the engine's notification inbox (its
+    byte bound, 64 MiB by default), /readyz answers 503 naming it, and 200 once the engine
+    takes its notifications."""
+    engine = SyncEngine.from_env(env=settings_env(etcd, "inbox"))
+    engine.start()
+    try:
+        port = engine.engine.http_port
+        wait_for("ready", lambda: readyz(port)[0] == 200, 30)
+        peer = make_agent("filler", "tcp", secret=engine.engine.agent.config.secret)
+        name = peer.add_peer(engine.engine.agent.metadata())
+        for _ in range(64):  # 64 MiB: no room left for another notification of the largest size
+            peer.send_notification(name, b"n" * (1 << 20))
+        wait_for("the fabric reports its inbox full", lambda: bool(engine.engine.agent.health()), 30)
+        code, body = readyz(port)
+        assert code == 503 and "notification inbox full" in body, body
+        assert 'weft_not_ready{reason="fabric"} 1.0' in scrape(port)
+        taken = engine.engine.agent.get_notifications()
+        assert sum(len(v) for v in taken.values()) == 64
+        wait_for("ready again", lambda: readyz(port)[0] == 200, 10)
+    finally:
+        engine.stop()
+
+
+def readyz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()

@@ -146,6 +146,7 @@ class Engine:
         self.ready_checks: list[tuple[str, engine_readiness.Check]] = [
             ("draining", self._draining),
             ("engine", self._overdue),
+            ("fabric", self._fabric_health),
         ]
         """(kind, check) pairs that make /readyz 503 while a check returns a reason; add to it
         before `start` (the fabric's health, an engine's own condition)."""
@@ -320,6 +321,10 @@ class Engine:
         await self.stop()
 
     # -- inside -------------------------------------------------------------------------------
+    def _fabric_health(self) -> str | None:
+        """Why the fabric cannot serve new transfers (accepting fails, the inbox is full)."""
+        return "; ".join(self.agent.health()) or None
+
     def _overdue(self) -> str | None:
         c = self.coordinator
         if c is not None and c.overdue and c.pending is not None:
