@@ -149,6 +149,8 @@ class Membership:
             "rejoins": 0,
             "ignored_records": 0,
             "watch_restarts": 0,
+            "repairs": 0,
+            "leaders_cleared": 0,
         }
         self.detections: deque[tuple[str, float]] = deque(maxlen=1000)  # (signal, seconds)
         self._record: MemberRecord | None = None
@@ -357,10 +359,15 @@ class Membership:
         (absent: 0), so a deposed or paused leader working from an old plan fails instead of
         overwriting; one epoch never gets two plans.
 
+        The epoch written is one above the highest this member has seen (the plan key's and
+        the verified acks'): a plan made from an older one (the key was written back or
+        deleted) is renumbered, so no epoch is ever used twice.
+
         Returns:
             True when written.
         Raises:
-            MembershipError: `plan` is not the epoch after the current plan's.
+            MembershipError: `plan`'s epoch is not above the current plan's, or skips ahead of
+                the highest epoch seen.
         """
         return await self.election.write_plan(plan)
 
