@@ -456,7 +456,8 @@ async def _drain_step(
     if plan is None:
         return to_drain, "waiting for a plan"
     if not plan.verified:
-        return to_drain, f"the plan record (epoch {plan.epoch}) does not verify with the join token"
+        why = "not signed with the join token, or written back below an epoch members applied"
+        return to_drain, f"plan epoch {plan.epoch} is not verified ({why})"
     still = sorted(set(plan.roles) & set(to_drain))
     if still:
         return to_drain, f"plan epoch {plan.epoch} still gives work to {', '.join(still)}"
