@@ -1,9 +1,12 @@
 """The planner leader's election and the leader's plan writes.
 
 Candidates race to create ``leader`` under their lease; the holder leads until its lease
-ends, and the others retry when they see the key deleted. The leader writes the plan with a
-compare-and-swap on the ``plan`` key's revision as it last saw it, so a deposed or paused
-leader working from an old plan fails instead of overwriting.
+ends, and the others retry when they see the key deleted, or clear a key that names no live
+leader (`view.leader_problem`: someone with etcd access wrote it back without a lease).
+
+The leader writes the plan with a compare-and-swap on the ``plan`` key's revision as it last
+saw it, so a deposed or paused leader working from an old plan fails instead of
+overwriting, and above the highest epoch it has seen, so no epoch is used twice.
 """
 
 from __future__ import annotations

@@ -592,8 +592,8 @@ class _Step:
         if kv is None:
             self.plan_gone()
             return
-        if kv.mod_revision < self.plan_revision:
-            return  # an event older than a write this member already knows of (its own)
+        if kv.mod_revision <= self.plan_revision:
+            return  # known already (the leader's own write), or older than what is known
         try:
             plan = records.unseal(records.PlanRecord, kv.value, key, self.view.secret)
         except records.RecordError:
