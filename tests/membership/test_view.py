@@ -66,6 +66,7 @@ def test_generations_never_go_back(puts: list[view.Put]) -> None:
             assert change.fresh == (change.old is None or change.old.generation < change.member.generation)
 
 
+@settings(deadline=None)  # a pure function: a busy machine's slowness is no failure
 @given(st.sampled_from(NAMES), st.integers(2, 20), st.data())
 def test_a_late_older_incarnation_is_ignored(name: str, generation: int, data: st.DataObject) -> None:
     v, changes = view.reduce(empty(), member_put(name, generation, 10), OWN)
@@ -86,24 +87,61 @@ plan_inputs = st.one_of(
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(plan_inputs, max_size=30))
-def test_a_plan_is_replaced_only_by_a_higher_epoch_or_when_invalid(puts: list[view.Put]) -> None:
+def test_a_plan_is_replaced_only_by_a_higher_epoch_and_an_older_one_is_invalid(puts: list[view.Put]) -> None:
+    """The plan never goes back: a validly signed plan below the highest epoch seen (written
+    back by someone with etcd access) is reported invalid and never adopted, and the key's
+    revision is always the one the leader's CAS needs."""
     v = empty()
     for put in puts:
         valid = put.value != b"not a plan"
         v2, changes = view.reduce(v, put, OWN)
+        if put.mod_revision <= v.plan_revision:  # that revision or a newer one is known: no news
+            assert v2 == v and changes == []
+            continue
+        assert v2.plan_revision == put.mod_revision  # the leader's CAS runs against the real key
+        assert v2.epoch >= v.epoch
         if not valid:
-            assert v2.plan == v.plan and v2.plan_invalid and v2.plan_revision == put.mod_revision
+            assert v2.plan == v.plan and v2.plan_invalid and v2.epoch == v.epoch
             assert any(isinstance(c, view.Ignored) for c in changes)
+            v = v2
+            continue
+        new = records.unseal(PlanRecord, put.value, put.key, SECRET)
+        adopted = new.epoch > v.epoch or (
+            new.epoch == v.epoch and (v.plan is None or v.plan.epoch < new.epoch or v.plan == new)
+        )
+        if adopted:
+            assert v2.plan == new and not v2.plan_invalid and v2.epoch == new.epoch
+            notices = [c.kind for c in changes if isinstance(c, view.Notice)]
+            assert notices == ([] if v.plan == new else [EventKind.PLAN])
         else:
-            new = records.unseal(PlanRecord, put.value, put.key, SECRET)
-            if v.plan is None or new.epoch > v.plan.epoch or v.plan_invalid:
-                assert v2.plan == new and not v2.plan_invalid and v2.plan_revision == put.mod_revision
-                assert [c.kind for c in changes if isinstance(c, view.Notice)] == [EventKind.PLAN]
-            else:
-                assert v2 == v and changes == []
+            assert v2.plan == v.plan and v2.plan_invalid and v2.epoch == v.epoch
+            assert [c.kind for c in changes if isinstance(c, view.Notice)] == [EventKind.PLAN]
+            assert any(isinstance(c, view.Ignored) for c in changes)
         v = v2
 
 
+def test_an_ack_above_the_plan_marks_the_plan_key_stale_and_a_delete_keeps_the_epoch() -> None:
+    """Acks tell the highest epoch applied: a plan key below it (a restarted member reading a
+    rewound key) is not adopted; a deleted key leaves the epoch where it was."""
+    ack_key = KS.ack("a")
+    ack = view.Put(
+        ack_key, records.seal(records.AckRecord(name="a", generation=1, epoch=5), ack_key, SECRET), 1, 3, 3
+    )
+    v, _ = view.reduce(empty(), view.Snapshot((ack, plan_put(3, 4))), OWN)
+    assert v.plan is None and v.plan_invalid and v.epoch == 5 and v.plan_revision == 4
+    v, _ = view.reduce(v, plan_put(6, 9), OWN)
+    assert v.plan is not None and v.plan.epoch == 6 and not v.plan_invalid
+    v, changes = view.reduce(v, view.Delete(KS.plan), OWN)
+    assert v.plan is not None and v.plan.epoch == 6 and v.epoch == 6
+    assert v.plan_invalid and v.plan_revision == 0
+    assert [c.kind for c in changes if isinstance(c, view.Notice)] == [EventKind.PLAN]
+    again, _ = view.reduce(v, view.Snapshot((ack,)), OWN)  # the key still absent on a re-read
+    assert again.plan_invalid and again.plan_revision == 0 and again.epoch == 6
+    v, _ = view.reduce(v, plan_put(2, 11), OWN)  # epoch 1.. written from scratch: refused
+    assert v.plan is not None and v.plan.epoch == 6 and v.plan_invalid and v.plan_revision == 11
+
+
+@settings(deadline=None)
 @given(st.one_of(st.none(), st.integers(1, 20)))
 def test_losing_our_own_key_fences_us(prev_revision: int | None) -> None:
     v, _ = view.reduce(empty(), member_put(ME, OWN.generation, OWN.mod_revision), OWN)
@@ -162,3 +200,46 @@ def test_a_foreign_or_forged_record_is_ignored() -> None:
     other = keyspace.Keyspace("ns", "other")
     v, changes = view.reduce(empty(), view.Put(other.member("a"), b"", 1, 2, 2), OWN)
     assert v == empty() and changes == []
+
+
+def leader_put(name: str, lease: int, mod_revision: int) -> view.Put:
+    value = records.seal(LeaderRecord(name=name, generation=1, since=0.0), KS.leader, SECRET)
+    return view.Put(KS.leader, value, lease, mod_revision, mod_revision)
+
+
+def test_a_leader_record_counts_only_under_its_live_holders_lease() -> None:
+    """Re-written without a lease, under another lease, or naming a member that has gone: no
+    leader, and the key is to be cleared (once per bad key, not on every input)."""
+    v, _ = view.reduce(empty(), member_put("a", 1, 2), OWN)  # a's record is under lease 1
+    good, _ = view.reduce(v, leader_put("a", 1, 3), OWN)
+    assert good.leader == "a"
+    for bad, why in ((leader_put("a", 0, 4), "no lease"), (leader_put("a", 7, 4), "not under")):
+        after, changes = view.reduce(good, bad, OWN)
+        assert after.leader is None
+        assert [c.mod_revision for c in changes if isinstance(c, view.ClearLeader)] == [4]
+        assert any(why in c.why for c in changes if isinstance(c, view.ClearLeader))
+        again, changes = view.reduce(after, member_put("b", 1, 5), OWN)
+        assert again.leader is None and not any(isinstance(c, view.ClearLeader) for c in changes)
+    gone, changes = view.reduce(good, view.Delete(KS.member("a")), OWN)  # the holder leaves
+    assert gone.leader is None
+    assert [c.mod_revision for c in changes if isinstance(c, view.ClearLeader)] == [3]
+    stranger, changes = view.reduce(v, leader_put("zed", 1, 6), OWN)
+    assert stranger.leader is None and any(isinstance(c, view.ClearLeader) for c in changes)
+
+
+def test_garbage_over_a_member_key_is_absent_and_over_ours_is_repaired() -> None:
+    v, _ = view.reduce(empty(), member_put(ME, OWN.generation, OWN.mod_revision), OWN)
+    v, _ = view.reduce(v, member_put("a", 1, 3), OWN)
+    after, changes = view.reduce(v, view.Put(KS.member("a"), b"garbage", 0, 3, 9), OWN)
+    assert set(after.members) == {ME}  # as a fresh reader of the group would see it
+    assert [type(c) for c in changes] == [view.Ignored, view.PeerRemoved]
+    leaseless = member_put("a", 1, 10)
+    after, _ = view.reduce(v, view.Put(leaseless.key, leaseless.value, 0, 3, 10), OWN)
+    assert set(after.members) == {ME}
+    for value, lease in ((b"garbage", 0), (member_put(ME, OWN.generation - 1, 1).value, 1)):
+        ours, changes = view.reduce(v, view.Put(KS.member(ME), value, lease, 1, OWN.mod_revision + 5), OWN)
+        assert [c.mod_revision for c in changes if isinstance(c, view.RepairSelf)] == [OWN.mod_revision + 5]
+        assert ME in ours.members
+    mine = member_put(ME, OWN.generation, OWN.mod_revision + 1)  # our own write, seen first
+    _, changes = view.reduce(v, mine, OWN)
+    assert not any(isinstance(c, view.RepairSelf) for c in changes)

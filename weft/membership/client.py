@@ -172,8 +172,10 @@ async def read_group_status(settings: GroupClientSettings, secret: bytes | None)
 
     ``lease_ttl_left`` is the lease's remaining whole seconds; ``verified`` is true only when
     the record is signed with `secret`. A record that fails the check is still listed
-    (unverified); one that does not decode at all goes to ``invalid``. Without `secret` the
-    leader is read unchecked too.
+    (unverified); one that does not decode at all goes to ``invalid``, and so do, with
+    `secret`, an ack that fails the check and a plan below an epoch that members acked (they
+    are not counted: `PlanStatus.acked` holds only verified acks of live members). Without
+    `secret` the leader and the acks are read unchecked too.
 
     Args:
         settings: etcd and the group.

@@ -9,7 +9,10 @@ The life of a member (DESIGN.md, "Control plane"):
 * **View.** Read the prefix, then watch it from the next revision. A PUT of a new or newer
   member adds its fabric metadata to the fabric `Agent`; a DELETE (leave or lease expiry)
   removes it. Records that are not signed with the group's join token are ignored with one
-  warning. A broken or compacted watch re-reads the prefix and reconciles.
+  warning, and a member key holding one (or a record under no lease) counts as absent, for a
+  member watching as for one reading afresh; a member that finds its own key overwritten
+  puts its record back under its lease. A broken or compacted watch re-reads the prefix and
+  reconciles.
 * **Second signal.** When the data path loses a peer, the peer's listen address is probed: a
   refused connection means nothing listens there any more, and the peer is removed at once
   instead of waiting for its lease to run out. An accepting address means a live (or paused)
@@ -21,7 +24,12 @@ The life of a member (DESIGN.md, "Control plane"):
   itself is unreachable, and no pause was seen, serving goes on (peers it knows keep working,
   readiness is false) and the client retries with backoff.
 * **Leader.** Candidates race to create ``leader`` under their lease; the holder leads until
-  its lease ends, and the others retry when they see the key deleted.
+  its lease ends, and the others retry when they see the key deleted. A leader record that is
+  not under its holder's live lease (written back without one, or naming a member that has
+  gone) names no leader and is cleared, so the election goes on.
+* **Plan epochs.** Each member keeps the highest epoch it has seen (plan key, acks); a plan
+  below it is reported and never adopted, and the leader writes above it, also after the
+  plan key was deleted: an epoch is never used twice.
 """
 
 from __future__ import annotations
@@ -149,6 +157,8 @@ class Membership:
             "rejoins": 0,
             "ignored_records": 0,
             "watch_restarts": 0,
+            "repairs": 0,
+            "leaders_cleared": 0,
         }
         self.detections: deque[tuple[str, float]] = deque(maxlen=1000)  # (signal, seconds)
         self._record: MemberRecord | None = None
@@ -194,7 +204,8 @@ class Membership:
 
     @property
     def plan_invalid(self) -> bool:
-        """The ``plan`` key holds something that is not a plan of this group."""
+        """The ``plan`` key does not hold the group's current plan (not a plan of this group, a
+        plan below the highest epoch seen, or no plan at all): the leader re-writes it."""
         return self.view.plan_invalid
 
     @property
@@ -357,10 +368,15 @@ class Membership:
         (absent: 0), so a deposed or paused leader working from an old plan fails instead of
         overwriting; one epoch never gets two plans.
 
+        The epoch written is one above the highest this member has seen (the plan key's and
+        the verified acks'): a plan made from an older one (the key was written back or
+        deleted) is renumbered, so no epoch is ever used twice.
+
         Returns:
             True when written.
         Raises:
-            MembershipError: `plan` is not the epoch after the current plan's.
+            MembershipError: `plan`'s epoch is not above the current plan's, or skips ahead of
+                the highest epoch seen.
         """
         return await self.election.write_plan(plan)
 

@@ -53,7 +53,7 @@ class PeerSync:
     def feed(self, event: view.Input) -> None:
         """Reduce `event` into the view, then carry out what changed, in order."""
         m = self.m
-        m.view, changes = view.reduce(m.view, event, view.Own(m.generation, m._mod_revision))
+        m.view, changes = view.reduce(m.view, event, view.Own(m.generation, m._mod_revision, m.lease))
         for change in changes:
             self._carry_out(change)
 
@@ -75,6 +75,24 @@ class PeerSync:
                 self.warn_once(key, why)
             case view.Wake():
                 m.bus.changed.set()
+            case view.RepairSelf(mod_revision, why):
+                if m.phase is session.Phase.JOINED:
+                    log.warning("%s: its member key was %s: writing its record back", m.config.name, why)
+                    m._background(m.session.repair(mod_revision))
+            case view.ClearLeader(mod_revision, why):
+                if m.phase is session.Phase.JOINED:
+                    m._background(self.clear_leader(mod_revision, why))
+
+    async def clear_leader(self, mod_revision: int, why: str) -> None:
+        """Delete a ``leader`` key that names no live leader, guarded by its revision (other
+        members may be clearing it too; a newer leader's key is left alone)."""
+        m = self.m
+        try:
+            if await m._etcd.delete_if(m.keyspace.leader.encode(), mod_revision=mod_revision):
+                m.counters["leaders_cleared"] += 1
+                log.warning("%s: cleared the leader key: %s", m.config.name, why)
+        except errors.EtcdError as exc:  # the campaign checks the key again
+            log.info("%s: could not clear the leader key (%s): %s", m.config.name, why, exc)
 
     def _peer_put(self, member: view.Member, old: view.Member | None, fresh: bool) -> None:
         m, name = self.m, member.name

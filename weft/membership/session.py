@@ -125,11 +125,18 @@ class Session:
                 holder = await etcd.get(m.key.encode())
                 why = f"the name {m.config.name!r} is held by another live member"
                 if holder is not None:
-                    with contextlib.suppress(records.RecordError):
+                    try:
                         other = records.unseal(MemberRecord, holder.value, m.key, m.config.secret)
                         why += (
                             f" (node {other.node}, instance {other.instance}, generation {other.generation})"
                         )
+                        dead = "is under no lease" if not holder.lease else None
+                    except records.RecordError as exc:
+                        dead = f"does not verify ({exc})"
+                    if dead is not None:  # no live member holds it: every reader sees it as absent
+                        log.warning("%s: its key holds a record that %s: removing it", m.config.name, dead)
+                        await etcd.delete_if(m.key.encode(), mod_revision=holder.mod_revision)
+                        why = f"its key held a record that {dead} (removed)"
                 last: errors.EtcdError | None = None
             except errors.EtcdUnavailableError as exc:
                 why, last = str(exc), exc
@@ -159,6 +166,27 @@ class Session:
             raise errors.MembershipError(f"{m.config.name}: its member record changed under it")
         m._record, m._mod_revision, m.state = record, revision, state
         m.bus.changed.set()
+
+    async def repair(self, mod_revision: int) -> None:
+        """Put this member's record back over whatever someone else wrote to its key (at
+        `mod_revision`), under its lease; a CAS, so a newer write is looked at again first."""
+        m = self.m
+        if m.phase is not Phase.JOINED or m._record is None:
+            return
+        try:
+            ok, revision = await m._etcd.replace(
+                m.key.encode(),
+                records.seal(m._record, m.key, m.config.secret),
+                mod_revision=mod_revision,
+                lease=m.lease,
+            )
+        except errors.EtcdError as exc:
+            log.warning("%s: could not repair its member key: %s", m.config.name, exc)
+            return
+        if ok:
+            m._mod_revision = revision
+            m.counters["repairs"] += 1
+            m.bus.changed.set()
 
     # -- liveness -------------------------------------------------------------------------------
     async def keepalive_loop(self) -> None:

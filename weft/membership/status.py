@@ -21,6 +21,8 @@ from weft.membership import keyspace as ks
 
 R = TypeVar("R", bound=records.Record)
 
+_UNVERIFIED_ACK = "ack not signed with the join token"
+
 
 @dataclass(frozen=True, slots=True)
 class MemberStatus:
@@ -76,8 +78,10 @@ class PlanStatus:
         roles: member name -> "prefill" or "decode", sorted by name.
         experts: expert id (decimal string) -> members holding it, sorted by expert id.
         under_replicated: experts below their replication.
-        verified: the plan is signed with the join token the read was given.
-        acked: members whose ack names this epoch, sorted.
+        verified: the plan is signed with the join token the read was given, and its epoch is
+            not below one that members have acked (a plan written back is not the group's).
+        acked: members whose ack names this epoch, sorted. With a join token, only acks that
+            verify, of live signed members at their current generation, count.
         reason: why the leader wrote it (the role policy's sentence).
         action: the load policy's step in it (``prefill+1``, ``decode+1``), if any.
     """
@@ -134,7 +138,8 @@ class GroupStatus:
         plan_epoch: the plan's epoch, None without a plan.
         plan: the plan, None without one.
         members: the member records that decode, sorted by name (signed or not).
-        invalid: the records that do not decode, in key order.
+        invalid: the records that do not decode, in key order; with a join token also the
+            acks that do not verify and a plan below an acked epoch (neither counts).
         loads: the load records that count, sorted by name: signed with the join token, of a
             live signed member, and of that member's current generation (a record left by an
             earlier incarnation says nothing about this one). Not in `to_dict`.
@@ -149,6 +154,11 @@ class GroupStatus:
     members: tuple[MemberStatus, ...]
     invalid: tuple[InvalidRecord, ...]
     loads: tuple[records.LoadRecord, ...] = ()
+
+    @property
+    def unverified_acks(self) -> int:
+        """How many ack records were not counted because they do not verify."""
+        return sum(1 for bad in self.invalid if bad.error.startswith(_UNVERIFIED_ACK))
 
     @property
     def verified_members(self) -> frozenset[str]:
@@ -190,17 +200,19 @@ class DecodedGroup:
         members: (record, lease, verified) per member record that decodes, in key order.
         leader: see `GroupStatus.leader`.
         plan: the plan record and whether it is signed.
-        acks: member name -> the epoch its ack names.
-        invalid: the records that do not decode.
+        acks: member name -> its ack (with a join token: only acks that verify).
+        invalid: the records that do not decode (with a join token: acks that do not verify).
         loads: the load records signed with the join token, in key order (none without one).
+        checked: read with a join token (signatures were checked).
     """
 
     members: tuple[tuple[records.MemberRecord, int, bool], ...]
     leader: str | None
     plan: tuple[records.PlanRecord, bool] | None
-    acks: Mapping[str, int]
+    acks: Mapping[str, records.AckRecord]
     invalid: tuple[InvalidRecord, ...]
     loads: tuple[records.LoadRecord, ...] = ()
+    checked: bool = False
 
 
 def decode_group(space: ks.Keyspace, kvs: Iterable[RawRecord], secret: bytes | None) -> DecodedGroup:
@@ -208,6 +220,8 @@ def decode_group(space: ks.Keyspace, kvs: Iterable[RawRecord], secret: bytes | N
 
     Drain keys and keys that name no kind are skipped. A record that fails the signature
     check is kept as unverified; one that does not decode at all becomes an `InvalidRecord`.
+    An ack that fails it is no evidence of anything: it becomes an `InvalidRecord` too (it
+    is reported, and never counted).
     Without `secret` the leader is taken unchecked too. Load records count only when signed:
     the others are dropped, and never listed as invalid (``--json`` shows no load).
 
@@ -222,7 +236,7 @@ def decode_group(space: ks.Keyspace, kvs: Iterable[RawRecord], secret: bytes | N
     invalid: list[InvalidRecord] = []
     leader: str | None = None
     plan: tuple[records.PlanRecord, bool] | None = None
-    acks: dict[str, int] = {}
+    acks: dict[str, records.AckRecord] = {}
     loads: list[records.LoadRecord] = []
     for kv in kvs:
         key = kv.key.decode("utf-8", "replace")
@@ -247,8 +261,13 @@ def decode_group(space: ks.Keyspace, kvs: Iterable[RawRecord], secret: bytes | N
         elif isinstance(record, records.PlanRecord):
             plan = (record, verified)
         elif isinstance(record, records.AckRecord):
-            acks[record.name] = record.epoch
-    return DecodedGroup(tuple(members), leader, plan, acks, tuple(invalid), tuple(loads))
+            if verified or secret is None:
+                acks[record.name] = record
+            else:
+                invalid.append(InvalidRecord(key, f"{_UNVERIFIED_ACK}: not counted"))
+    return DecodedGroup(
+        tuple(members), leader, plan, acks, tuple(invalid), tuple(loads), checked=secret is not None
+    )
 
 
 def group_status(
@@ -281,8 +300,15 @@ def group_status(
     ]
     rows.sort(key=lambda m: m.name)
     plan: PlanStatus | None = None
+    invalid = decoded.invalid
     if decoded.plan is not None:
         p, verified = decoded.plan
+        acks = _counted_acks(decoded, ttls)
+        applied = max((a.epoch for a in acks.values()), default=0)
+        if verified and p.epoch < applied:  # written back by someone with etcd access
+            verified = False
+            why = f"plan epoch {p.epoch} is below epoch {applied} that members applied: not the group's plan"
+            invalid = (*invalid, InvalidRecord(space.plan, why))
         plan = PlanStatus(
             epoch=p.epoch,
             leader=p.leader,
@@ -290,7 +316,7 @@ def group_status(
             experts={e: tuple(p.experts[e]) for e in sorted(p.experts, key=int)},
             under_replicated=tuple(p.under_replicated),
             verified=verified,
-            acked=tuple(sorted(n for n, e in decoded.acks.items() if e == p.epoch)),
+            acked=tuple(sorted(n for n, a in acks.items() if a.epoch == p.epoch)),
             reason=p.reason,
             action=p.action,
         )
@@ -302,18 +328,33 @@ def group_status(
         plan_epoch=None if plan is None else plan.epoch,
         plan=plan,
         members=tuple(rows),
-        invalid=decoded.invalid,
+        invalid=invalid,
         loads=_counted_loads(decoded, ttls),
     )
 
 
-def _counted_loads(decoded: DecodedGroup, ttls: Sequence[int | None]) -> tuple[records.LoadRecord, ...]:
-    """The load records of live signed members, of their current generation, by name."""
-    live = {
+def _live(decoded: DecodedGroup, ttls: Sequence[int | None]) -> dict[str, int]:
+    """Live signed members -> their current generation."""
+    return {
         record.name: record.generation
         for (record, lease, verified), ttl in zip(decoded.members, ttls, strict=True)
         if verified and (not lease or ttl is not None)  # a lease that ran out: the member is gone
     }
+
+
+def _counted_acks(decoded: DecodedGroup, ttls: Sequence[int | None]) -> dict[str, records.AckRecord]:
+    """The acks that count: all of them when read without a token (nothing is checked, and
+    the plan shows as unverified); with one, those of live signed members at their current
+    generation (an ack left by an earlier incarnation says nothing about this one)."""
+    if not decoded.checked:
+        return dict(decoded.acks)
+    live = _live(decoded, ttls)
+    return {n: a for n, a in decoded.acks.items() if live.get(n) == a.generation}
+
+
+def _counted_loads(decoded: DecodedGroup, ttls: Sequence[int | None]) -> tuple[records.LoadRecord, ...]:
+    """The load records of live signed members, of their current generation, by name."""
+    live = _live(decoded, ttls)
     counted = (load for load in decoded.loads if live.get(load.name) == load.generation)
     return tuple(sorted(counted, key=lambda load: load.name))
 

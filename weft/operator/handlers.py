@@ -433,7 +433,10 @@ async def _drain_step(
 ) -> tuple[list[str], str]:
     """Members still to be planned out before the StatefulSet may shrink to ``spec.replicas``
     (empty: go ahead), and why. Writes ``drain/<member>`` for the leaving pods that are members,
-    and removes drain keys nobody needs any more (the member is gone, or scaled back up)."""
+    and removes drain keys nobody needs any more (the member is gone, or scaled back up).
+    Only what verifies with the group's join token counts: a plan that is not signed with it
+    (or was written back below an acked epoch) and acks that are not (`GroupStatus.acked`
+    holds only verified acks of live members) never let a member go."""
     leaving = {f"{name}-{i}" for i in range(spec.replicas, current)}
     client = await group_clients().get(namespace, name, spec)
     doc = await client.read_status()
@@ -452,12 +455,16 @@ async def _drain_step(
     stay = members - leaving
     if plan is None:
         return to_drain, "waiting for a plan"
+    if not plan.verified:
+        why = "not signed with the join token, or written back below an epoch members applied"
+        return to_drain, f"plan epoch {plan.epoch} is not verified ({why})"
     still = sorted(set(plan.roles) & set(to_drain))
     if still:
         return to_drain, f"plan epoch {plan.epoch} still gives work to {', '.join(still)}"
     waiting = sorted(stay - set(plan.acked))
     if waiting:
-        return to_drain, f"waiting for {', '.join(waiting)} to apply epoch {plan.epoch}"
+        ignored = f" ({doc.unverified_acks} unverified acks not counted)" if doc.unverified_acks else ""
+        return to_drain, f"waiting for {', '.join(waiting)} to apply epoch {plan.epoch}{ignored}"
     return [], ""
 
 
