@@ -88,7 +88,9 @@ def start_agent(etcd: EtcdServer, tmp_path: Path, token_file: Path) -> Iterator[
     """Starts `weft agent` processes and waits for their ready files; kills leftovers."""
     started: list[AgentProcess] = []
 
-    def start(name: str, *extra: str) -> AgentProcess:
+    def start(name: str, *extra: str, wait: bool = True) -> AgentProcess:
+        """Start one agent; with `wait=False` return at once (`wait_ready` it later), so that
+        several start side by side and a busy machine pays for the slowest, not the sum."""
         ready, log_file = tmp_path / f"{name}.ready.json", tmp_path / f"{name}.log"
         cmd = [sys.executable, "-m", "weft.cli", "agent", "--etcd", etcd.endpoint, "--group", "g"]
         cmd += ["--name", name, "--secret-file", str(token_file), "--lease-ttl", "3"]
@@ -98,14 +100,8 @@ def start_agent(etcd: EtcdServer, tmp_path: Path, token_file: Path) -> Iterator[
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, env=env)
         agent = AgentProcess(name, proc, ready, log_file, {})
         started.append(agent)
-
-        def is_ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"agent {name} exited with {proc.returncode}:\n{agent.log()}")
-            return ready.exists()
-
-        wait_for(f"agent {name} to be ready", is_ready, 30.0)
-        agent.info = json.loads(ready.read_text())
+        if wait:
+            wait_ready(agent)
         return agent
 
     yield start
@@ -113,6 +109,21 @@ def start_agent(etcd: EtcdServer, tmp_path: Path, token_file: Path) -> Iterator[
         if agent.proc.poll() is None:
             agent.proc.kill()
         agent.proc.wait(10)
+
+
+def wait_ready(*agents: AgentProcess, timeout: float = 30.0) -> None:
+    """Wait (one deadline for all) until each agent wrote its ready file: joined and serving;
+    fail at once if one exited."""
+
+    def all_ready() -> bool:
+        for agent in agents:
+            if agent.proc.poll() is not None:
+                raise AssertionError(f"agent {agent.name} exited ({agent.proc.returncode}):\n{agent.log()}")
+        return all(agent.ready_file.exists() for agent in agents)
+
+    wait_for(f"agents {', '.join(a.name for a in agents)} to be ready", all_ready, timeout)
+    for agent in agents:
+        agent.info = json.loads(agent.ready_file.read_text())
 
 
 def weft(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests import signals
-from tests.agent.test_cli import AgentProcess, wait_for
+from tests.agent.test_cli import AgentProcess, wait_for, wait_ready
 from tests.agent.test_coordinator import assert_one_plan_per_epoch, plan_history
 from tests.s3_fixtures import S3Server
 from weft.api.settings import EtcdSettings
@@ -39,7 +39,8 @@ def test_a_killed_agent_s_experts_are_pulled_from_survivors_and_verified(
 ) -> None:
     flags = ("--experts", str(EXPERTS), "--replication", str(REPLICATION))
     flags += ("--expert-source", f"synthetic:{EXPERT_BYTES}", "--lease-ttl", "2")
-    agents = [start_agent(f"a{i}", *flags) for i in range(6)]
+    agents = [start_agent(f"a{i}", *flags, wait=False) for i in range(6)]
+    wait_ready(*agents)
     before = wait_for("six agents on one plan", lambda: settled(agents), 30.0)
     truth = SyntheticExperts(EXPERT_BYTES)
     placement = before["a0"]["plan"]["experts"]
@@ -77,12 +78,16 @@ def roles_of(doc: dict[str, Any]) -> tuple[int, int]:
     return roles.count("prefill"), roles.count("decode")
 
 
+@pytest.mark.timeout(150)  # its own deadlines: two starts and two plans, 30 s each, and teardown
 def test_eight_then_twelve_agents_at_1_to_3_with_no_flips(start_agent: Callable[..., AgentProcess]) -> None:
-    agents = [start_agent(f"a{i}", "--ratio", "1:3") for i in range(8)]
+    agents = [start_agent(f"a{i}", "--ratio", "1:3", wait=False) for i in range(8)]
+    wait_ready(*agents)
     eight = wait_for("eight agents on one plan", lambda: settled(agents), 30.0)
     assert roles_of(eight["a0"]) == (2, 6)
     before = eight["a0"]["plan"]["roles"]
-    agents += [start_agent(f"b{i}", "--ratio", "1:3") for i in range(4)]
+    late = [start_agent(f"b{i}", "--ratio", "1:3", wait=False) for i in range(4)]
+    wait_ready(*late)
+    agents += late
     twelve = wait_for("twelve agents on one plan", lambda: settled(agents), 30.0)
     after = twelve["a0"]["plan"]["roles"]
     assert roles_of(twelve["a0"]) == (3, 9)
@@ -93,7 +98,8 @@ def test_eight_then_twelve_agents_at_1_to_3_with_no_flips(start_agent: Callable[
 def test_a_stopped_leader_cannot_write_and_each_epoch_has_one_plan(
     etcd: EtcdServer, start_agent: Callable[..., AgentProcess]
 ) -> None:
-    agents = [start_agent(f"a{i}", "--ratio", "1:1", "--lease-ttl", "2") for i in range(4)]
+    agents = [start_agent(f"a{i}", "--ratio", "1:1", "--lease-ttl", "2", wait=False) for i in range(4)]
+    wait_ready(*agents)
     first = wait_for("four agents on one plan", lambda: settled(agents), 30.0)
     leader_name = first["a0"]["leader"]
     leader = next(a for a in agents if a.name == leader_name)
@@ -129,7 +135,8 @@ def test_experts_with_no_surviving_replica_come_back_from_the_kv_store_on_s3(
     with KVStore.from_lmcache_config(config) as kv:
         published = publish_experts(kv, weights)
     flags = ("--experts", "16", "--replication", "1", "--expert-source", f"kv:{config}", "--lease-ttl", "2")
-    agents = [start_agent(f"a{i}", *flags) for i in range(4)]
+    agents = [start_agent(f"a{i}", *flags, wait=False) for i in range(4)]
+    wait_ready(*agents)
     before = wait_for("four agents on one plan", lambda: settled(agents), 30.0)
     placement = before["a0"]["plan"]["experts"]
     for name, doc in before.items():
