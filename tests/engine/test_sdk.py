@@ -312,7 +312,12 @@ def test_a_full_inbox_makes_the_engine_unready_until_drained(etcd: EtcdServer, m
         wait_for("the fabric reports its inbox full", lambda: bool(engine.engine.agent.health()), 30)
         code, body = readyz(port)
         assert code == 503 and "notification inbox full" in body, body
-        assert 'weft_not_ready{reason="fabric"} 1.0' in scrape(port)
+        text = scrape(port)
+        assert 'weft_not_ready{reason="fabric"} 1.0' in text
+        for bound in ("unauthenticated", "accept_failures", "descriptors", "staging", "inbox_full"):
+            assert f"weft_fabric_limit_{bound}_total 0.0" in text  # every bound exported, none hit yet
+        peer.send_notification(name, b"over")  # no room: dropped once inbox_full_timeout passes
+        wait_for("the refusal counted", lambda: "weft_fabric_limit_inbox_full_total 1.0" in scrape(port), 30)
         taken = engine.engine.agent.get_notifications()
         assert sum(len(v) for v in taken.values()) == 64
         wait_for("ready again", lambda: readyz(port)[0] == 200, 10)

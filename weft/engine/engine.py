@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import os
@@ -40,6 +41,7 @@ from weft.engine.changes import Change, ChangeState, DrainRequest, ExpertChange,
 from weft.engine.coordinator import Coordinator, PlanningConfig, fabric_drain
 from weft.engine.experts import ExpertHolder, ExpertSource
 from weft.engine.load import LoadTracker
+from weft.fabric import limits as fabric_limits
 from weft.fabric.agent import Agent
 from weft.fabric.config import AgentConfig
 from weft.fabric.errors import ConfigError, WeftError
@@ -48,6 +50,15 @@ from weft.membership.member import MemberConfig, Membership, Phase
 from weft.planner import ExpertSpec, LoadPolicy, RatioPolicy
 
 log = logging.getLogger(__name__)
+
+_LIMIT_DOCS = {
+    "unauthenticated": "Connections closed on accept: too many were still in their handshake.",
+    "accept_failures": "Accepts on the data port that failed for want of descriptors, memory or a thread.",
+    "descriptors": "Requests dropped for carrying more descriptors than max_descriptors.",
+    "staging": "Requests refused: no staging memory was free within staging_timeout.",
+    "inbox_full": "Notifications refused: the inbox stayed full for inbox_full_timeout.",
+}
+"""Each field of `weft.fabric.limits.LimitsHit`, exported as a counter."""
 
 CONFIG_ENV = "WEFT_CONFIG"
 """The variable naming the settings file (the operator mounts ``/etc/weft/agent.yaml``)."""
@@ -263,6 +274,7 @@ class Engine:
                 "Times the HTTP port failed to accept a connection (descriptors or memory ran out).",
                 lambda: server.accept_errors,
             )
+            self._export_limits(metrics)
         m.subscribe(self._on_event)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_readiness(), name="weft-readiness"))
@@ -321,6 +333,15 @@ class Engine:
         await self.stop()
 
     # -- inside -------------------------------------------------------------------------------
+    def _export_limits(self, metrics: engine_metrics.AgentMetrics) -> None:
+        """``weft_fabric_limit_<bound>_total``: how often each bound of the data path was hit."""
+        for field in dataclasses.fields(fabric_limits.LimitsHit):
+            doc = _LIMIT_DOCS.get(field.name, f"Times the fabric's {field.name} bound was hit.")
+            metrics.add_counter(f"fabric_limit_{field.name}", doc, self._limit_reader(field.name))
+
+    def _limit_reader(self, name: str) -> Callable[[], float]:
+        return lambda: float(getattr(self.agent.limits_hit(), name))
+
     def _fabric_health(self) -> str | None:
         """Why the fabric cannot serve new transfers (accepting fails, the inbox is full)."""
         return "; ".join(self.agent.health()) or None
