@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from weft import AgentConfig, ConfigError
@@ -47,3 +49,21 @@ def test_from_settings_and_replace() -> None:
     assert cfg.replace(transfer_timeout=2.5).transfer_timeout == 2.5
     with pytest.raises(ConfigError, match="WEFT_LISTEN_PORT"):
         resolve_settings(AgentSettings, env=env | {"WEFT_LISTEN_PORT": "http"})
+
+
+def test_the_data_path_bounds_come_from_the_settings(tmp_path: Path) -> None:
+    env = {"WEFT_NAME": "a", "WEFT_GROUP": "g", "WEFT_ETCD": "http://127.0.0.1:2379", "WEFT_SECRET": "x" * 20}
+    default = AgentConfig.from_settings(resolve_settings(AgentSettings, env=env))
+    assert default.max_unauthenticated == AgentConfig().max_unauthenticated
+    env |= {"WEFT_MAX_UNAUTHENTICATED": "8", "WEFT_MAX_PENDING_NOTIFICATIONS": "4"}
+    cfg = AgentConfig.from_settings(resolve_settings(AgentSettings, env=env))
+    assert cfg.max_unauthenticated == 8 and cfg.max_pending_notifications == 4
+    file = tmp_path / "agent.yaml"
+    file.write_text("limits:\n  max_staging_bytes: 16777216\n  max_descriptors: 1024\n")
+    cfg = AgentConfig.from_settings(resolve_settings(AgentSettings, config_file=file, env=env))
+    assert cfg.max_staging_bytes == 16 << 20 and cfg.max_descriptors == 1024 and cfg.max_unauthenticated == 8
+    with pytest.raises(ConfigError, match="WEFT_MAX_UNAUTHENTICATED"):
+        resolve_settings(AgentSettings, env=env | {"WEFT_MAX_UNAUTHENTICATED": "0"})
+    with pytest.raises(ConfigError, match="max_pending_notification_bytes"):
+        small = {"WEFT_MAX_NOTIFICATION_BYTES": "2048", "WEFT_MAX_PENDING_NOTIFICATION_BYTES": "1024"}
+        resolve_settings(AgentSettings, env=env | small)

@@ -71,7 +71,7 @@ MAX_CONFIG_FILE_BYTES = 1 << 20
 _WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
 _SECRET_PATHS = frozenset({("secret",), ("etcd", "password")})
 _PATH_FIELDS = frozenset({("secret_file",), ("etcd", "ca_file"), ("etcd", "cert_file"), ("etcd", "key_file")})
-_SECTIONS = frozenset({"group", "etcd", "planning"})
+_SECTIONS = frozenset({"group", "etcd", "planning", "limits"})
 
 FieldPath = tuple[str, ...]
 
@@ -118,6 +118,12 @@ ENVIRONMENT: dict[str, FieldPath] = {
     "WEFT_ENGINE_METRICS": ("engine_metrics_url",),
     "WEFT_ENGINE_HOOK": ("engine_hook_url",),
     "POD_UID": ("instance",),
+    "WEFT_MAX_UNAUTHENTICATED": ("limits", "max_unauthenticated"),
+    "WEFT_MAX_DESCRIPTORS": ("limits", "max_descriptors"),
+    "WEFT_MAX_STAGING_BYTES": ("limits", "max_staging_bytes"),
+    "WEFT_MAX_NOTIFICATION_BYTES": ("limits", "max_notification_bytes"),
+    "WEFT_MAX_PENDING_NOTIFICATIONS": ("limits", "max_pending_notifications"),
+    "WEFT_MAX_PENDING_NOTIFICATION_BYTES": ("limits", "max_pending_notification_bytes"),
 }
 """Environment variable -> settings field (a path into the sections)."""
 
@@ -200,6 +206,31 @@ class GroupClientSettings(_Settings):
                 f"the join token must be at least {MIN_SECRET_BYTES}",
             )
         return token
+
+
+class LimitSettings(pydantic.BaseModel):
+    """Bounds of the data path against peers that misbehave (each hit is counted on /metrics
+    as ``weft_fabric_limit_<bound>_total``); the defaults are the fabric's."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    max_unauthenticated: Annotated[int, pydantic.Field(ge=1, le=1 << 16)] = 256
+    """Inbound connections still in their handshake at once; more are closed on accept."""
+    max_descriptors: Annotated[int, pydantic.Field(ge=1, le=1 << 24)] = 1 << 16
+    """Most descriptors one request may carry."""
+    max_staging_bytes: Annotated[int, pydantic.Field(ge=1 << 20, le=1 << 40)] = 256 << 20
+    """Host memory held at once for copies to and from device memory."""
+    max_notification_bytes: Annotated[int, pydantic.Field(ge=1, le=1 << 30)] = 1 << 20
+    """Largest notification accepted."""
+    max_pending_notifications: Annotated[int, pydantic.Field(ge=1, le=1 << 24)] = 1 << 16
+    """Notifications held before back-pressure (/readyz 503 while full)."""
+    max_pending_notification_bytes: Annotated[int, pydantic.Field(ge=1, le=1 << 40)] = 64 << 20
+    """Bytes of notifications held before back-pressure (at least max_notification_bytes)."""
+
+    @pydantic.model_validator(mode="after")
+    def _room_for_one(self) -> LimitSettings:
+        if self.max_pending_notification_bytes < self.max_notification_bytes:
+            raise ValueError("max_pending_notification_bytes must be at least max_notification_bytes")
+        return self
 
 
 class PlanningSettings(pydantic.BaseModel):
@@ -311,6 +342,8 @@ class AgentSettings(GroupClientSettings):
     """Pod uid when run by the operator (``POD_UID``); random per process otherwise."""
     planning: PlanningSettings = PlanningSettings()
     """Role policy and expert layout (``--ratio``, ``--experts``, ...)."""
+    limits: LimitSettings = LimitSettings()
+    """Bounds of the data path (``WEFT_MAX_*``, or a ``limits:`` section in the file)."""
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> AgentSettings:

@@ -179,12 +179,19 @@ class AgentConfig:
         Raises:
             ConfigError: the join token cannot be read, or a fabric field is out of range.
         """
+        limits = settings.limits
         return cls(
             settings.backends,
             secret=settings.join_token(),
             listen_host=settings.listen_host,
             listen_port=settings.listen_port,
             advertise_host=settings.advertise_host,
+            max_unauthenticated=limits.max_unauthenticated,
+            max_descriptors=limits.max_descriptors,
+            max_staging_bytes=limits.max_staging_bytes,
+            max_notification_bytes=limits.max_notification_bytes,
+            max_pending_notifications=limits.max_pending_notifications,
+            max_pending_notification_bytes=limits.max_pending_notification_bytes,
         )
 
 
