@@ -522,6 +522,11 @@ def _prefill_count(v: View) -> int:
     return sum(1 for role in (v.plan.roles.values() if v.plan else ()) if role == "prefill")
 
 
+def _addressed(pods: list[Pod], replicas: int) -> dict[str, Pod] | None:
+    """The pods by name when there are `replicas` and each has its address, else None."""
+    return {p.name: p for p in pods} if len(pods) == replicas and all(p.ip for p in pods) else None
+
+
 def engine_load(run: Run, r: Round) -> None:
     """Engine pods under load while the traffic flows: overloaded prefill engines make the
     leader flip a decode member to prefill (settle time + a plan); then every engine
@@ -529,7 +534,13 @@ def engine_load(run: Run, r: Round) -> None:
     scales back in."""
     view = run.view()
     before = _prefill_count(view)
-    pods = {p.name: p for p in run.driver.pods("agent")}
+    # every engine is driven, so every pod needs its address (one the last round replaced may
+    # still be starting even though the group is whole again)
+    pods = run.wait_for(
+        "every agent pod with an address",
+        lambda: _addressed(run.driver.pods("agent"), run.replicas),
+        RECOVERY_DEADLINE,
+    )
     for name, role in view.plan.roles.items() if view.plan else ():
         set_engine_load(pods[name], 30 if role == "prefill" else 0)
     run.detected(r, lambda v: _prefill_count(v) > before, timeout=SETTLE_FLIPS + 60)
