@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from e2e.driver import ETCD_SERVICE, RELEASE, TOKEN_SECRET, KubeDriver, Pod
+from e2e.driver import ETCD_CLIENT_SECRET, ETCD_SERVICE, RELEASE, TOKEN_SECRET, KubeDriver, Pod
 from e2e.shell import isolate_argv, run
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,9 @@ class KindDriver(KubeDriver):
             name=self.group,
             replicas=self.replicas,
             image=built.agent,
-            endpoints=[f"http://{ETCD_SERVICE}.{self.namespace}.svc:2379"],
+            endpoints=[f"https://{ETCD_SERVICE}.{self.namespace}.svc:2379"],
             token_secret=TOKEN_SECRET,
+            tls_secret=ETCD_CLIENT_SECRET,
         )
         self.kubectl("apply", "-f", "-", input=json.dumps(manifest))
         self.wait_agents_ready(timeout=180.0)
@@ -119,9 +120,9 @@ class KindDriver(KubeDriver):
 
     # -- the API -------------------------------------------------------------------------
     def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60.0) -> str:
-        return run([*self._kubectl_argv(), *args], timeout, input=input, check=check)
+        return run([*self.kubectl_argv(), *args], timeout, input=input, check=check)
 
-    def _kubectl_argv(self) -> list[str]:
+    def kubectl_argv(self) -> list[str]:
         return ["kubectl", "--kubeconfig", str(self.kubeconfig)]
 
     def etcd_endpoint(self) -> str:
@@ -143,7 +144,7 @@ class KindDriver(KubeDriver):
             "0:2379",
         )
         self._forward = subprocess.Popen(
-            [*self._kubectl_argv(), *forward],
+            [*self.kubectl_argv(), *forward],
             stdout=self._forward_log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -152,7 +153,7 @@ class KindDriver(KubeDriver):
         while time.monotonic() < deadline:
             found = FORWARDING.search(log_path.read_text(errors="replace"))
             if found:
-                self._forward_url = f"http://127.0.0.1:{found.group(1)}"
+                self._forward_url = f"https://127.0.0.1:{found.group(1)}"  # the certificate names 127.0.0.1
                 return self._forward_url
             if self._forward.poll() is not None:
                 break

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from e2e import chart, images
-from e2e.driver import ETCD_SERVICE, RELEASE, TOKEN_SECRET, KubeDriver, Pod
+from e2e.driver import ETCD_CLIENT_SECRET, RELEASE, TOKEN_SECRET, KubeDriver, Pod
 from e2e.shell import CommandError, isolate_argv, run, succeeds
 from weft.testing.controlplane import ControlPlane, cache_dir
 from weft.testing.etcd import free_loopback_ports
@@ -54,6 +54,7 @@ NODE_IP, NODE_BRIDGE = "198.18.0.1", "weftnode0"
 POD_RANGE, POD_BRIDGE = "198.18.1.0/24", "weftcni0"
 DOCKER_BIP, DOCKER_BRIDGE = "198.18.2.1/24", "weftdocker0"
 NODE_NAME = "weft-node"
+ETCD_IP = "198.19.0.250"  # etcd's Service: a fixed cluster IP, named in its certificate (no cluster DNS)
 CNI_CONF = Path("/etc/cni/net.d/10-weft-e2e.conflist")
 PAUSE_IMAGE = "k8s.gcr.io/pause:3.2"
 DEBIAN_PACKAGES = {
@@ -342,14 +343,17 @@ class LocalDriver(KubeDriver):
             self.cluster.kubeconfig,
             {
                 "image": {"repository": operator_repo, "tag": operator_tag, "pullPolicy": "Never"},
-                "etcd": {"image": {"repository": base_repo, "tag": base_tag, "pullPolicy": "Never"}},
+                "etcd": {
+                    "image": {"repository": base_repo, "tag": base_tag, "pullPolicy": "Never"},
+                    "clusterIP": ETCD_IP,
+                },
             },
             release=RELEASE, namespace=self.namespace, timeout=180,
         )  # fmt: skip
         manifest = scenarios.group_manifest(
             namespace=self.namespace, name=self.group, replicas=self.replicas, image=built.agent,
-            endpoints=[f"http://{ETCD_SERVICE}.{self.namespace}.svc:2379"], token_secret=TOKEN_SECRET,
-            pull_policy="Never",
+            endpoints=[self.etcd_endpoint()], token_secret=TOKEN_SECRET,
+            tls_secret=ETCD_CLIENT_SECRET, pull_policy="Never",
         )  # fmt: skip
         self.kubectl("apply", "-f", "-", input=json.dumps(manifest))
         self.wait_agents_ready(timeout=180.0)
@@ -360,11 +364,13 @@ class LocalDriver(KubeDriver):
     def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60.0) -> str:
         return self.cluster.kubectl(*args, input=input, check=check, timeout=timeout)
 
+    def kubectl_argv(self) -> list[str]:
+        assert self.cluster.plane is not None
+        return [str(self.cluster.plane.bin / "kubectl"), f"--kubeconfig={self.cluster.kubeconfig}"]
+
     def etcd_endpoint(self) -> str:
-        ip = self.kubectl(
-            "get", "svc", ETCD_SERVICE, "-n", self.namespace, "-o", "jsonpath={.spec.clusterIP}"
-        )
-        return f"http://{ip.strip()}:2379"
+        """etcd's Service at its fixed cluster IP (kube-proxy routes it on this host too)."""
+        return f"https://{ETCD_IP}:2379"
 
     def signal(self, pod: Pod, sig: _signal.Signals) -> None:
         os.kill(self.cluster.container_pid(pod.container), sig)

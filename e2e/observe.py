@@ -14,7 +14,9 @@ import asyncio
 import hashlib
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from weft.api import records
 from weft.api.metadata import decode_metadata
@@ -55,9 +57,20 @@ class View:
 class Observer(threading.Thread):
     """Polls the group's keys; `view` is the latest read (etcd_ok false while etcd is away)."""
 
-    def __init__(self, etcd: str, namespace: str, group: str, token: bytes) -> None:
+    def __init__(
+        self, etcd: str, namespace: str, group: str, token: bytes, tls: Mapping[str, Path] | None = None
+    ) -> None:
+        """`tls`: the client certificate's files as `EtcdSettings` fields (ca_file, cert_file,
+        key_file), for an etcd that speaks TLS and wants client certificates."""
         super().__init__(name="observer", daemon=True)
-        self.settings = EtcdSettings(endpoints=[etcd], request_timeout=1.0)
+        files = dict(tls or {})
+        self.settings = EtcdSettings(
+            endpoints=[etcd],
+            request_timeout=1.0,
+            ca_file=files.get("ca_file"),
+            cert_file=files.get("cert_file"),
+            key_file=files.get("key_file"),
+        )
         self.keyspace = Keyspace(namespace, group)
         self.token = token
         self.view = View()

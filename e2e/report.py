@@ -1,5 +1,8 @@
 """What a chaos run looked like, for a person: a PNG of throughput and membership over time
-with every fault marked, and a per-scenario table of detection, recovery and throughput.
+with every fault marked, a per-scenario table of detection, recovery and throughput, and the
+control plane's figures per round: the operator's failover (`kill-operator`: SIGKILL of the
+working replica to the other one's reconcile done) and the fewest agents ready while etcd
+restarts (`etcd-restart`).
 
 The chaos suite writes its report as JSON; this re-renders it without running anything again.
 
@@ -82,6 +85,12 @@ def write_png(report: dict[str, Any], path: Path) -> None:
             f"\nblocks written {blocks['written']}, verified {blocks['verified']},"
             f" lost {blocks['lost']}, corrupt {blocks['corrupt']}"
         )
+    cp = control_plane(report)
+    if cp["rounds"]:
+        title += (
+            f"\noperator failover p50 {_cell(cp['failover_s_p50'])} s, max {_cell(cp['failover_s_max'])} s;"
+            f" fewest agents ready during etcd restarts {_cell(cp['min_ready_min'])}"
+        )
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -123,6 +132,52 @@ def summary(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+CONTROL_PLANE = {"kill-operator": "failover_s", "etcd-restart": "min_ready"}
+"""The scenarios with a control-plane figure, and the round field that holds it."""
+
+
+def control_plane(report: dict[str, Any]) -> dict[str, Any]:
+    """The control plane's figures: each round's (round, scenario, value) for the scenarios of
+    `CONTROL_PLANE`, the median and worst failover, and the fewest ready agents seen while
+    etcd restarted (None where no round had one).
+
+    Returns:
+        ``{"rounds": [...], "failover_s_p50", "failover_s_max", "min_ready_min"}``.
+    """
+    rounds = [
+        {
+            "round": r["round"],
+            "scenario": r["scenario"],
+            CONTROL_PLANE[r["scenario"]]: r.get(CONTROL_PLANE[r["scenario"]]),
+        }
+        for r in report.get("rounds", [])
+        if r["scenario"] in CONTROL_PLANE
+    ]
+    failover = [float(r["failover_s"]) for r in rounds if r.get("failover_s") is not None]
+    ready = [int(r["min_ready"]) for r in rounds if r.get("min_ready") is not None]
+    return {
+        "rounds": rounds,
+        "failover_s_p50": statistics.median(failover) if failover else None,
+        "failover_s_max": max(failover) if failover else None,
+        "min_ready_min": min(ready) if ready else None,
+    }
+
+
+def format_control_plane(figures: dict[str, Any]) -> str:
+    """`control_plane` as text: one line per round, then the summary line."""
+    lines = [
+        f"round {r['round']:>3}  {r['scenario']:<14} "
+        + ", ".join(f"{k} {_cell(v)}" for k, v in r.items() if k not in ("round", "scenario"))
+        for r in figures["rounds"]
+    ]
+    p50, worst = _cell(figures["failover_s_p50"]), _cell(figures["failover_s_max"])
+    lines.append(
+        f"operator failover p50 {p50} s, max {worst} s;"
+        f" fewest agents ready during etcd restarts: {_cell(figures['min_ready_min'])}"
+    )
+    return "\n".join(lines)
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -155,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output or args.report.with_suffix(".png")
     write_png(report, out)
     print(format_summary(summary(report)))
+    print(format_control_plane(control_plane(report)))
     print(f"\nwrote {out}")
     return 0
 

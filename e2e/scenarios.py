@@ -38,6 +38,7 @@ from e2e import report
 from e2e.driver import Driver, Pod
 from e2e.observe import Observer, View, expert_gaps, healthy
 from e2e.traffic import Traffic
+from weft.operator import children
 
 log = logging.getLogger("e2e")
 LEASE_TTL = 2
@@ -48,6 +49,7 @@ STATUS_GRACE = 10.0
 RECOVERY_DEADLINE = 120.0
 BASELINE_SECONDS = 4.0
 SETTLE_SECONDS = 3.0  # between rounds, so each baseline starts from a whole group
+BACKOFF_LIMIT = 330.0  # the kubelet's restart back-off stops growing at 300 s
 
 
 ENGINE_PORT = 8000
@@ -73,13 +75,18 @@ def group_manifest(
     image: str,
     endpoints: list[str],
     token_secret: str,
+    tls_secret: str | None = None,
     pull_policy: str = "IfNotPresent",
 ) -> dict[str, Any]:
     """The TransferGroup every scenario runs against: engine pods in sidecar mode (the
     stand-in engine of `weft.testing.fakeengine`, which does not import weft, and `weft agent`
     beside it reading its metrics and answering for it through its hook), GPU-less (host
     memory, TCP), roles by load (floor 1:1), `EXPERTS` experts twice each, a KV pool for the
-    traffic on the pod's shared memory."""
+    traffic on the pod's shared memory. `tls_secret`: the etcd client certificate's Secret
+    (the chart's secure default), None for an etcd without TLS."""
+    etcd: dict[str, Any] = {"endpoints": endpoints, "joinTokenSecretRef": {"name": token_secret}}
+    if tls_secret is not None:
+        etcd["tlsSecretRef"] = {"name": tls_secret}
     engine = {
         "name": "engine",
         "image": image,
@@ -102,7 +109,7 @@ def group_manifest(
             "experts": {"count": EXPERTS, "replication": 2},
             "fabric": {"backends": ["tcp"], "kvPoolBytes": KV_POOL_BYTES},
             "failureDetection": {"leaseTtlSeconds": LEASE_TTL},
-            "etcd": {"endpoints": endpoints, "joinTokenSecretRef": {"name": token_secret}},
+            "etcd": etcd,
             "engine": {
                 "mode": "sidecar",
                 "agent": {"image": image, "imagePullPolicy": pull_policy,
@@ -125,6 +132,8 @@ class Round:
     detection_s: float | None = None
     recovery_s: float | None = None
     throughput_ratio: float | None = None
+    failover_s: float | None = None  # kill-operator: SIGKILL to the other replica's reconcile done
+    min_ready: int | None = None  # etcd-restart: fewest ready agent pods from fault to recovery
     violations: list[str] = field(default_factory=list)
     ok: bool = True
 
@@ -146,6 +155,7 @@ class Run:
         self._stop = threading.Event()
         self._status: dict[str, Any] = {}
         self._operator_ready = True
+        self._ready_pods: list[tuple[float, int]] = []  # (time, ready agent pods), every second
         self.observer: Observer | None = None
         self.traffic: Traffic | None = None
 
@@ -158,7 +168,13 @@ class Run:
         self.driver.up()
         log.info("cluster up in %.0f s", self.now())
         token = self.driver.join_token()
-        self.observer = Observer(self.driver.etcd_endpoint(), self.driver.namespace, self.driver.group, token)
+        tls = self.driver.etcd_tls(self.out / "etcd-client")
+        log.info(
+            "etcd at %s (%s)", self.driver.etcd_endpoint(), "TLS, client certificate" if tls else "no TLS"
+        )
+        self.observer = Observer(
+            self.driver.etcd_endpoint(), self.driver.namespace, self.driver.group, token, tls
+        )
         self.observer.start()
         self.wait("the group whole", lambda v: healthy(v, self.replicas), RECOVERY_DEADLINE)
         self.traffic = Traffic(self.observer, token, pool_bytes=KV_POOL_BYTES, seed=self.seed)
@@ -213,6 +229,28 @@ class Run:
                 return time.monotonic() - start
             time.sleep(0.1)
         raise TimeoutError(f"{what}: not within {timeout:.0f} s (now {self.view().members.keys()})")
+
+    def wait_for(self, what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
+        """`probe()`'s first true answer within `timeout` (raises TimeoutError); an exception
+        from the probe counts as a no (the API may be busy)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(Exception):
+                got = probe()
+                if got:
+                    return got
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+            time.sleep(interval)
+
+    def ready_samples_after(self, t: float) -> bool:
+        return any(at >= t for at, _ in self._ready_pods)
+
+    def min_ready(self, start: float, end: float) -> int | None:
+        """The fewest ready agent pods sampled between `start` and `end` (about one sample a
+        second, from the pods' Ready conditions), or None without a sample."""
+        during = [n for at, n in self._ready_pods if start <= at <= end]
+        return min(during) if during else None
 
     def agent(self, name: str | None = None) -> Pod:
         pods = [p for p in self.driver.pods("agent") if p.ready]
@@ -269,13 +307,22 @@ class Run:
                 )
             except Exception:
                 continue
+            operators, agents = [], 0
             for item in found.get("items", []):
                 if item["kind"] == "TransferGroup" and item["metadata"]["name"] == self.driver.group:
                     self._status = item.get("status") or {}
-                elif item["kind"] == "Pod" and "operator" in item["metadata"]["name"]:
+                elif item["kind"] == "Pod":
                     conds = (item.get("status") or {}).get("conditions") or []
-                    self._operator_ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+                    ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+                    labels = item["metadata"].get("labels") or {}
+                    if labels.get("app.kubernetes.io/component") == "operator":
+                        operators.append(ready)
+                    elif labels.get(children.LABEL_GROUP) == self.driver.group:
+                        agents += ready
+            # the status may lag while a replica is down: another may still be taking over
+            self._operator_ready = bool(operators) and all(operators)
             view, now = self.view(), self.now()
+            self._ready_pods.append((now, agents))
             if not view.etcd_ok or not self._operator_ready:
                 wrong_since = None
                 continue
@@ -362,13 +409,20 @@ def freeze_agent(run: Run, r: Round) -> None:
 
 
 def etcd_restart(run: Run, r: Round) -> None:
-    """SIGKILL etcd; the kubelet starts it again on the same data (emptyDir)."""
+    """SIGKILL etcd; the kubelet starts it again on the same data (emptyDir). Also measured:
+    the fewest agent pods ready from the fault to recovery (readiness should follow the
+    ability to serve transfers, which losing etcd does not take away)."""
     pod = run.driver.pods("etcd")[0]
     run.driver.signal(pod, signal.SIGKILL)
-    run.detected(r, lambda v: not v.etcd_ok, timeout=10)
-    run.wait("etcd back", lambda v: v.etcd_ok, RECOVERY_DEADLINE)
-    r.t_heal = run.now()
-    run.recover(r, run.replicas)
+    try:
+        run.detected(r, lambda v: not v.etcd_ok, timeout=10)
+        run.wait("etcd back", lambda v: v.etcd_ok, RECOVERY_DEADLINE)
+        r.t_heal = run.now()
+        run.recover(r, run.replicas)
+    finally:
+        end = run.now()
+        run.wait_for("a readiness sample after recovery", lambda: run.ready_samples_after(end), 10.0)
+        r.min_ready = run.min_ready(r.t_fault, end)
 
 
 def partition_agent(run: Run, r: Round) -> None:
@@ -395,24 +449,45 @@ def scale_up_down(run: Run, r: Round) -> None:
 
 
 def kill_operator(run: Run, r: Round) -> None:
-    """Scale up, and SIGKILL the operator while it reconciles that; the restarted operator
-    finishes it. Then back to the usual size."""
-    run.driver.scale(run.replicas + 1)
-    op = run.driver.pods("operator")[0]
-    run.driver.signal(op, signal.SIGKILL)
-    deadline = time.monotonic() + RECOVERY_DEADLINE
-    while not any(p.restarts > op.restarts for p in run.driver.pods("operator")):
-        if time.monotonic() > deadline:
-            raise TimeoutError("the operator was not restarted")
-        time.sleep(0.2)
-    r.detection_s = round(run.now() - r.t_fault, 2)
+    """SIGKILL the operator replica that works, and scale the group up at once: the other
+    replica takes over and reconciles the change. Failover (and detection): SIGKILL to the
+    TransferGroup's status showing the new generation reconciled, which only the replica that
+    took over can have written. The kubelet restarts the killed one, which waits behind the
+    one that took over (the next kill-operator round waits for it). Then back to the usual
+    size."""
+    ops = run.wait_for(  # the killed one of the last round may sit in the kubelet's back-off
+        "every operator replica running", lambda: _all_running(run.driver.pods("operator")), BACKOFF_LIMIT
+    )
+    active = run.wait_for("the working operator replica", run.driver.active_operator, 30)
+    op = next(p for p in ops if p.name == active)
+    log.info("round %d: operator replicas %s, %s works", r.round, [p.name for p in ops], active)
+    watch = run.driver.watch_group("{.status.observedGeneration}")
     try:
+        run.wait_for("a watch on the group's status", lambda: watch.seen, 30)
+        run.driver.signal(op, signal.SIGKILL)
+        killed, r.t_fault = time.monotonic(), run.now()
+        run.driver.scale(run.replicas + 1)
+        generation = run.driver.group_generation()
+        reconciled = run.wait_for(
+            "the other replica to reconcile the change",
+            lambda: watch.first(lambda v: v.isdigit() and int(v) >= generation),
+            RECOVERY_DEADLINE,
+            interval=0.05,
+        )
+    finally:
+        watch.close()
+    try:
+        r.failover_s = r.detection_s = round(reconciled - killed, 2)
         run.recover(r, run.replicas + 1)
     finally:
         run.save_logs("operator", r)
     run.driver.scale(run.replicas)
     r.t_heal = run.now()
     run.wait("scaled back", lambda v: healthy(v, run.replicas), RECOVERY_DEADLINE)
+
+
+def _all_running(pods: list[Pod]) -> list[Pod] | None:
+    return pods if len(pods) >= 2 and all(p.ready and p.container for p in pods) else None
 
 
 def gpu_less(run: Run, r: Round) -> None:
@@ -447,6 +522,11 @@ def _prefill_count(v: View) -> int:
     return sum(1 for role in (v.plan.roles.values() if v.plan else ()) if role == "prefill")
 
 
+def _addressed(pods: list[Pod], replicas: int) -> dict[str, Pod] | None:
+    """The pods by name when there are `replicas` and each has its address, else None."""
+    return {p.name: p for p in pods} if len(pods) == replicas and all(p.ip for p in pods) else None
+
+
 def engine_load(run: Run, r: Round) -> None:
     """Engine pods under load while the traffic flows: overloaded prefill engines make the
     leader flip a decode member to prefill (settle time + a plan); then every engine
@@ -454,7 +534,13 @@ def engine_load(run: Run, r: Round) -> None:
     scales back in."""
     view = run.view()
     before = _prefill_count(view)
-    pods = {p.name: p for p in run.driver.pods("agent")}
+    # every engine is driven, so every pod needs its address (one the last round replaced may
+    # still be starting even though the group is whole again)
+    pods = run.wait_for(
+        "every agent pod with an address",
+        lambda: _addressed(run.driver.pods("agent"), run.replicas),
+        RECOVERY_DEADLINE,
+    )
     for name, role in view.plan.roles.items() if view.plan else ():
         set_engine_load(pods[name], 30 if role == "prefill" else 0)
     run.detected(r, lambda v: _prefill_count(v) > before, timeout=SETTLE_FLIPS + 60)
@@ -535,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "report.json").write_text(json.dumps(result, indent=1))
     report.write_png(result, args.out / "timeline.png")
     print(report.format_summary(report.summary(result)))
+    print(report.format_control_plane(report.control_plane(result)))
     failed = [r for r in result["rounds"] if not r["ok"]]
     bad = {k: v["violations"] for k, v in result["invariants"].items() if v["violations"]}
     print(f"{len(result['rounds'])} rounds, {len(failed)} failed; blocks {result['blocks']}; seed {seed}")

@@ -13,6 +13,11 @@ read after its write completed. Hence the two invariants, checked on every read:
 
 - corrupt: a read that completed returned bytes whose digest is not the block's;
 - lost: a block whose every copy is gone (two holders lost before the repair ran).
+
+A member the plan no longer names is on its way out (a scale-down drains it: the operator
+plans it out before its pod goes, and may take two at once): its copies do not count towards
+the two a block keeps, so they are copied to members that stay while it still answers, as an
+engine moves KV blocks off a draining rank.
 """
 
 from __future__ import annotations
@@ -108,15 +113,21 @@ class Traffic(threading.Thread):
                 time.sleep(0.1)
                 continue
             self._drop_gone(live)
+            staying = self._staying(live)
             damaged = next(
-                (b for b in self.blocks if b.digest and len(b.copies) < 2 and self._source(b)), None
+                (
+                    b
+                    for b in self.blocks
+                    if b.digest and sum(c.member in staying for c in b.copies) < 2 and self._source(b)
+                ),
+                None,
             )
             if damaged is not None:
-                self._repair(damaged, live)
+                self._repair(damaged, staying)
             elif unwritten := [b for b in self.blocks if not b.digest]:
-                self._write(unwritten[0], live)
+                self._write(unwritten[0], staying)
             elif self.rng.random() < self.write_ratio:
-                self._write(self.rng.choice(self.blocks), live)
+                self._write(self.rng.choice(self.blocks), staying)
             else:
                 self._verify(self.rng.choice([b for b in self.blocks if b.digest]))
 
@@ -136,6 +147,13 @@ class Traffic(threading.Thread):
             del self._peers[name]
         # while etcd is away the observer keeps the members last seen: the data path goes on
         return dict(view.members)
+
+    def _staying(self, live: dict[str, Member]) -> dict[str, Member]:
+        """The live members the plan names (all of them before there is a plan, or when fewer
+        than two are named: the traffic needs two)."""
+        plan = self.observer.snapshot().plan
+        staying = {n: m for n, m in live.items() if plan is None or n in plan.roles}
+        return staying if len(staying) >= 2 else live
 
     def _drop_gone(self, live: dict[str, Member]) -> None:
         processes = {m.process for m in live.values()}

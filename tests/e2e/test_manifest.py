@@ -41,3 +41,23 @@ def test_the_chaos_group_and_its_statefulset_are_valid(tg_crd: ControlPlane) -> 
     agent_env = {e["name"]: e.get("value") for e in pod["containers"][1]["env"]}
     assert agent_env["WEFT_ENGINE_METRICS"] == f"http://127.0.0.1:{scenarios.ENGINE_PORT}/metrics"
     assert agent_env["WEFT_KV_POOL_FILE"] == "/dev/shm/weft-kv-pool"
+
+
+def test_with_the_chart_s_client_secret_the_members_dial_etcd_with_tls() -> None:
+    m = scenarios.group_manifest(
+        namespace="chaos-check", name="chaos", replicas=4, image="weft-agent:test",
+        endpoints=["https://198.19.0.250:2379"], token_secret="weft-join-token",
+        tls_secret="weft-etcd-client", pull_policy="Never",
+    )  # fmt: skip
+    spec_doc = m["spec"]
+    assert isinstance(spec_doc, dict)
+    assert spec_doc["etcd"]["tlsSecretRef"] == {"name": "weft-etcd-client"}
+    spec = TransferGroupSpec.model_validate(spec_doc)
+    sts = children.stateful_set("chaos", "chaos-check", "uid-1", spec, "hash")
+    pod = sts["spec"]["template"]["spec"]
+    agent_env = {e["name"]: e.get("value") for e in pod["containers"][1]["env"]}
+    assert agent_env["WEFT_ETCD"] == "https://198.19.0.250:2379"
+    assert agent_env["WEFT_ETCD_CERT"].endswith("/tls.crt") and agent_env["WEFT_ETCD_CA"].endswith("/ca.crt")
+    secrets = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert "weft-etcd-client" in secrets
+    assert "tlsSecretRef" not in manifest()["spec"]["etcd"]  # type: ignore[index]

@@ -120,3 +120,44 @@ def test_round_order_runs_every_scenario_and_none_more_than_once_per_deck() -> N
     assert scenarios.round_order(random.Random(0), names, 3) == scenarios.round_order(
         random.Random(0), names, 0
     )
+
+
+CONTROL_PLANE_REPORT: dict[str, Any] = {
+    **REPORT,
+    "rounds": [
+        {**_round(0, "kill-operator", 2.0, detection_s=3.5), "failover_s": 3.5},
+        {**_round(1, "etcd-restart", 9.0), "min_ready": 4},
+        {**_round(2, "kill-operator", 16.0, detection_s=4.5), "failover_s": 4.5},
+        {**_round(3, "kill-operator", 24.0, ok=False), "failover_s": None},
+        {**_round(4, "etcd-restart", 30.0), "min_ready": 2},
+        _round(5, "kill-agent", 36.0, detection_s=1.0),
+    ],
+}
+
+
+def test_control_plane_figures_per_round_and_their_summary() -> None:
+    figures = report.control_plane(CONTROL_PLANE_REPORT)
+    assert figures["rounds"] == [
+        {"round": 0, "scenario": "kill-operator", "failover_s": 3.5},
+        {"round": 1, "scenario": "etcd-restart", "min_ready": 4},
+        {"round": 2, "scenario": "kill-operator", "failover_s": 4.5},
+        {"round": 3, "scenario": "kill-operator", "failover_s": None},
+        {"round": 4, "scenario": "etcd-restart", "min_ready": 2},
+    ]
+    assert figures["failover_s_p50"] == 4.0 and figures["failover_s_max"] == 4.5
+    assert figures["min_ready_min"] == 2
+    text = report.format_control_plane(figures).splitlines()
+    assert text[0].split() == ["round", "0", "kill-operator", "failover_s", "3.50"]
+    assert text[3].split()[-1] == "-"
+    assert text[-1] == (
+        "operator failover p50 4.00 s, max 4.50 s; fewest agents ready during etcd restarts: 2"
+    )
+
+
+def test_a_report_without_control_plane_rounds_says_so_with_dashes(tmp_path: Path) -> None:
+    figures = report.control_plane(REPORT)
+    assert figures == {"rounds": [], "failover_s_p50": None, "failover_s_max": None, "min_ready_min": None}
+    assert report.format_control_plane(figures).endswith("etcd restarts: -")
+    out = tmp_path / "cp.png"
+    report.write_png(CONTROL_PLANE_REPORT, out)  # the title carries the figures
+    assert out.read_bytes()[:4] == b"\x89PNG"

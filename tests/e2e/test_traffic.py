@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from e2e.observe import Observer, healthy
+from e2e.observe import Member, Observer, Plan, View, healthy
 from e2e.traffic import Traffic
 from tests.agent.test_cli import TOKEN, AgentProcess, start_agent, token_file, wait_for
 from weft.testing.etcd import EtcdServer
@@ -81,3 +81,22 @@ def test_the_observer_catches_a_plan_epoch_written_twice() -> None:
         "two different plans for epoch 4",
         "plan went back: epoch 5->4, version 6->7",
     ]
+
+
+def test_members_the_plan_no_longer_names_do_not_count_as_holders() -> None:
+    """A scale-down drains two members at once: their copies are made again on members that
+    stay while they still answer (otherwise a block held by both would be lost)."""
+    observer = Observer("http://127.0.0.1:1", "ns", "g", b"t" * 32)
+    members = {n: Member(n, 1, f"p-{n}", b"", None, 0) for n in ("a", "b", "c", "d")}
+    traffic = Traffic(observer, b"t" * 32, pool_bytes=1 << 20)
+    try:
+        observer.view = View(etcd_ok=True, members=members, plan=None)
+        assert set(traffic._staying(members)) == {"a", "b", "c", "d"}  # no plan yet: all
+        observer.view = View(
+            etcd_ok=True, members=members, plan=Plan(2, {"a": "prefill", "b": "decode"}, {}, [])
+        )
+        assert set(traffic._staying(members)) == {"a", "b"}  # c and d are being drained
+        observer.view = View(etcd_ok=True, members=members, plan=Plan(3, {"a": "prefill"}, {}, []))
+        assert set(traffic._staying(members)) == {"a", "b", "c", "d"}  # fewer than two: all
+    finally:
+        traffic.agent.close()

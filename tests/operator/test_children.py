@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from weft.api.transfergroup import TransferGroupSpec
+from weft.api.transfergroup import AGENT_PORT, HTTP_PORT, TransferGroupSpec
 from weft.operator import children
 
 LEGACY = json.loads((Path(__file__).parent / "data" / "legacy_statefulsets.json").read_text())
@@ -172,3 +172,29 @@ def test_the_template_spec_is_not_modified_in_place() -> None:
     before = json.dumps(parsed.template.spec)
     children.stateful_set("g", "ns", "u", parsed, "h")
     assert json.dumps(parsed.template.spec) == before
+
+
+def test_the_network_policy_admits_the_group_to_its_data_port_and_anyone_to_declared_ports() -> None:
+    spec = TransferGroupSpec.model_validate({"etcd": ETCD, "template": {"spec": engine_pod()}})
+    policy = children.network_policy("g", "ns", "uid-1", spec)
+    assert policy["kind"] == "NetworkPolicy" and policy["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    body = policy["spec"]
+    assert body["podSelector"] == {"matchLabels": children.selector("g")}
+    assert body["policyTypes"] == ["Ingress"]
+    own, anyone = body["ingress"]
+    # the group's own pods, on every port (the fabric's, and whatever its backends open)
+    assert own == {"from": [{"podSelector": {"matchLabels": children.selector("g")}}]}
+    # every selector of the policy matches the labels the group's pods carry
+    pod_labels = render(template={"spec": engine_pod()})["spec"]["template"]["metadata"]["labels"]
+    assert children.selector("g").items() <= pod_labels.items()
+    # anyone: the HTTP port and the engine's declared port, never the fabric's
+    assert "from" not in anyone
+    ports = {(p["port"], p["protocol"]) for p in anyone["ports"]}
+    assert ports == {(HTTP_PORT, "TCP"), (8000, "TCP")}
+    assert AGENT_PORT not in {p for p, _ in ports}
+
+
+def test_a_legacy_group_s_network_policy_opens_only_the_http_port() -> None:
+    spec = TransferGroupSpec.model_validate({"etcd": ETCD})
+    _, anyone = children.network_policy("g", "ns", "uid-1", spec)["spec"]["ingress"]
+    assert anyone == {"ports": [{"protocol": "TCP", "port": HTTP_PORT}]}

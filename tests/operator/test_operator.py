@@ -18,6 +18,7 @@ from tests.agent.test_cli import TOKEN, AgentProcess, start_agent, token_file, w
 from tests.k8s_fixtures import CRD_FILE
 from weft.api.agent_settings import parse_yaml
 from weft.kvstore import load_lmcache_config
+from weft.operator import handlers
 from weft.testing.controlplane import ControlPlane
 from weft.testing.etcd import EtcdServer
 
@@ -27,12 +28,20 @@ NS = "weft-op"
 
 
 class Operator:
-    def __init__(self, plane: ControlPlane, log: Path, namespace: str = NS, *peering: str) -> None:
+    def __init__(
+        self,
+        plane: ControlPlane,
+        log: Path,
+        namespace: str = NS,
+        *peering: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.plane, self.log, self.namespace, self.peering = plane, log, namespace, list(peering)
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "KUBECONFIG": str(self.plane.kubeconfig)}
+        env = {**os.environ, "KUBECONFIG": str(self.plane.kubeconfig), **self.env}
         mode = self.peering or ["--standalone"]
         with self.log.open("ab") as sink:
             self.proc = subprocess.Popen(
@@ -370,13 +379,15 @@ def test_operator_replicas_elect_one_and_the_next_takes_over(
     tg_crd: ControlPlane, etcd: EtcdServer, tmp_path: Path
 ) -> None:
     """Two replicas (kopf peering, distinct priorities): the higher one works, the other
-    pauses; SIGKILL the leader and the other resumes once its peering record expires."""
+    pauses; SIGKILL the leader and the other resumes once its peering record expires, within
+    seconds. Both make each group's NetworkPolicy (as the chart runs them)."""
     ns = "weft-op-peers"
     plane = tg_crd
     plane.kubectl("apply", "-f", str(CRD_FILE.parent / "kopf-peering.yaml"))
     plane.kubectl("create", "namespace", ns)
-    leader = Operator(plane, tmp_path / "leader.log", ns, "--priority", "200")
-    second = Operator(plane, tmp_path / "second.log", ns, "--priority", "100")
+    policies = {handlers.NETWORK_POLICIES_ENV: "true"}
+    leader = Operator(plane, tmp_path / "leader.log", ns, "--priority", "200", env=policies)
+    second = Operator(plane, tmp_path / "second.log", ns, "--priority", "100", env=policies)
     leader.start()
     try:
         wait_for("the leader to start working", lambda: "Resuming operations" in leader.tail(), 30)
@@ -405,8 +416,14 @@ def test_operator_replicas_elect_one_and_the_next_takes_over(
             lambda: "statefulset.apps/second" in plane.kubectl("-n", ns, "get", "statefulsets", "-o", "name"),
             60,
         )
-        print(f"leader SIGKILLed -> the other replica built a new group: {time.monotonic() - killed:.1f} s")
+        took = time.monotonic() - killed
+        print(f"leader SIGKILLed -> the other replica built a new group: {took:.1f} s")
         assert "Resuming operations" in second.tail()
+        # the record's lifetime and the reconcile, with room for a busy machine (it was 15 s + )
+        assert took < handlers.PEERING_LIFETIME + 10, took
+        for name in ("first", "second"):
+            policy = json.loads(plane.kubectl("-n", ns, "get", "networkpolicy", name, "-o", "json"))
+            assert policy["spec"]["podSelector"]["matchLabels"]["weft.dev/group"] == name
         for name in ("first", "second"):
             plane.kubectl("-n", ns, "delete", "tg", name, "--timeout=60s", check=False)
     finally:

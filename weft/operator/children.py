@@ -11,7 +11,10 @@ A group ``NAME`` in namespace ``NS`` owns:
   not roll existing pods) the agent pods, one container, the pod's name as the member name,
   its IP as the advertised address, GPU limits from the spec (none: a GPU-less agent),
   readiness on ``/readyz``;
-- PodDisruptionBudget ``NAME``: at most one agent voluntarily disrupted at a time.
+- PodDisruptionBudget ``NAME``: at most one agent voluntarily disrupted at a time;
+- NetworkPolicy ``NAME`` (when the operator runs with ``WEFT_NETWORK_POLICIES``, as the
+  chart's default has it): only the group's own pods reach its pods' data path; the HTTP
+  port and every port the template declares stay open to all (engines serve there).
 
 Every one carries the group's labels and a controller owner reference, so deleting the group
 garbage-collects them.
@@ -274,4 +277,35 @@ def disruption_budget(name: str, namespace: str, uid: str, api_version: str) -> 
         "kind": "PodDisruptionBudget",
         "metadata": _meta(name, namespace, name, uid),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(name)}},
+    }
+
+
+def _declared_ports(spec: TransferGroupSpec) -> list[tuple[int, str]]:
+    """The (port, protocol) pairs the group's pods declare besides the fabric's: the HTTP
+    port, and each ``containerPort`` of the template's containers (an engine's API)."""
+    found = {(HTTP_PORT, "TCP")}
+    for container in (spec.template.spec or {}).get("containers") or []:
+        for port in (container.get("ports") or []) if isinstance(container, dict) else []:
+            number = port.get("containerPort") if isinstance(port, dict) else None
+            if isinstance(number, int) and number != AGENT_PORT:
+                found.add((number, str(port.get("protocol") or "TCP")))
+    return sorted(found)
+
+
+def network_policy(name: str, namespace: str, uid: str, spec: TransferGroupSpec) -> dict[str, Any]:
+    """Who reaches the group's pods: the group's own pods, on any port (the fabric's port and
+    whatever ports its backends open between members); anyone, on the HTTP port (probes,
+    metrics) and on every port the pod template declares (the engine's API). Undeclared
+    ports are closed to other pods, where the cluster's CNI enforces NetworkPolicies."""
+    own = {"podSelector": {"matchLabels": selector(name)}}
+    open_ports = [{"protocol": proto, "port": number} for number, proto in _declared_ports(spec)]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(name, namespace, name, uid),
+        "spec": {
+            "podSelector": {"matchLabels": selector(name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [own]}, {"ports": open_ports}],
+        },
     }

@@ -30,9 +30,11 @@ import contextlib
 import datetime
 import hashlib
 import logging
+import os
 import re
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -59,6 +61,14 @@ ETCD_CLEANUP_SECONDS = 30.0
 _kube_lock = threading.Lock()
 _kube: list[Kube] = []  # one connection per process, made at first use
 _clients: list[groupclients.GroupClients] = []  # one per process, made at first use (`group_clients`)
+NETWORK_POLICIES_ENV = "WEFT_NETWORK_POLICIES"
+"""``true``: every group also gets its NetworkPolicy (`children.network_policy`); the chart
+sets it with ``networkPolicy.enabled``."""
+
+
+def network_policies_on() -> bool:
+    """Whether groups get their NetworkPolicy (`NETWORK_POLICIES_ENV`)."""
+    return os.environ.get(NETWORK_POLICIES_ENV, "").lower() in ("1", "true", "yes")
 
 
 def kube() -> Kube:
@@ -68,13 +78,17 @@ def kube() -> Kube:
         return _kube[0]
 
 
-PEERING_LIFETIME = 15  # seconds a dead leader's peering record blocks the others
+PEERING_LIFETIME = 3
+"""Seconds a silent replica's peering record keeps the others paused: the failover time after
+a SIGKILL, at most (kopf renews a record every second when its lifetime is this short;
+docs/decisions/013-operator-failover.md)."""
 _peering: dict[str, Any] = {}  # what `run` was asked for: the startup handler makes the object
 
 
 @kopf.on.startup()
 def _configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.lifetime = PEERING_LIFETIME
+    settings.peering.stealth = True  # no log line per keep-alive (one a second)
     if _peering.get("name"):
         _ensure_peering(_peering["name"], _peering["namespaces"], _peering["clusterwide"])
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -283,6 +297,8 @@ def _apply_children(group: _Group, replicas: int) -> tuple[dict[str, str], dict[
         ),
         children.disruption_budget(name, namespace, uid, pdb_version),
     ]
+    if network_policies_on():
+        wanted.append(children.network_policy(name, namespace, uid, spec))
     done = {m["kind"]: k.apply(m) for m in wanted}
     return done, k.get("apps/v1", "StatefulSet", name, namespace) or {}
 
@@ -685,6 +701,26 @@ def _ensure_peering(name: str, namespaces: list[str], clusterwide: bool) -> None
             raise kopf.PermanentError(f"{kind} {name}: {exc} (apply crds/kopf-peering.yaml)") from None
 
 
+PRIORITY_EPOCH_LIMIT = 1 << 33  # seconds since 1970: beyond the year 2200
+PRIORITY_TIEBREAK = 1 << 10
+
+
+def default_priority(started: float) -> int:
+    """A peering priority that falls with the start time: the replica that has run longest
+    serves, and one that starts (or restarts) later waits behind it. The low bits are random,
+    so replicas started in the same second still differ (kopf pauses every replica when two
+    share the highest priority).
+
+    Args:
+        started: the process's start, in seconds since 1970.
+
+    Returns:
+        A positive priority below 2**43 (exact in JSON numbers).
+    """
+    age_rank = PRIORITY_EPOCH_LIMIT - int(started)
+    return age_rank * PRIORITY_TIEBREAK + secrets.randbelow(PRIORITY_TIEBREAK)
+
+
 def run(
     *,
     namespaces: list[str],
@@ -697,17 +733,19 @@ def run(
 ) -> int:
     """Run the operator until interrupted (kopf's own loop, signals and logging).
 
-    Replicas elect the one that works through kopf's peering: each takes `priority` (default:
-    random), the highest serves and the others pause; when it dies they resume after
-    `PEERING_LIFETIME` seconds. `standalone`: no peering (a single replica). `liveness`: a URL
-    such as ``http://0.0.0.0:8080/healthz`` where kopf answers kubelet's liveness probe."""
+    Replicas elect the one that works through kopf's peering: the highest `priority` serves
+    and the others pause; when it dies they resume after `PEERING_LIFETIME` seconds. The
+    default priority (`default_priority`) makes the oldest replica win, so a replica that
+    restarts never takes the work back from the one that took over. `standalone`: no peering
+    (a single replica). `liveness`: a URL such as ``http://0.0.0.0:8080/healthz`` where kopf
+    answers kubelet's liveness probe."""
     kopf.configure(debug=debug, verbose=debug)
     if standalone:  # kopf waits for its peering CRD whenever a peering name is given
         kopf.run(clusterwide=clusterwide, namespaces=namespaces, standalone=True, liveness_endpoint=liveness)
         return 0
     name = peering or "weft-operator"
     _peering.update(name=name, namespaces=namespaces, clusterwide=clusterwide)
-    prio = priority if priority is not None else secrets.randbelow(1 << 30) + 1
+    prio = priority if priority is not None else default_priority(time.time())
     log.info("peering %r with priority %d", name, prio)
     kopf.run(
         clusterwide=clusterwide,
