@@ -166,7 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--standalone", action="store_true", help="no peering: the only operator replica")
     op.add_argument("--peering", help="kopf peering object for leader election (default weft-operator)")
     op.add_argument(
-        "--priority", type=int, help="this replica's peering priority (default: random; highest serves)"
+        "--priority",
+        type=int,
+        help="this replica's peering priority; the highest serves (default: lower the later it started)",
     )
     op.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     op.add_argument(
