@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from weft.ep import EpochMismatchError, EpPlan, Exchange, ExpertFn, wire
+from weft.ep import EpochMismatchError, EpPlan, Exchange, ExpertFn, serve, wire
 from weft.fabric import gpu_available
 from weft.fabric.agent import Agent
 from weft.fabric.config import AgentConfig
@@ -210,4 +210,24 @@ def test_results_overwritten_by_a_stale_write_are_sent_again_and_the_rank_stays_
     got = ex.step(x, ids)
     assert spoiled == ["r1"] and got.redispatched > 0
     assert not got.missing.any() and got.masked == () and ex.masked == frozenset()
+    assert np.array_equal(got.out, np.stack([scale(int(e), x[:1])[0] for e in ids]))
+
+
+def test_a_batch_a_live_rank_refuses_as_malformed_is_sent_again(ranks: list[Exchange]) -> None:
+    server = ranks[1]._server
+    check = server.check
+    refused: list[int] = []
+
+    def refuse_once(b: serve.Batch) -> tuple[wire.Reject, str] | None:
+        if not refused:  # as if a torn slot: the rank is alive, the batch is not usable
+            refused.append(b.step)
+            return (wire.Reject.MALFORMED, "the slot does not match the notification")
+        return check(b)
+
+    server.check = refuse_once  # type: ignore[method-assign]
+    x = np.ones((64, HIDDEN), dtype=np.float16)
+    ids = np.arange(64) % 8
+    got = ranks[0].step(x, ids)
+    assert refused == [1] and got.redispatched > 0
+    assert not got.missing.any() and got.masked == ()
     assert np.array_equal(got.out, np.stack([scale(int(e), x[:1])[0] for e in ids]))

@@ -298,10 +298,14 @@ class Exchange:
         box = self._box
         for peer in list(d.pending):
             rejected = box.rejected.pop((d.epoch, d.step, peer), None)
-            if rejected is not None:
+            if rejected is not None and rejected.code in (wire.Reject.STALE, wire.Reject.AHEAD):
                 raise wire.EpochMismatchError(
                     f"{peer} refused step {d.step} of epoch {d.epoch}: {rejected.code.name} {rejected.reason}"
                 )
+            if rejected is not None and rejected.round == d.rounds[peer]:  # alive: send it again
+                log.info("%s: %s refused step %d: %s", self.agent.name, peer, d.step, rejected.reason)
+                step_mod.fail(d, peer)
+                continue
             key = (d.epoch, d.step, peer, d.rounds[peer])
             if key in box.acks:
                 d.acked.add(peer)
