@@ -231,3 +231,13 @@ def test_a_batch_a_live_rank_refuses_as_malformed_is_sent_again(ranks: list[Exch
     assert refused == [1] and got.redispatched > 0
     assert not got.missing.any() and got.masked == ()
     assert np.array_equal(got.out, np.stack([scale(int(e), x[:1])[0] for e in ids]))
+
+
+def test_a_rank_membership_removes_from_the_agent_is_masked_at_once(ranks: list[Exchange]) -> None:
+    ex = ranks[0]
+    ex.step(np.ones((8, HIDDEN), dtype=np.float16), np.arange(8))  # connections up
+    ex.agent.remove_peer("r2")  # what membership does with a member it lost
+    started = time.monotonic()
+    got = ex.step(np.ones((64, HIDDEN), dtype=np.float16), np.arange(64) % 8)
+    assert time.monotonic() - started < ex.deadline  # no deadline waited for
+    assert got.masked == ("r2",) and not got.missing.any() and got.stragglers == ()

@@ -122,12 +122,10 @@ def test_stale_epochs_and_malformed_messages_are_refused_and_ranks_keep_serving(
     assert int(ranks[1].call("ep_step", 5, 16, "identity", EXPERTS)["refused"]) >= 7
 
 
-def test_a_frozen_rank_costs_a_deadline_no_token_and_is_masked_once_membership_drops_it(
-    ranks: list[MemberProcess],
-) -> None:
+def test_a_frozen_rank_costs_a_deadline_and_no_token(ranks: list[MemberProcess]) -> None:
     """SIGSTOP: no connection breaks, so to the data path the rank is alive but late: past the
-    straggler deadline its tokens go to replicas and no token is lost. Once membership's
-    heartbeat removes it (a lease TTL), steps mask it at once."""
+    straggler deadline its tokens go to replicas, step after step, and no token is lost (it
+    is masked only once the group sees it dead: tests/ep/test_exchange_inproc.py)."""
     deadline = 1.0
     for m in ranks:
         m.call("ep_start", HIDDEN, "identity", 2048, deadline)
@@ -135,20 +133,12 @@ def test_a_frozen_rank_costs_a_deadline_no_token_and_is_masked_once_membership_d
     frozen, others = ranks[5], [m for i, m in enumerate(ranks) if i != 5]
     frozen.kill(signal.SIGSTOP)
     try:
-        first = _steps(others, 20, "identity")
-        for got in first:
-            assert got["wrong"] == 0 and got["missing"] == 0, got  # every expert has a replica elsewhere
-            assert int(got["redispatched"]) > 0 or frozen.name in got["masked"], got
-            assert float(got["seconds"]) <= 2 * normal + deadline + 1.0, (got, normal)
-        until = time.monotonic() + 30
-        while any(frozen.name in m.view()["agent_peers"] for m in others):
-            assert time.monotonic() < until, "membership did not drop the frozen rank"
-            time.sleep(0.1)
-        then = _steps(others, 30, "identity")
+        results = _steps(others, 20, "identity") + _steps(others, 30, "identity")
     finally:
         frozen.kill(signal.SIGCONT)
-    for a, b in zip(first, then, strict=True):
-        assert b["wrong"] == 0 and b["missing"] == 0, b
-        assert frozen.name in list(a["masked"]) + list(b["masked"]), (a, b)  # reported once it is gone
-    worst = max(float(got["seconds"]) for got in first)
+    for got in results:
+        assert got["wrong"] == 0 and got["missing"] == 0, got  # every expert has a replica elsewhere
+        assert int(got["redispatched"]) > 0 or frozen.name in got["masked"], got
+        assert float(got["seconds"]) <= 2 * normal + deadline + 1.0, (got, normal)
+    worst = max(float(got["seconds"]) for got in results)
     print(f"8 ranks: step {normal:.3f} s; with a rank frozen {worst:.3f} s (straggler deadline {deadline} s)")
