@@ -98,6 +98,7 @@ class Exchange:
         self.row_bytes, self.slot_bytes = self._slots.row_bytes, self._slots.slot_bytes
         self._dead: set[str] = set()  # seen dead (fabric, membership, caller), this epoch
         self._reported: frozenset[str] = frozenset()  # masks as of the last step's result
+        self._late: set[str] = set()  # stragglers not heard from since: used last, not masked
         self._step = 0
         self._box = mailbox.Mailbox(self._lock, self._serve, agent.name)
         self._closed = threading.Event()
@@ -152,7 +153,7 @@ class Exchange:
                 raise errors.ConfigError(
                     f"{len(plan.ranks)} ranks, but slots for {self._slots.world} (make a new Exchange)"
                 )
-            self._plan, self._dead, self._reported = plan, set(), frozenset()
+            self._plan, self._dead, self._reported, self._late = plan, set(), frozenset(), set()
             self._slots.forget_all()  # peers may have restarted: their regions are asked again
             self._lock.notify_all()
 
@@ -217,6 +218,9 @@ class Exchange:
             self._box.open.add((plan.epoch, self._step))
             d = step_mod.Dispatched.start(plan, self._step, np.ascontiguousarray(x), ids)
             d.masked_before = self._reported
+            self._late -= self._box.heard | self._dead
+            self._box.heard.clear()
+            d.stragglers.extend(sorted(self._late))  # a rank frozen last step is not waited for again
         d.on_device = on_device
         self._send(d, step_mod.resend(d, masked))
         return d
@@ -285,6 +289,7 @@ class Exchange:
         with self._lock:
             step_mod.note_masked(d, self._dead)
             self._reported = frozenset(self._dead)
+            self._late |= {p for p in d.stragglers if p in d.pending}  # never answered this step
         out = _to_device(d.out) if d.on_device else d.out
         return step_mod.Combined(out, d.missing, tuple(d.masked), d.redispatched, tuple(d.stragglers))
 

@@ -37,6 +37,7 @@ class Mailbox:
         self.acks: set[Key] = set()
         self.rejected: dict[tuple[int, int, str], wire.Rejection] = {}
         self.malformed = 0
+        self.heard: set[str] = set()  # peers that answered anything since the exchange last looked
 
     def deliver(self, peer: str, msg: bytes) -> None:
         """File a notification from `peer` (never raises for what `peer` sent)."""
@@ -51,6 +52,7 @@ class Mailbox:
             self.on_dispatch(peer, m)
             return
         with self.lock:
+            self.heard.add(peer)
             if (m.epoch, m.step) in self.open:
                 if isinstance(m, wire.Rejection):
                     self.rejected[(m.epoch, m.step, peer)] = m
