@@ -14,7 +14,9 @@ peer-lost hook, a transfer that failed with the peer gone, the agent no longer k
 peer once membership removed it, or `Exchange.mask` from the caller); a rank that has not
 answered within `deadline` (the straggler deadline) but whose connection is alive is a
 straggler: its tokens go to another live replica within the same step, and it is not
-masked. A batch that fails while its rank stays alive is sent again. Tokens whose expert
+masked; until it is heard from again, later steps use it last (only for tokens with no other
+live replica), so a frozen rank costs one deadline, not one per step. A batch that fails
+while its rank stays alive is sent again. Tokens whose expert
 has no live replica come back flagged in `Combined.missing`; no other token ever does.
 
 Epochs: every message carries the sender's plan epoch. A rank that receives a message for
