@@ -16,7 +16,8 @@ common start (a barrier) to its last result in place; p50 and p99 over the timed
     weft   `weft.ep.Exchange` (backends local+tcp), the same routing
 
 Then, for weft, one rank is SIGKILLed between steps and the survivors' next step is timed
-against a normal one (the target: no more than 2x a normal step plus the deadline).
+against a normal one (the target: no more than 2x a normal step plus the deadline), once per
+hidden size (``weft.losses`` in the JSON, one record per hidden size).
 
     python bench/ep.py [--quick] [--steps N]        # bench/out/ep.json
 """
@@ -190,7 +191,8 @@ class WeftRank:
 
     def step(self, x: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         got = self.ex.step(x, ids)
-        return got.out, {"masked": list(got.masked), "missing": int(got.missing.sum())}
+        return got.out, {"masked": list(got.masked), "missing": int(got.missing.sum()),
+                         "stragglers": list(got.stragglers), "redispatched": got.redispatched}  # fmt: skip
 
 
 def _rank_main(conn: Connection, contender: str, rank: int, hidden: int, max_tokens: int) -> None:
@@ -281,7 +283,7 @@ def run_contender(contender: str, points: list[tuple[int, int]], steps: int, kil
                 print(f"{contender:5s} tokens {tokens:5d} hidden {hidden:5d}: p50 {point['p50_ms']:8.2f} ms "
                       f"p99 {point['p99_ms']:8.2f} ms ok {ok}", flush=True)  # fmt: skip
             if kill and contender == "weft":
-                results["loss"] = _loss(conns, procs, steps)
+                results.setdefault("losses", []).append({"hidden": hidden, **_loss(conns, procs, steps)})
         finally:
             for c in conns:
                 with contextlib.suppress(OSError):
@@ -312,6 +314,8 @@ def _loss(conns: list[Connection], procs: list[Any], steps: int) -> dict[str, An
     out = {"normal_ms": 1e3 * statistics.median(normal), "after_loss_ms": 1e3 * after,
            "deadline_ms": 1e3 * DEADLINE,
            "bound_ms": 1e3 * (2 * statistics.median(normal) + DEADLINE), "masked": answers[0][2]["masked"],
+           "stragglers": sorted({s for a in answers for s in a[2]["stragglers"]}),
+           "redispatched": sum(a[2]["redispatched"] for a in answers),
            "missing_tokens": sum(a[2]["missing"] for a in answers), "ok": ok}  # fmt: skip
     out["within_bound"] = out["after_loss_ms"] <= out["bound_ms"]
     print(f"weft  after SIGKILL of a rank: {out['after_loss_ms']:.1f} ms (normal {out['normal_ms']:.1f} ms, "

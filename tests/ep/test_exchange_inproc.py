@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from weft.ep import EpochMismatchError, EpPlan, Exchange, ExpertFn
+from weft.ep import EpochMismatchError, EpPlan, Exchange, ExpertFn, serve, wire
 from weft.fabric import gpu_available
 from weft.fabric.agent import Agent
 from weft.fabric.config import AgentConfig
@@ -186,3 +186,58 @@ def test_a_rank_lost_by_the_fabric_is_masked_without_waiting_for_the_deadline(ra
     assert not got.missing.any() and time.monotonic() - started < ex.deadline
     assert got.masked == ("r2",)  # lost between two steps: reported by the next one, once
     assert ex.step(np.ones((8, HIDDEN), dtype=np.float16), np.arange(8)).masked == ()
+
+
+def test_results_overwritten_by_a_stale_write_are_sent_again_and_the_rank_stays_unmasked(
+    ranks: list[Exchange],
+) -> None:
+    ex = ranks[0]
+    deliver = ex._box.deliver
+    spoiled: list[str] = []
+
+    def stale_first(peer: str, msg: bytes) -> None:
+        """Before r1's first results are filed, a late WRITE of an older step lands on them."""
+        if msg[:4] == wire.RESULT and peer == "r1" and not spoiled:
+            slot = ex.plan.ranks.index("r1")
+            stale = np.frombuffer(wire.SlotHeader(ex.epoch, 0, slot, 1, 0).encode(), dtype=np.uint8)
+            ex._slots.results.buffer[slot * ex.slot_bytes : slot * ex.slot_bytes + len(stale)] = stale
+            spoiled.append(peer)
+        deliver(peer, msg)
+
+    ex._box.deliver = stale_first  # type: ignore[method-assign]
+    x = np.ones((64, HIDDEN), dtype=np.float16)
+    ids = np.arange(64) % 8
+    got = ex.step(x, ids)
+    assert spoiled == ["r1"] and got.redispatched > 0
+    assert not got.missing.any() and got.masked == () and ex.masked == frozenset()
+    assert np.array_equal(got.out, np.stack([scale(int(e), x[:1])[0] for e in ids]))
+
+
+def test_a_batch_a_live_rank_refuses_as_malformed_is_sent_again(ranks: list[Exchange]) -> None:
+    server = ranks[1]._server
+    check = server.check
+    refused: list[int] = []
+
+    def refuse_once(b: serve.Batch) -> tuple[wire.Reject, str] | None:
+        if not refused:  # as if a torn slot: the rank is alive, the batch is not usable
+            refused.append(b.step)
+            return (wire.Reject.MALFORMED, "the slot does not match the notification")
+        return check(b)
+
+    server.check = refuse_once  # type: ignore[method-assign]
+    x = np.ones((64, HIDDEN), dtype=np.float16)
+    ids = np.arange(64) % 8
+    got = ranks[0].step(x, ids)
+    assert refused == [1] and got.redispatched > 0
+    assert not got.missing.any() and got.masked == ()
+    assert np.array_equal(got.out, np.stack([scale(int(e), x[:1])[0] for e in ids]))
+
+
+def test_a_rank_membership_removes_from_the_agent_is_masked_at_once(ranks: list[Exchange]) -> None:
+    ex = ranks[0]
+    ex.step(np.ones((8, HIDDEN), dtype=np.float16), np.arange(8))  # connections up
+    ex.agent.remove_peer("r2")  # what membership does with a member it lost
+    started = time.monotonic()
+    got = ex.step(np.ones((64, HIDDEN), dtype=np.float16), np.arange(64) % 8)
+    assert time.monotonic() - started < ex.deadline  # no deadline waited for
+    assert got.masked == ("r2",) and not got.missing.any() and got.stragglers == ()

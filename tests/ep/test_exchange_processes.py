@@ -122,9 +122,10 @@ def test_stale_epochs_and_malformed_messages_are_refused_and_ranks_keep_serving(
     assert int(ranks[1].call("ep_step", 5, 16, "identity", EXPERTS)["refused"]) >= 7
 
 
-def test_a_frozen_rank_is_masked_after_the_deadline(ranks: list[MemberProcess]) -> None:
-    """SIGSTOP: no connection breaks, so only the deadline can tell (the SIGKILL case above
-    is caught sooner, by the failed transfers)."""
+def test_a_frozen_rank_costs_a_deadline_and_no_token(ranks: list[MemberProcess]) -> None:
+    """SIGSTOP: no connection breaks, so to the data path the rank is alive but late: past the
+    straggler deadline its tokens go to replicas, step after step, and no token is lost (it
+    is masked only once the group sees it dead: tests/ep/test_exchange_inproc.py)."""
     deadline = 1.0
     for m in ranks:
         m.call("ep_start", HIDDEN, "identity", 2048, deadline)
@@ -132,12 +133,14 @@ def test_a_frozen_rank_is_masked_after_the_deadline(ranks: list[MemberProcess]) 
     frozen, others = ranks[5], [m for i, m in enumerate(ranks) if i != 5]
     frozen.kill(signal.SIGSTOP)
     try:
-        results = _steps(others, 20, "identity")
+        first = _steps(others, 20, "identity")
+        results = first + _steps(others, 30, "identity")
     finally:
         frozen.kill(signal.SIGCONT)
+    for got in first:  # its tokens went elsewhere (or membership had dropped it: masked)
+        assert int(got["redispatched"]) > 0 or frozen.name in got["masked"], got
     for got in results:
         assert got["wrong"] == 0 and got["missing"] == 0, got  # every expert has a replica elsewhere
-        assert frozen.name in got["masked"], got
         assert float(got["seconds"]) <= 2 * normal + deadline + 1.0, (got, normal)
     worst = max(float(got["seconds"]) for got in results)
-    print(f"8 ranks: step {normal:.3f} s; with a rank frozen {worst:.3f} s (deadline {deadline} s)")
+    print(f"8 ranks: step {normal:.3f} s; with a rank frozen {worst:.3f} s (straggler deadline {deadline} s)")

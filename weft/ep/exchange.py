@@ -9,12 +9,15 @@ load; every rank acknowledges each batch as it arrives, serves the experts it ho
 
 Why a serving thread and not a collective: a collective step waits for every rank, so one
 dead rank stalls all of them (NIXL's EP example masks ranks after 30 s). Here masking follows
-liveness (see `weft.ep.step`): a rank the fabric loses is masked at once (the agent's
-peer-lost hook, a failed transfer, or `Exchange.mask` from the caller's membership); a rank
-that acknowledged its batch but has not answered within `deadline` is a straggler, whose
-tokens go to another live replica within the same step, and it is not masked; a rank that
-did not even acknowledge within `deadline` is masked for the epoch until it is heard from
-again. Tokens whose expert has no live replica come back flagged in `Combined.missing`.
+liveness (see `weft.ep.step`): a rank the group sees dead is masked at once (the agent's
+peer-lost hook, a transfer that failed with the peer gone, the agent no longer knowing the
+peer once membership removed it, or `Exchange.mask` from the caller); a rank that has not
+answered within `deadline` (the straggler deadline) but whose connection is alive is a
+straggler: its tokens go to another live replica within the same step, and it is not
+masked; until it is heard from again, later steps use it last (only for tokens with no other
+live replica), so a frozen rank costs one deadline, not one per step. A batch that fails
+while its rank stays alive is sent again. Tokens whose expert
+has no live replica come back flagged in `Combined.missing`; no other token ever does.
 
 Epochs: every message carries the sender's plan epoch. A rank that receives a message for
 another epoch rejects it (a typed rejection the sender raises as `EpochMismatchError`), so a
@@ -22,8 +25,9 @@ step never mixes plans: it completes on the epoch it started with, or fails type
 
 Memory and wire: `weft.ep.slots` and `weft.ep.wire`. A slot is reused only after the peer
 answered the batch in it within the step; the slot's header is checked against the
-notification, so a stale or torn slot is refused, never used. Malformed messages are counted
-and rejected; they never raise in the serving threads.
+notification (round included), before and after its rows are read, so a stale or torn slot
+is refused, never used: its batch is sent again. Malformed messages are counted and
+rejected (`weft.ep.mailbox`); they never raise in the serving threads.
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from weft.ep import mailbox, serve, slots, wire
 from weft.ep import plan as plan_mod
-from weft.ep import serve, slots, wire
 from weft.ep import step as step_mod
 from weft.fabric import errors, gpu
 from weft.fabric.agent import Agent
@@ -47,7 +51,8 @@ from weft.fabric.types import TransferState
 log = logging.getLogger(__name__)
 
 DEADLINE = 0.5
-_Key = tuple[int, int, str, int]  # (epoch, step, peer, round)
+"""Default straggler deadline, seconds: a live rank that has not answered by then has its
+tokens sent to a replica too (for that step; it is not masked)."""
 
 
 class Exchange:
@@ -60,8 +65,9 @@ class Exchange:
         expert_fn: computes an expert on rows this rank receives.
         hidden: activation width; dtype: activation dtype (numpy arrays; rows are bytes on the wire).
         max_tokens: most tokens one step sends to one peer (sizes the slots).
-        deadline: seconds a peer has to answer before its tokens go to a replica (and, if it
-            did not acknowledge its batch either, before it is masked for the epoch).
+        deadline: the straggler deadline: seconds a live peer has to answer a batch before its
+            tokens go to a replica too, for that step (it is not masked; only a peer the group
+            sees dead is). Transfers and region look-ups time out after four times it.
     """
 
     def __init__(
@@ -92,15 +98,11 @@ class Exchange:
             timeout=deadline * 4,
         )
         self.row_bytes, self.slot_bytes = self._slots.row_bytes, self._slots.slot_bytes
-        self._dead: set[str] = set()  # lost by the fabric or masked by the caller, this epoch
-        self._silent: set[str] = set()  # did not acknowledge in time; unmasked when heard from
+        self._dead: set[str] = set()  # seen dead (fabric, membership, caller), this epoch
         self._reported: frozenset[str] = frozenset()  # masks as of the last step's result
+        self._late: set[str] = set()  # stragglers not heard from since: used last, not masked
         self._step = 0
-        self._open: set[tuple[int, int]] = set()  # (epoch, step) of the steps in flight
-        self._arrived: dict[_Key, int] = {}  # -> tokens
-        self._acks: set[_Key] = set()
-        self._rejected: dict[tuple[int, int, str], tuple[wire.Reject, str]] = {}
-        self._malformed = 0
+        self._box = mailbox.Mailbox(self._lock, self._serve, agent.name)
         self._closed = threading.Event()
         self._server = serve.Server(agent, self._slots, lambda: self._plan, expert_fn)
         agent.on_peer_lost(self._peer_lost)
@@ -128,7 +130,7 @@ class Exchange:
     @property
     def refused(self) -> int:
         """Batches refused and messages that were malformed."""
-        return self._server.refused + self._malformed
+        return self._server.refused + self._box.malformed
 
     @property
     def prepares(self) -> int:
@@ -153,7 +155,7 @@ class Exchange:
                 raise errors.ConfigError(
                     f"{len(plan.ranks)} ranks, but slots for {self._slots.world} (make a new Exchange)"
                 )
-            self._plan, self._dead, self._silent, self._reported = plan, set(), set(), frozenset()
+            self._plan, self._dead, self._reported, self._late = plan, set(), frozenset(), set()
             self._slots.forget_all()  # peers may have restarted: their regions are asked again
             self._lock.notify_all()
 
@@ -161,7 +163,7 @@ class Exchange:
     def masked(self) -> frozenset[str]:
         """Ranks masked for the current epoch."""
         with self._lock:
-            return frozenset(self._dead | self._silent)
+            return frozenset(self._dead)
 
     def mask(self, rank: str) -> None:
         """Mask `rank` for the current epoch now, as known dead (say, membership removed it):
@@ -170,7 +172,6 @@ class Exchange:
             if rank != self.agent.name and rank not in self._dead:
                 log.warning("%s: masking %s for epoch %d (gone)", self.agent.name, rank, self._plan.epoch)
                 self._dead.add(rank)
-                self._silent.discard(rank)
             self._lock.notify_all()
 
     def _peer_lost(self, name: str, _generation: int, exc: errors.WeftError) -> None:
@@ -178,10 +179,13 @@ class Exchange:
             log.info("%s: the fabric lost %s: %s", self.agent.name, name, exc)
             self.mask(name)
 
-    def _heard_from(self, peer: str, epoch: int) -> None:
-        if epoch == self._plan.epoch and peer in self._silent:
-            log.info("%s: %s answers again: unmasked", self.agent.name, peer)
-            self._silent.discard(peer)
+    def _alive(self, peer: str) -> bool:
+        """Whether the data path to `peer` is up: the agent knows it (membership has not
+        removed it) and has not lost it."""
+        try:
+            return self.agent.peer_alive(peer)
+        except errors.WeftError:  # unknown (removed) or this agent closed
+            return False
 
     # -- the caller's side -----------------------------------------------------------------
     def dispatch(self, x: Any, expert_ids: npt.ArrayLike) -> step_mod.Dispatched:
@@ -212,10 +216,13 @@ class Exchange:
             raise errors.InvalidBufferError(f"{len(ids)} expert ids for {x.shape[0]} tokens")
         with self._lock:
             self._step += 1
-            plan, masked = self._plan, self._dead | self._silent
-            self._open.add((plan.epoch, self._step))
+            plan, masked = self._plan, set(self._dead)
+            self._box.open.add((plan.epoch, self._step))
             d = step_mod.Dispatched.start(plan, self._step, np.ascontiguousarray(x), ids)
             d.masked_before = self._reported
+            self._late -= self._box.heard | self._dead
+            self._box.heard.clear()
+            d.stragglers.extend(sorted(self._late))  # a rank frozen last step is not waited for again
         d.on_device = on_device
         self._send(d, step_mod.resend(d, masked))
         return d
@@ -236,9 +243,9 @@ class Exchange:
                 d.done[idx] = True
                 continue
             slot, my_rank = d.plan.ranks.index(peer), d.plan.ranks.index(me)
-            head = (d.epoch, d.step, my_rank)
+            head = wire.SlotHeader(d.epoch, d.step, my_rank, len(idx), round_)
             nbytes = self._slots.pack(self._slots.staging, slot, head, d.expert_ids[idx], d.x[idx])
-            note = wire.NOTE.pack(wire.DISPATCH, d.epoch, d.step, my_rank, len(idx), round_)
+            note = wire.Note(wire.DISPATCH, d.epoch, d.step, my_rank, len(idx), round_).encode()
             step_mod.sent(d, peer, idx, round_, time.monotonic())
             try:
                 d.transfers[peer] = self._slots.post(
@@ -246,7 +253,7 @@ class Exchange:
                 )
             except errors.WeftError as exc:
                 log.info("%s: dispatch to %s failed: %s", me, peer, exc)
-                d.lost.add(peer)
+                d.lost[peer] = exc
 
     def combine(self, d: step_mod.Dispatched, timeout: float | None = None) -> step_mod.Combined:
         """Gather the results of `d` in token order, sending what masked ranks and stragglers
@@ -282,8 +289,9 @@ class Exchange:
         finally:
             self._forget(d)
         with self._lock:
-            step_mod.note_masked(d, self._dead | self._silent)
-            self._reported = frozenset(self._dead | self._silent)
+            step_mod.note_masked(d, self._dead)
+            self._reported = frozenset(self._dead)
+            self._late |= {p for p in d.stragglers if p in d.pending}  # never answered this step
         out = _to_device(d.out) if d.on_device else d.out
         return step_mod.Combined(out, d.missing, tuple(d.masked), d.redispatched, tuple(d.stragglers))
 
@@ -292,41 +300,47 @@ class Exchange:
         return self.combine(self.dispatch(x, expert_ids))
 
     def _look(self, d: step_mod.Dispatched) -> tuple[set[str], plan_mod.EpPlan]:
-        """Under the lock: take what arrived for `d`, then mask the dead and the silent and
-        mark the stragglers. Returns the masked ranks and the current plan."""
+        """Under the lock: take what arrived for `d`, then mask the dead, send again what
+        failed, and mark the stragglers. Returns the masked ranks and the current plan."""
+        box = self._box
         for peer in list(d.pending):
-            rejected = self._rejected.pop((d.epoch, d.step, peer), None)
-            if rejected is not None:
-                code, reason = rejected
+            rejected = box.rejected.pop((d.epoch, d.step, peer), None)
+            if rejected is not None and rejected.code in (wire.Reject.STALE, wire.Reject.AHEAD):
                 raise wire.EpochMismatchError(
-                    f"{peer} refused step {d.step} of epoch {d.epoch}: {code.name} {reason}"
+                    f"{peer} refused step {d.step} of epoch {d.epoch}: {rejected.code.name} {rejected.reason}"
                 )
+            if rejected is not None and rejected.round == d.rounds[peer]:  # alive: send it again
+                log.info("%s: %s refused step %d: %s", self.agent.name, peer, d.step, rejected.reason)
+                step_mod.fail(d, peer)
+                continue
             key = (d.epoch, d.step, peer, d.rounds[peer])
-            if key in self._acks:
+            if key in box.acks:
                 d.acked.add(peer)
-            got = self._arrived.pop(key, None)
+            got = box.arrived.pop(key, None)
             if got is not None:
                 self._take(d, peer, got)
-        for p in [p for p in d.pending if p in self._dead or p in d.lost or _failed(d.transfers.get(p))]:
-            if p not in self._dead:
-                log.warning("%s: masking %s for epoch %d (its transfer failed)", self.agent.name, p, d.epoch)
-                self._dead.add(p)
-            step_mod.drop(d, p)
-        late = step_mod.overdue(d, time.monotonic(), self.deadline)
-        for p in late.silent:
-            log.warning(
-                "%s: masking %s for epoch %d (no acknowledgement in %.2f s)",
+        for p in list(d.pending):
+            broke = d.lost.get(p) or _error(d.transfers.get(p))
+            if p in self._dead or _gone(broke) or not self._alive(p):
+                if p not in self._dead:
+                    log.warning(
+                        "%s: masking %s for epoch %d (the data path lost it)", self.agent.name, p, d.epoch
+                    )
+                    self._dead.add(p)
+                step_mod.drop(d, p)
+            elif broke is not None:
+                log.info("%s: the batch of step %d to %s failed; sent again", self.agent.name, d.step, p)
+                step_mod.fail(d, p)
+        for p in step_mod.overdue(d, time.monotonic(), self.deadline):
+            log.info(
+                "%s: %s is late in step %d (%s): its tokens go to replicas too",
                 self.agent.name,
                 p,
-                d.epoch,
-                self.deadline,
+                d.step,
+                "acknowledged" if p in d.acked else "not acknowledged yet",
             )
-            self._silent.add(p)
-            step_mod.drop(d, p)
-        for p in late.late:
-            log.info("%s: %s is late in step %d: its tokens go to replicas too", self.agent.name, p, d.step)
             d.stragglers.append(p)
-        return self._dead | self._silent, self._plan
+        return set(self._dead), self._plan
 
     def _wait(self, d: step_mod.Dispatched, give_up: float | None) -> float:
         now = time.monotonic()
@@ -337,24 +351,25 @@ class Exchange:
         return max(0.0, wait)
 
     def _take(self, d: step_mod.Dispatched, peer: str, tokens: int) -> None:
+        """`peer`'s results, read only if its results slot holds them before and after the
+        rows are copied (a late WRITE of an earlier batch could land there); otherwise the
+        batch counts as failed and its tokens are sent again."""
         idx = d.pending[peer]
         slot = d.plan.ranks.index(peer)
-        header = self._slots.header(self._slots.results, slot)
-        if tokens != len(idx) or header != (d.epoch, d.step, slot, len(idx)):
-            log.warning("%s: a bad result slot from %s: %s", self.agent.name, peer, header)
-            d.acked.discard(peer)  # left for the deadline: masked and sent elsewhere
-            d.posted[peer] = float("-inf")
+        want = wire.SlotHeader(d.epoch, d.step, slot, len(idx), d.rounds[peer])
+        results = self._slots.results
+        rows = None
+        if tokens == len(idx) and self._slots.header(results, slot) == want:
+            rows = self._slots.rows(results, slot, len(idx)).copy()
+        if rows is None or self._slots.header(results, slot) != want:
+            log.warning("%s: results of %s do not match step %d: sent again", self.agent.name, peer, d.step)
+            step_mod.fail(d, peer)
             return
-        step_mod.take(d, peer, self._slots.rows(self._slots.results, slot, len(idx)))
+        step_mod.take(d, peer, rows)
 
     def _forget(self, d: step_mod.Dispatched) -> None:
         with self._lock:
-            self._open.discard((d.epoch, d.step))
-            for key in [k for k in self._arrived if k[:2] == (d.epoch, d.step)]:
-                del self._arrived[key]
-            self._acks = {k for k in self._acks if k[:2] != (d.epoch, d.step)}
-            for rkey in [k for k in self._rejected if k[:2] == (d.epoch, d.step)]:
-                del self._rejected[rkey]
+            self._box.forget(d.epoch, d.step)
 
     # -- notifications -----------------------------------------------------------------------
     def _pump_loop(self) -> None:
@@ -366,40 +381,16 @@ class Exchange:
             except errors.AgentClosedError:
                 return
             try:
-                self._on_message(n.peer, n.message)
-            except Exception:  # a malformed message must not end the notification thread
+                self._box.deliver(n.peer, n.message)
+            except Exception:  # nothing a peer sends may end the notification thread
                 log.exception("%s: message from %s", self.agent.name, n.peer)
-                self._malformed += 1
 
-    def _on_message(self, peer: str, msg: bytes) -> None:
-        kind = msg[:4]
-        if kind in (wire.RESULT, wire.ACK) and len(msg) == wire.NOTE.size:
-            _, epoch, step_, _rank, tokens, round_ = wire.NOTE.unpack(msg)
-            with self._lock:
-                self._heard_from(peer, epoch)
-                if (epoch, step_) in self._open:
-                    key = (epoch, step_, peer, round_)
-                    if kind == wire.RESULT:
-                        self._arrived[key] = tokens
-                    else:
-                        self._acks.add(key)
-                self._lock.notify_all()
-        elif kind == wire.REJECT and len(msg) >= wire.REJECT_NOTE.size:
-            _, epoch, step_, _rank, _round, code = wire.REJECT_NOTE.unpack(msg[: wire.REJECT_NOTE.size])
-            reason = msg[wire.REJECT_NOTE.size :].decode(errors="replace")
-            with self._lock:
-                if (epoch, step_) in self._open:
-                    self._rejected[(epoch, step_, peer)] = (wire.Reject(code), reason)
-                self._lock.notify_all()
-        elif kind == wire.DISPATCH and len(msg) == wire.NOTE.size:
-            batch = serve.Batch(peer, *wire.NOTE.unpack(msg)[1:])
-            ack = wire.NOTE.pack(wire.ACK, batch.epoch, batch.step, batch.rank, batch.tokens, batch.round)
-            with serve.quiet():  # alive: the sender stops counting against its deadline
-                self.agent.send_notification(peer, ack)
-            self._server.submit(batch)
-        else:
-            self._malformed += 1
-            log.warning("%s: a malformed message from %s (%d bytes)", self.agent.name, peer, len(msg))
+    def _serve(self, peer: str, note: wire.Note) -> None:
+        """A batch from `peer`: acknowledged at once (a sign of life), then queued to serve."""
+        ack = wire.Note(wire.ACK, note.epoch, note.step, note.rank, note.tokens, note.round)
+        with serve.quiet():
+            self.agent.send_notification(peer, ack.encode())
+        self._server.submit(serve.Batch(peer, note.epoch, note.step, note.rank, note.tokens, note.round))
 
     def close(self) -> None:
         """Stop serving and release the slots (the agent stays open)."""
@@ -426,5 +417,14 @@ def _to_device(host: np.ndarray) -> Any:
     return dev.view(host.dtype).reshape(host.shape)
 
 
-def _failed(t: Transfer | None) -> bool:
-    return t is not None and t.done() and t.state is TransferState.ERROR
+def _error(t: Transfer | None) -> Exception | None:
+    """Why `t` failed, or None while it runs or once it succeeded."""
+    if t is None or not t.done() or t.state is not TransferState.ERROR:
+        return None
+    return t.error if t.error is not None else errors.TransferError("failed")
+
+
+def _gone(exc: Exception | None) -> bool:
+    """Whether a failed transfer says its peer is gone (not merely fenced, slow or refusing)."""
+    lost = (errors.PeerLostError, errors.UnknownPeerError, errors.AgentClosedError)
+    return isinstance(exc, lost) and not isinstance(exc, errors.PeerFencedError)

@@ -38,6 +38,11 @@ class Batch:
     tokens: int
     round: int
 
+    @property
+    def header(self) -> wire.SlotHeader:
+        """The header the batch's slot must hold."""
+        return wire.SlotHeader(self.epoch, self.step, self.rank, self.tokens, self.round)
+
 
 def compute(expert_fn: plan_mod.ExpertFn, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Each row through its expert; returns a new array like `rows`."""
@@ -100,7 +105,7 @@ class Server:
             or not 0 < b.tokens <= self.slots.max_tokens
         ):
             return (wire.Reject.MALFORMED, f"rank {b.rank} / {b.tokens} tokens from {b.peer}")
-        if self.slots.header(self.slots.inbox, b.rank) != (b.epoch, b.step, b.rank, b.tokens):
+        if self.slots.header(self.slots.inbox, b.rank) != b.header:
             return (wire.Reject.MALFORMED, "the slot does not match the notification")
         ids = self.slots.ids(self.slots.inbox, b.rank, b.tokens)
         hosted = plan.hosted_by(self.agent.name)
@@ -109,20 +114,30 @@ class Server:
         return None
 
     def serve(self, b: Batch) -> None:
-        """Compute `b` and WRITE the results back, or send the peer a rejection."""
+        """Compute `b` and WRITE the results back, or send the peer a rejection.
+
+        Results are not sent when the peer has put a newer batch in the slot meanwhile: it
+        has moved on from `b`, and results of `b` landing in its results slot now would only
+        be in the way of the newer ones."""
         me = self.plan().ranks.index(self.agent.name)
         problem = self.check(b)
         if problem is not None:
             self.refused += 1
             log.info("%s: refusing step %d from %s: %s", self.agent.name, b.step, b.peer, problem[1])
-            reject = wire.REJECT_NOTE.pack(wire.REJECT, b.epoch, b.step, me, b.round, problem[0])
+            reject = wire.Rejection(b.epoch, b.step, me, b.round, *problem)
             with quiet():
-                self.agent.send_notification(b.peer, reject + problem[1].encode()[: wire.REASON_BYTES])
+                self.agent.send_notification(b.peer, reject.encode())
             return
         ids = self.slots.ids(self.slots.inbox, b.rank, b.tokens)
         result = compute(self.expert_fn, ids, self.slots.rows(self.slots.inbox, b.rank, b.tokens))
-        nbytes = self.slots.pack(self.slots.replies, b.rank, (b.epoch, b.step, me), ids, result)
-        note = wire.NOTE.pack(wire.RESULT, b.epoch, b.step, me, b.tokens, b.round)
+        if self.slots.header(self.slots.inbox, b.rank) != b.header:  # overwritten while computed
+            log.info(
+                "%s: step %d of %s was replaced before its results went", self.agent.name, b.step, b.peer
+            )
+            return
+        head = wire.SlotHeader(b.epoch, b.step, me, b.tokens, b.round)
+        nbytes = self.slots.pack(self.slots.replies, b.rank, head, ids, result)
+        note = wire.Note(wire.RESULT, b.epoch, b.step, me, b.tokens, b.round).encode()
         with quiet():  # the caller may be gone: its step is its own business
             self.slots.post(self.slots.replies, slots_mod.RESULTS, b.peer, (b.rank, me), nbytes, note)
             self.served += b.tokens

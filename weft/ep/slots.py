@@ -54,13 +54,12 @@ class Slots:
         self.prepares = 0  # transfers laid out (a steady workload stops adding to it)
 
     def pack(
-        self, reg: Registration, slot: int, head: tuple[int, int, int], ids: np.ndarray, rows: np.ndarray
+        self, reg: Registration, slot: int, head: wire.SlotHeader, ids: np.ndarray, rows: np.ndarray
     ) -> int:
-        """Header (epoch, step, rank; then the token count), expert ids and rows into `slot`
+        """`head` (its token count is ``len(ids)``), the expert ids and the rows into `slot`
         of `reg`; returns the bytes to send."""
         buf, base, n = reg.buffer, slot * self.slot_bytes, len(ids)
-        epoch, step, rank = head
-        header = wire.SLOT.pack(wire.SLOT_MAGIC, epoch, step, rank, n)
+        header = head.encode()
         buf[base : base + wire.SLOT.size] = np.frombuffer(header, dtype=np.uint8)
         ids_at = base + wire.HEADER_BYTES
         buf[ids_at : ids_at + 4 * n] = ids.astype(np.int32).view(np.uint8)
@@ -68,13 +67,16 @@ class Slots:
         buf[start : start + n * self.row_bytes] = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
         return wire.HEADER_BYTES + 4 * self.max_tokens + n * self.row_bytes
 
-    def header(self, reg: Registration, slot: int) -> tuple[int, int, int, int] | None:
-        """(epoch, step, rank, tokens) of `slot` of `reg`, or None when it holds no header."""
+    def header(self, reg: Registration, slot: int) -> wire.SlotHeader | None:
+        """The header of `slot` of `reg`, or None when it holds none (or `slot` is out of range)."""
         if not 0 <= slot < self.world:
             return None
-        raw = bytes(reg.buffer[slot * self.slot_bytes : slot * self.slot_bytes + wire.SLOT.size])
-        magic, epoch, step, rank, tokens = wire.SLOT.unpack(raw)
-        return (epoch, step, rank, tokens) if magic == wire.SLOT_MAGIC else None
+        try:
+            return wire.decode_slot(
+                bytes(reg.buffer[slot * self.slot_bytes : slot * self.slot_bytes + wire.SLOT.size])
+            )
+        except wire.MalformedMessageError:
+            return None
 
     def ids(self, reg: Registration, slot: int, tokens: int) -> np.ndarray:
         """The expert ids in `slot` of `reg` (int64, a copy)."""

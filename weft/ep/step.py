@@ -5,14 +5,19 @@ replica of its expert is gone), held (in the batch of a pending peer that has no
 behind), or uncovered (to be sent, or sent again). What happens to a peer that has not
 answered follows what is known of its liveness, not a timer alone:
 
-- a peer the fabric has lost (a failed transfer, the agent's peer-lost hook, or the caller's
-  `Exchange.mask`) is masked at once and its tokens go to surviving replicas;
-- a peer past the deadline that acknowledged its batch is alive but slow: a straggler. Its
-  tokens are sent again to another live replica for this step, whichever answer comes first
-  is kept, and tokens with no other live replica wait for it. It is not masked;
-- a peer past the deadline that did not even acknowledge is masked for the epoch (a frozen
-  or partitioned rank), until it shows it is alive again (the exchange unmasks it when an
-  acknowledgement or a result of it arrives).
+- a peer the group sees dead (the fabric lost it: the agent's peer-lost hook, a transfer
+  that failed because the peer is gone, the agent no longer knowing it once membership
+  removed it; or the caller's `Exchange.mask`) is masked for the epoch at once, and its
+  tokens go to surviving replicas;
+- a peer past the straggler deadline whose connection is alive is a straggler: its tokens
+  are sent again to another live replica for this step, whichever answer comes first is
+  kept, and tokens with no other live replica wait for it. It is not masked;
+- a peer whose batch failed while the peer stays alive (a transfer error, a results slot
+  that does not match its notification) has that batch's tokens sent again; for the rest
+  of the step it is used only for tokens that have no other live replica, and after
+  `MAX_FAILURES` failures in one step not at all.
+
+So a token goes missing only when no replica of its expert is alive.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ class Dispatched:
     rounds: dict[str, int] = field(default_factory=dict)  # peer -> round of the batch it holds
     posted: dict[str, float] = field(default_factory=dict)  # peer -> when its batch was sent
     acked: set[str] = field(default_factory=set)  # peers that acknowledged the batch they hold
-    lost: set[str] = field(default_factory=set)  # peers whose WRITE could not be posted
+    lost: dict[str, Exception] = field(default_factory=dict)  # peer -> why its WRITE was not posted
+    failures: dict[str, int] = field(default_factory=dict)  # peer -> batches that failed, alive
     transfers: dict[str, Transfer] = field(default_factory=dict)
     masked: list[str] = field(default_factory=list)  # peers masked during this step
     masked_before: frozenset[str] = frozenset()  # masks the previous step's result reported
@@ -81,18 +87,14 @@ class Combined:
     stragglers: tuple[str, ...] = ()  # ranks alive but late: their tokens went to a replica
 
 
-@dataclass(frozen=True)
-class Overdue:
-    """Peers that are past the deadline, by what is known of them."""
-
-    silent: tuple[str, ...]  # no acknowledgement: masked for the epoch
-    late: tuple[str, ...]  # acknowledged: stragglers of this step
+MAX_FAILURES = 3  # failed batches of a live peer in one step before the step stops using it
 
 
 def sent(d: Dispatched, peer: str, tokens: np.ndarray, round_: int, now: float) -> None:
     """Record that `tokens` went to `peer` in `round_`."""
     d.pending[peer], d.rounds[peer], d.posted[peer] = tokens, round_, now
     d.acked.discard(peer)
+    d.lost.pop(peer, None)
 
 
 def take(d: Dispatched, peer: str, rows: np.ndarray) -> None:
@@ -119,14 +121,17 @@ def drop(d: Dispatched, peer: str) -> None:
         d.masked.append(peer)
 
 
-def overdue(d: Dispatched, now: float, deadline: float) -> Overdue:
-    """Pending peers past the deadline that are not yet stragglers, silent or late."""
-    silent: list[str] = []
-    late: list[str] = []
-    for p in d.pending:
-        if now - d.posted[p] > deadline and p not in d.stragglers:
-            (late if p in d.acked else silent).append(p)
-    return Overdue(tuple(silent), tuple(late))
+def fail(d: Dispatched, peer: str) -> None:
+    """The batch `peer` holds failed, the peer alive: its tokens are uncovered again, and the
+    peer is used only where no other live replica is left (see `resend`)."""
+    d.pending.pop(peer, None)
+    d.acked.discard(peer)
+    d.failures[peer] = d.failures.get(peer, 0) + 1
+
+
+def overdue(d: Dispatched, now: float, deadline: float) -> tuple[str, ...]:
+    """Pending peers past the straggler deadline that are not stragglers yet."""
+    return tuple(p for p in d.pending if now - d.posted[p] > deadline and p not in d.stragglers)
 
 
 def next_wake(d: Dispatched, deadline: float) -> float | None:
@@ -147,11 +152,12 @@ def uncovered(d: Dispatched) -> np.ndarray:
 def resend(d: Dispatched, masked: Set[str]) -> dict[str, np.ndarray]:
     """Where the uncovered tokens go now; tokens that cannot go anywhere are flagged missing.
 
-    Live replicas are those not `masked`; stragglers of this step are live but used only for
-    tokens that have no other live replica. A token with no live replica at all is missing,
-    unless a straggler still holds it (its answer is awaited). A peer still holding a batch
-    of this step gets nothing now (its slot is busy); the tokens are routed again once it
-    has answered.
+    Live replicas are those not `masked`. Stragglers of this step and peers whose batch
+    failed in it are live, but used only for tokens that have no other live replica (a peer
+    with `MAX_FAILURES` failures in the step is not used). A token with no live replica at
+    all is missing, unless a pending peer still holds it (its answer is awaited). A peer
+    still holding a batch of this step gets nothing now (its slot is busy); the tokens are
+    routed again once it has answered.
 
     Returns:
         Peer (possibly this rank) -> tokens to send it.
@@ -159,10 +165,12 @@ def resend(d: Dispatched, masked: Set[str]) -> dict[str, np.ndarray]:
     tokens = uncovered(d)
     if not len(tokens):
         return {}
-    routes = plan_mod.route(d.plan, d.expert_ids, tokens, set(masked) | set(d.stragglers))
+    gone = set(masked) | {p for p, n in d.failures.items() if n >= MAX_FAILURES}
+    shaky = (set(d.stragglers) | set(d.failures)) - gone
+    routes = plan_mod.route(d.plan, d.expert_ids, tokens, gone | shaky)
     rest = np.asarray(routes.pop("", []), dtype=np.int64)
-    if len(rest) and d.stragglers:  # only a straggler is left for them: it is alive
-        for p, t in plan_mod.route(d.plan, d.expert_ids, rest, set(masked)).items():
+    if len(rest) and shaky:  # only a straggler or a peer that failed once is left: both live
+        for p, t in plan_mod.route(d.plan, d.expert_ids, rest, gone).items():
             routes.setdefault(p, []).extend(t)
         rest = np.asarray(routes.pop("", []), dtype=np.int64)
     if len(rest):
