@@ -129,6 +129,12 @@ def test_every_environment_variable_lands_in_its_field(tmp_path: Path) -> None:
         "WEFT_ENGINE_METRICS": "http://127.0.0.1:8000/metrics",
         "WEFT_ENGINE_HOOK": "http://127.0.0.1:8000/weft",
         "POD_UID": "0b6f0a2e-8c1d-4f3a-9a51-6f7d2c4e9b10",
+        "WEFT_MAX_UNAUTHENTICATED": "32",
+        "WEFT_MAX_DESCRIPTORS": "4096",
+        "WEFT_MAX_STAGING_BYTES": "33554432",
+        "WEFT_MAX_NOTIFICATION_BYTES": "65536",
+        "WEFT_MAX_PENDING_NOTIFICATIONS": "100",
+        "WEFT_MAX_PENDING_NOTIFICATION_BYTES": "1048576",
         "UNRELATED": "ignored",
     }
     s = load(env)
@@ -159,6 +165,10 @@ def test_every_environment_variable_lands_in_its_field(tmp_path: Path) -> None:
     assert (s.node, s.instance) == ("node-7", env["POD_UID"])
     assert s.fabric_host == "10.0.0.7"
     assert s.http_address(7001) == "10.0.0.7:7001"  # a wildcard is not an address to publish
+    lim = s.limits
+    assert (lim.max_unauthenticated, lim.max_descriptors, lim.max_staging_bytes) == (32, 4096, 32 << 20)
+    assert (lim.max_notification_bytes, lim.max_pending_notifications) == (64 << 10, 100)
+    assert lim.max_pending_notification_bytes == 1 << 20
 
 
 def test_empty_environment_values_count_as_unset() -> None:
