@@ -9,14 +9,18 @@ PYTEST_ARGS ?=
 
 E2E_ROUNDS ?= 20
 E2E_ARGS ?=
+# the layers whose tests wait on peers, leases and deadlines: `make test` runs them with every
+# CPU kept busy (weft.testing.burn), the rest of the suite on a quiet machine
+TIMING_TESTS ?= tests/ep tests/membership tests/agent tests/engine
 
-.PHONY: setup etcd k8s cluster-up cluster-down test test-unit test-integration lint demo bench bench-kv bench-nixl clean help \
+.PHONY: setup etcd k8s cluster-up cluster-down test test-unit test-integration test-under-load lint demo bench bench-kv bench-nixl clean help \
 	crds pod-schema helm-lint images e2e e2e-kind e2e-up e2e-down
 
 help:
 	@echo "make demo     run the local demo (installs what it needs)"
 	@echo "make test     lint, then the whole test suite (installs what it needs)"
 	@echo "make lint     ruff + mypy --strict + import-linter"
+	@echo "make test-under-load  the timing-sensitive layers with every CPU kept busy (part of make test)"
 	@echo "make helm-lint  lint helm/weft (Helm's Go SDK) and validate every manifest on kube-apiserver"
 	@echo "make e2e      the chaos suite on a real local cluster (root; kubelet, dockerd, Helm chart)"
 	@echo "make e2e-kind the same scenarios on kind (needs kind, Docker and Docker Hub)"
@@ -47,8 +51,14 @@ $(STAMP): pyproject.toml | etcd
 	touch $@
 
 test: lint k8s
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) $(addprefix --ignore=,$(TIMING_TESTS))
+	$(MAKE) test-under-load
 	$(MAKE) e2e
+
+# the timing-sensitive layers while busy loops occupy every CPU: a test that waits on a timer
+# instead of a condition fails here first
+test-under-load: setup
+	$(BIN)/python -m weft.testing.burn -- $(BIN)/python -m pytest $(PYTEST_ARGS) $(TIMING_TESTS)
 
 # the CRD from weft/api, into crds/ and the chart
 crds: setup
